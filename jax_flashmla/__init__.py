@@ -1,0 +1,21 @@
+"""jax_flashmla: DeepSeek's FlashMLA for JAX.
+
+Multi-head latent attention decode over a paged KV cache: Hopper CUDA kernels behind XLA FFI on GPUs, the
+pure-JAX specification (reference.py) on every other platform.
+"""
+
+from ._extension import KernelsUnavailableWarning, kernels_available, why_kernels_unavailable
+from .api import flash_mla_with_kvcache, get_mla_metadata
+from .cache import PagedKVCache
+from .constants import PAGE_SIZE
+
+__all__ = [
+    "PAGE_SIZE",
+    "KernelsUnavailableWarning",
+    "PagedKVCache",
+    "flash_mla_with_kvcache",
+    "get_mla_metadata",
+    "kernels_available",
+    "why_kernels_unavailable",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,58 @@
+"""Loads the compiled CUDA extension, if any, and registers its FFI targets with XLA.
+
+The extension is a top-level module (`_jax_flashmla_cuda`) so that a source checkout on sys.path still
+finds the installed build. Whatever goes wrong here, the package keeps working on the pure-JAX
+reference, and says why once.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jaxlib
+
+
+class KernelsUnavailableWarning(UserWarning):
+    """The CUDA kernels are not in use; every platform runs the pure-JAX reference."""
+
+
+def _load():
+    try:
+        import _jax_flashmla_cuda as ext  # noqa: PLC0415 (optional compiled module)
+    except ImportError as err:
+        return None, (f"the CUDA kernels were not built ({err}); install with nvcc on PATH to build them")
+    return ext, check_abi(ext.built_against_jaxlib(), jaxlib.__version__)
+
+
+def check_abi(built_against: str, running: str) -> str | None:
+    """A handler carries the XLA FFI API version of its headers; XLA refuses one newer than its own."""
+    if built_against != running:
+        return (f"the CUDA kernels were built against jaxlib {built_against} but jaxlib {running} is running "
+                "(XLA FFI handlers are tied to the jaxlib whose headers built them); rebuild with "
+                "`pip install --no-build-isolation --force-reinstall .` in this environment")
+    return None
+
+
+_ext, _why_not = _load()
+if _why_not is None:
+    for _name, _capsule in _ext.registrations().items():
+        jax.ffi.register_ffi_target(_name, _capsule, platform="CUDA")
+else:
+    _ext = None
+    warnings.warn(f"jax_flashmla: {_why_not}. Using the pure-JAX reference on every platform.",
+                  KernelsUnavailableWarning, stacklevel=2)
+
+
+def kernels_available() -> bool:
+    """True when the CUDA kernels are built, loadable, and registered for the `cuda` platform."""
+    return _ext is not None
+
+
+def why_kernels_unavailable() -> str | None:
+    return _why_not
+
+
+# FFI target names; src/ffi/module.cc registers the handlers under the same names.
+METADATA_TARGET = "jax_flashmla_mla_metadata"
+DECODE_TARGET = "jax_flashmla_mla_decode"

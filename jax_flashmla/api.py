@@ -1,0 +1,77 @@
+"""The public functions, named and shaped like FlashMLA's so PyTorch code ports line for line."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from . import validation
+from .constants import BLOCK_M, DEFAULT_NUM_SMS
+from .primitives import mla_decode_p, mla_metadata_p
+from .scheduler import num_parts_for
+
+
+@functools.lru_cache(maxsize=None)
+def _default_num_sms() -> int:
+    """SMs of the first GPU if JAX sees one (the schedule's shape depends on it), else an H100's count."""
+    try:
+        for device in jax.devices("gpu"):
+            return int(device.core_count)
+    except RuntimeError:
+        pass
+    return DEFAULT_NUM_SMS
+
+
+def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: int, *, num_sms: int | None = None):
+    """Split-KV schedule for one decode step; compute once per step and pass to every layer.
+
+    Args:
+      cache_seqlens: (b,) int32 KV lengths (including this step's new tokens).
+      num_q_tokens_per_head_k: s_q * h_q // h_kv.
+      num_heads_k: h_kv.
+      num_sms: SMs to fill; defaults to the first GPU's count (132 when no GPU is visible).
+    Returns:
+      (tile_scheduler_metadata (num_parts, 8) int32, num_splits (b + 1,) int32).
+    """
+    validation.check_seqlens(cache_seqlens)
+    validation.check_metadata_args(num_q_tokens_per_head_k, num_heads_k)
+    num_parts = num_parts_for(num_sms or _default_num_sms(), num_heads_k, num_q_tokens_per_head_k, BLOCK_M)
+    tile_metadata, num_splits = mla_metadata_p.bind(jnp.asarray(cache_seqlens), num_parts=num_parts)
+    return tile_metadata, num_splits
+
+
+def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int, tile_scheduler_metadata=None,
+                           num_splits=None, softmax_scale: float | None = None, causal: bool = False, *,
+                           poison_outputs: bool = False):
+    """Multi-head latent attention decode over a paged KV cache.
+
+    Args:
+      q: (b, s_q, h_q, d) bfloat16 or float16 (float32 runs the reference); d is 576 or 512.
+      k_cache: (num_pages, 64, h_kv, d), q's dtype. The values are the first head_dim_v dims of each key.
+      block_table: (b, max_pages_per_seq) int32 page ids; ids outside [0, num_pages) are ignored.
+      cache_seqlens: (b,) int32 KV lengths, clipped to [0, 64 * max_pages_per_seq).
+      head_dim_v: value dim, 512.
+      tile_scheduler_metadata, num_splits: from get_mla_metadata; computed here when omitted.
+      softmax_scale: defaults to d ** -0.5.
+      causal: with s_q > 1, query token i sees keys [0, L - s_q + i].
+      poison_outputs: testing aid; the CUDA path fills every output with NaN before the kernels run.
+    Returns:
+      out (b, s_q, h_q, head_dim_v) in q's dtype, lse (b, h_q, s_q) float32 (natural log; +inf where a
+      query sees no key, whose out is 0).
+    """
+    q, k_cache, block_table, cache_seqlens = map(jnp.asarray, (q, k_cache, block_table, cache_seqlens))
+    validation.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
+                                 num_splits)
+    _, s_q, h_q, head_dim = q.shape
+    h_kv = k_cache.shape[2]
+    if tile_scheduler_metadata is None:
+        tile_scheduler_metadata, num_splits = get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)
+    if softmax_scale is None:
+        softmax_scale = head_dim ** -0.5
+    validation.check_softmax_scale(softmax_scale)
+    out, lse, _, _ = mla_decode_p.bind(
+        q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v=int(head_dim_v),
+        softmax_scale=float(softmax_scale), causal=bool(causal) and s_q > 1, poison_outputs=bool(poison_outputs))
+    return out, lse

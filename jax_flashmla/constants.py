@@ -1,0 +1,10 @@
+"""Sizes fixed by the kernels' design; the CUDA side mirrors them in src/mla_params.h."""
+
+PAGE_SIZE = 64  # tokens per KV-cache page, and the kernels' KV tile
+BLOCK_M = 64  # query rows (s_q * heads per KV head) one kernel CTA serves
+METADATA_ROW_INTS = 8  # ints per tile_scheduler_metadata row
+SPLIT_OVERHEAD_BLOCKS = 5  # scheduler cost of a split's fixed work, in 64-token blocks
+DEFAULT_NUM_SMS = 132  # H100 SXM; used to size the schedule when no GPU is visible
+
+SUPPORTED_HEAD_DIMS = (576, 512)  # latent KV (512) + decoupled rope (64), or latent alone
+SUPPORTED_HEAD_DIM_V = 512

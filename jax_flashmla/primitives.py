@@ -1,0 +1,168 @@
+"""JAX primitives for MLA decode: abstract evaluation, lowering per platform, and batching.
+
+Two primitives, both internal (jax_flashmla.api is the public face):
+  mla_metadata_p  cache_seqlens -> (tile_metadata, num_splits)                    param: num_parts
+  mla_decode_p    q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits
+                  -> (out, lse, o_accum, lse_accum)                               params below
+o_accum/lse_accum are the split-KV partials. They are results of the custom call so that XLA owns their
+memory for as long as the kernels run (FFI scratch memory is released when the handler returns, before
+the kernels on the stream are done); the public function drops them.
+
+Lowering: the `cuda` platform gets the FFI custom calls when the extension is loaded; every other platform
+(and float32 inputs, which the kernels do not take) lowers to the jnp specification in reference.py and
+scheduler.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import dispatch  # apply_primitive: eager execution of a primitive, as JAX's own use it
+from jax.core import ShapedArray
+from jax.extend.core import Primitive
+from jax.interpreters import batching, mlir
+
+from . import _extension, scheduler
+from .constants import METADATA_ROW_INTS
+from .reference import mla_decode_reference
+
+# ----------------------------------------------------------------------------------------------------
+# Scheduler metadata
+
+
+mla_metadata_p = Primitive("jax_flashmla_mla_metadata")
+mla_metadata_p.multiple_results = True
+mla_metadata_p.def_impl(functools.partial(dispatch.apply_primitive, mla_metadata_p))
+
+
+@mla_metadata_p.def_abstract_eval
+def _metadata_abstract_eval(cache_seqlens, *, num_parts):
+    return (ShapedArray((num_parts, METADATA_ROW_INTS), jnp.int32),
+            ShapedArray((cache_seqlens.shape[0] + 1,), jnp.int32))
+
+
+def _metadata_reference(cache_seqlens, *, num_parts):
+    return scheduler.schedule(cache_seqlens, num_parts)
+
+
+mlir.register_lowering(mla_metadata_p, mlir.lower_fun(_metadata_reference, multiple_results=True))
+
+
+def _metadata_batch(args, dims, *, num_parts):
+    (seqlens,), (dim,) = args, dims
+    seqlens = jnp.moveaxis(seqlens, dim, 0)
+    return jax.vmap(functools.partial(_metadata_reference, num_parts=num_parts))(seqlens), (0, 0)
+
+
+batching.primitive_batchers[mla_metadata_p] = _metadata_batch
+
+# ----------------------------------------------------------------------------------------------------
+# Decode
+
+
+mla_decode_p = Primitive("jax_flashmla_mla_decode")
+mla_decode_p.multiple_results = True
+mla_decode_p.def_impl(functools.partial(dispatch.apply_primitive, mla_decode_p))
+
+
+def accum_shapes(batch, num_parts, h_kv, q_rows, head_dim_v):
+    """Split-KV partial buffers: one slot per possible split (at most b + num_parts of them)."""
+    splits = batch + num_parts
+    return (splits, h_kv, q_rows, head_dim_v), (splits, h_kv, q_rows)
+
+
+@mla_decode_p.def_abstract_eval
+def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, *, head_dim_v,
+                          softmax_scale, causal, poison_outputs):
+    del block_table, cache_seqlens, num_splits, softmax_scale, causal, poison_outputs
+    batch, s_q, h_q, _ = q.shape
+    h_kv = k_cache.shape[2]
+    o_shape, l_shape = accum_shapes(batch, tile_metadata.shape[0], h_kv, s_q * h_q // h_kv, head_dim_v)
+    return (ShapedArray((batch, s_q, h_q, head_dim_v), q.dtype), ShapedArray((batch, h_q, s_q), jnp.float32),
+            ShapedArray(o_shape, jnp.float32), ShapedArray(l_shape, jnp.float32))
+
+
+def _decode_reference(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, *, head_dim_v,
+                      softmax_scale, causal, poison_outputs):
+    del num_splits, poison_outputs
+    out, lse = mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v=head_dim_v,
+                                    softmax_scale=softmax_scale, causal=causal)
+    # The partials are scratch with no defined content; zeros that XLA drops once nothing reads them.
+    batch, s_q, h_q, _ = q.shape
+    h_kv = k_cache.shape[2]
+    o_shape, l_shape = accum_shapes(batch, tile_metadata.shape[0], h_kv, s_q * h_q // h_kv, head_dim_v)
+    return out, lse, jnp.zeros(o_shape, jnp.float32), jnp.zeros(l_shape, jnp.float32)
+
+
+_decode_reference_lowering = mlir.lower_fun(_decode_reference, multiple_results=True)
+mlir.register_lowering(mla_decode_p, _decode_reference_lowering)
+
+
+def _decode_batch(args, dims, **params):
+    """vmap folds the mapped axis into the batch: one launch over n*b sequences.
+
+    A mapped page pool (e.g. one per layer) is concatenated along its page axis and the block tables are
+    rebased onto it; ids that were invalid stay invalid. The schedule is recomputed for the folded batch.
+    """
+    q, k_cache, block_table, cache_seqlens, tile_metadata, _ = args
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+
+    def front(x, d):
+        return jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)
+
+    q, block_table, cache_seqlens = (front(x, d) for x, d in zip((q, block_table, cache_seqlens),
+                                                                 (dims[0], dims[2], dims[3])))
+    if dims[1] is not None:
+        k_cache = jnp.moveaxis(k_cache, dims[1], 0)
+        pages_per_pool = k_cache.shape[1]
+        valid = (block_table >= 0) & (block_table < pages_per_pool)
+        offsets = (jnp.arange(size, dtype=jnp.int32) * pages_per_pool)[:, None, None]
+        block_table = jnp.where(valid, block_table + offsets, -1)
+        k_cache = k_cache.reshape(size * pages_per_pool, *k_cache.shape[2:])
+
+    batch = q.shape[1]
+    flat_seqlens = cache_seqlens.reshape(size * batch)
+    num_parts = tile_metadata.shape[-2]
+    flat_md, flat_splits = mla_metadata_p.bind(flat_seqlens, num_parts=num_parts)
+    out, lse, o_accum, lse_accum = mla_decode_p.bind(
+        q.reshape(size * batch, *q.shape[2:]), k_cache, block_table.reshape(size * batch, -1), flat_seqlens,
+        flat_md, flat_splits, **params)
+    out = out.reshape(size, batch, *out.shape[1:])
+    lse = lse.reshape(size, batch, *lse.shape[1:])
+    # Partials of a folded launch have no per-element meaning; hand back zeros of the mapped shape.
+    o_shape, l_shape = accum_shapes(batch, num_parts, o_accum.shape[1], o_accum.shape[2], o_accum.shape[3])
+    return ((out, lse, jnp.zeros((size, *o_shape), jnp.float32), jnp.zeros((size, *l_shape), jnp.float32)),
+            (0, 0, 0, 0))
+
+
+batching.primitive_batchers[mla_decode_p] = _decode_batch
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA lowerings: the FFI custom calls
+
+
+def _register_cuda_lowerings():
+    metadata_ffi = jax.ffi.ffi_lowering(_extension.METADATA_TARGET)
+    decode_ffi = jax.ffi.ffi_lowering(_extension.DECODE_TARGET)
+
+    def metadata_rule(ctx, cache_seqlens, *, num_parts):
+        del num_parts  # implied by the result shape
+        return metadata_ffi(ctx, cache_seqlens)
+
+    def decode_rule(ctx, *operands, head_dim_v, softmax_scale, causal, poison_outputs):
+        params = dict(head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal,
+                      poison_outputs=poison_outputs)
+        if ctx.avals_in[0].dtype == jnp.float32:  # the kernels take bf16/fp16 only
+            return _decode_reference_lowering(ctx, *operands, **params)
+        return decode_ffi(ctx, *operands, softmax_scale=np.float32(softmax_scale), causal=bool(causal),
+                          poison_outputs=bool(poison_outputs))
+
+    mlir.register_lowering(mla_metadata_p, metadata_rule, platform="cuda")
+    mlir.register_lowering(mla_decode_p, decode_rule, platform="cuda")
+
+
+if _extension.kernels_available():
+    _register_cuda_lowerings()

@@ -1,0 +1,60 @@
+"""Split-KV scheduling: which part of the GPU grid handles which blocks of which sequence.
+
+This module is the executable specification of the algorithm; the CUDA scheduler kernel
+(src/kernels/scheduler.cu) computes the same integers, and the GPU tests check they are identical.
+
+Each sequence i has n_i = ceil(L_i / 64) KV blocks and costs c_i = n_i + OVERHEAD units (OVERHEAD models
+the fixed work of a split: loading q, writing out). Lay all costs end to end, C_i the start of sequence i,
+T the total, and cut the line into num_parts equal pieces of S = ceil(T / num_parts) units. Block k of
+sequence i sits at unit C_i + OVERHEAD + k and belongs to part floor(unit / S). A sequence therefore spans
+parts first_i..last_i, one split per part, and every split holds at least one block. An empty sequence
+(n_i = 0) is given to the part holding its last overhead unit, so that someone writes its out = 0,
+lse = +inf.
+
+Outputs (FlashMLA's names): tile_scheduler_metadata (num_parts, 8) int32 rows
+[batch_begin, block_begin, batch_end, block_end, split_begin, 0, 0, 0] and num_splits (b + 1,) int32 prefix
+sums of the per-sequence split counts. src/mla_params.h documents how the kernels read them.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from .constants import METADATA_ROW_INTS, PAGE_SIZE, SPLIT_OVERHEAD_BLOCKS
+
+
+def num_parts_for(num_sms: int, num_heads_k: int, num_q_tokens_per_head_k: int, block_m: int) -> int:
+    """How many parts to cut the KV work into so that parts x heads x row-blocks fill the SMs once."""
+    row_blocks = -(-num_q_tokens_per_head_k // block_m)
+    return max(num_sms // (num_heads_k * row_blocks), 1)
+
+
+def schedule(cache_seqlens: jnp.ndarray, num_parts: int):
+    """Reference scheduler in jnp. cache_seqlens (b,) int32 -> (tile_metadata (P, 8), num_splits (b+1,))."""
+    seqlens = jnp.maximum(cache_seqlens.astype(jnp.int32), 0)
+    n = (seqlens + PAGE_SIZE - 1) // PAGE_SIZE  # blocks per sequence
+    cost = n + SPLIT_OVERHEAD_BLOCKS
+    start = jnp.cumsum(cost) - cost  # C_i
+    total = jnp.sum(cost)
+    part_size = (total + num_parts - 1) // num_parts  # S
+    first_block_unit = start + SPLIT_OVERHEAD_BLOCKS
+    first = (first_block_unit - (n == 0).astype(jnp.int32)) // part_size
+    last = (first_block_unit + n - 1) // part_size
+    splits = last - first + 1
+    num_splits = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(splits).astype(jnp.int32)])
+
+    parts = jnp.arange(num_parts, dtype=jnp.int32)
+    batch = seqlens.shape[0]
+    batch_begin = jnp.searchsorted(last, parts, side="left").astype(jnp.int32)  # first i with last_i >= p
+    batch_end = (jnp.searchsorted(first, parts, side="right") - 1).astype(jnp.int32)  # last i, first_i <= p
+    bb = jnp.clip(batch_begin, 0, batch - 1)
+    be = jnp.clip(batch_end, 0, batch - 1)
+    busy = batch_begin <= batch_end  # idle parts get rows [b_begin, 0, b_end, 0, 0, ...]
+    has_begin = busy & (batch_begin < batch)
+    has_end = busy & (batch_end >= 0)
+    block_begin = jnp.where(has_begin, jnp.maximum(parts * part_size - first_block_unit[bb], 0), 0)
+    block_end = jnp.where(has_end, jnp.minimum(n[be], (parts + 1) * part_size - first_block_unit[be]), 0)
+    split_begin = jnp.where(has_begin, parts - first[bb], 0)
+    zeros = jnp.zeros_like(parts)
+    rows = [batch_begin, block_begin, batch_end, block_end, split_begin] + [zeros] * (METADATA_ROW_INTS - 5)
+    return jnp.stack(rows, axis=1).astype(jnp.int32), num_splits

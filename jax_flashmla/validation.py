@@ -1,0 +1,96 @@
+"""Trace-time checks: bad input gets a ValueError/TypeError naming the argument, what it got and what was
+expected, before any kernel sees it. Runtime values (lengths, page ids) are the kernels' to survive."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from .constants import METADATA_ROW_INTS, PAGE_SIZE, SUPPORTED_HEAD_DIM_V, SUPPORTED_HEAD_DIMS
+
+ATTENTION_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)  # float32 runs the reference on every platform
+
+
+def _describe(x) -> str:
+    return f"shape {tuple(x.shape)} and dtype {np.dtype(x.dtype).name}"
+
+
+def _require_rank(name, x, rank, layout):
+    if x.ndim != rank:
+        raise ValueError(f"{name} must have rank {rank} {layout}, got {_describe(x)}")
+
+
+def _require_int32(name, x):
+    if np.dtype(x.dtype) != np.int32:
+        raise TypeError(f"{name} must be int32, got {_describe(x)}")
+
+
+def check_seqlens(cache_seqlens, batch: int | None = None):
+    _require_rank("cache_seqlens", cache_seqlens, 1, "(batch,)")
+    _require_int32("cache_seqlens", cache_seqlens)
+    if cache_seqlens.shape[0] == 0:
+        raise ValueError("cache_seqlens must hold at least one sequence, got shape (0,)")
+    if batch is not None and cache_seqlens.shape[0] != batch:
+        raise ValueError(f"cache_seqlens must have shape ({batch},) to match q's batch, got {_describe(cache_seqlens)}")
+
+
+def check_metadata_args(num_q_tokens_per_head_k, num_heads_k):
+    for name, value in (("num_q_tokens_per_head_k", num_q_tokens_per_head_k), ("num_heads_k", num_heads_k)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive Python int, got {value!r}")
+
+
+def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_metadata, num_splits):
+    _require_rank("q", q, 4, "(batch, s_q, h_q, head_dim)")
+    batch, s_q, h_q, head_dim = q.shape
+    if q.dtype not in ATTENTION_DTYPES:
+        raise TypeError(f"q must be bfloat16 or float16 (float32 runs the reference only), got {_describe(q)}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q's head dim must be one of {SUPPORTED_HEAD_DIMS}, got {_describe(q)}")
+    if batch == 0 or s_q == 0 or h_q == 0:
+        raise ValueError(f"q must have non-empty batch, s_q and h_q, got {_describe(q)}")
+
+    _require_rank("k_cache", k_cache, 4, f"(num_pages, {PAGE_SIZE}, h_kv, head_dim)")
+    num_pages, page_size, h_kv, k_dim = k_cache.shape
+    if k_cache.dtype != q.dtype:
+        raise TypeError(f"k_cache must have q's dtype {np.dtype(q.dtype).name}, got {_describe(k_cache)}")
+    if page_size != PAGE_SIZE:
+        raise ValueError(f"k_cache pages must hold {PAGE_SIZE} tokens (axis 1), got {_describe(k_cache)}")
+    if k_dim != head_dim:
+        raise ValueError(f"k_cache's head dim must equal q's ({head_dim}), got {_describe(k_cache)}")
+    if num_pages == 0 or h_kv == 0:
+        raise ValueError(f"k_cache must have at least one page and one KV head, got {_describe(k_cache)}")
+    if h_q % h_kv:
+        raise ValueError(f"q's h_q ({h_q}) must be a multiple of k_cache's h_kv ({h_kv})")
+
+    if not isinstance(head_dim_v, (int, np.integer)) or head_dim_v > head_dim or head_dim_v != SUPPORTED_HEAD_DIM_V:
+        raise ValueError(f"head_dim_v must be {SUPPORTED_HEAD_DIM_V} (and at most q's head dim {head_dim}), "
+                         f"got {head_dim_v!r}")
+
+    _require_rank("block_table", block_table, 2, "(batch, max_pages_per_seq)")
+    _require_int32("block_table", block_table)
+    if block_table.shape[0] != batch or block_table.shape[1] == 0:
+        raise ValueError(f"block_table must have shape ({batch}, max_pages_per_seq >= 1) to match q's batch, "
+                         f"got {_describe(block_table)}")
+    check_seqlens(cache_seqlens, batch)
+
+    if (tile_metadata is None) != (num_splits is None):
+        raise ValueError("tile_scheduler_metadata and num_splits go together: pass both (from get_mla_metadata) "
+                         "or neither")
+    if tile_metadata is not None:
+        _require_rank("tile_scheduler_metadata", tile_metadata, 2, f"(num_parts, {METADATA_ROW_INTS})")
+        _require_int32("tile_scheduler_metadata", tile_metadata)
+        if tile_metadata.shape[1] != METADATA_ROW_INTS or tile_metadata.shape[0] == 0:
+            raise ValueError(f"tile_scheduler_metadata must have shape (num_parts >= 1, {METADATA_ROW_INTS}), "
+                             f"got {_describe(tile_metadata)}")
+        _require_rank("num_splits", num_splits, 1, "(batch + 1,)")
+        _require_int32("num_splits", num_splits)
+        if num_splits.shape[0] != batch + 1:
+            raise ValueError(f"num_splits must have shape ({batch + 1},) (batch + 1), got {_describe(num_splits)}")
+
+
+def check_softmax_scale(softmax_scale):
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"softmax_scale must be a Python float known at trace time, got {type(softmax_scale).__name__}")
+    if not np.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be finite and positive, got {softmax_scale!r}")

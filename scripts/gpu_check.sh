@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The whole GPU run in one command, for the lent H100: build, GPU tests, compute-sanitizer, benchmark.
+# Usage: scripts/gpu_check.sh LOG_DIR [quick]
+#   LOG_DIR  where logs go (created); the last lines of each step are printed as a summary.
+#   quick    run a subset of the GPU grid (for iterating on a kernel).
+# Offline machines: put wheels the image lacks (nvidia-cutlass) in .whl/; they are installed to /tmp/site.
+set -uo pipefail
+LOG_DIR=${1:?usage: scripts/gpu_check.sh LOG_DIR [quick]}
+MODE=${2:-full}
+mkdir -p "$LOG_DIR"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+# Each test shape compiles a fresh float32 reference; GEMM autotuning would cost seconds per shape.
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
+summary=()
+step() {  # step NAME COMMAND...: runs, logs to LOG_DIR/NAME.log, records pass/fail and duration
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "== $name: $*"
+  "$@" >"$LOG_DIR/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" "$(tail -n 1 "$LOG_DIR/$name.log")")")
+  return $rc
+}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >"$LOG_DIR/gpu.txt" 2>&1
+python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" >>"$LOG_DIR/gpu.txt" 2>&1
+
+step build python3 -m pip install -v --no-build-isolation --no-deps . || { printf '%s\n' "${summary[@]}"; exit 1; }
+python3 -c "import jax_flashmla as j; assert j.kernels_available(), j.why_kernels_unavailable(); print('kernels ok')"
+
+if [ "$MODE" = quick ]; then
+  step gpu_tests python3 -m pytest -q -m gpu -x -n 4 --durations=10 tests/test_gpu_kernels.py -k "not grid or (64-4-4096 or 6-2-140 or 2-1-20)"
+else
+  step gpu_tests python3 -m pytest -q -m gpu -n 8 --durations=10 tests/
+fi
+
+# compute-sanitizer over a few problems (scheduler, decode and combine kernels, hostile runtime values).
+# Only our kernels are instrumented (--kernel-name filter): we vouch for ours.
+sanitize() { compute-sanitizer --tool "$1" --error-exitcode 9 --kernel-name kns=jax_flashmla \
+  python3 scripts/sanitize_cases.py "${@:2}"; }
+step memcheck sanitize memcheck
+step racecheck sanitize racecheck small
+
+if python3 -c "import jax_flashmla.bench" 2>/dev/null; then
+  step bench python3 -m jax_flashmla.bench --out "$LOG_DIR/bench" ${BENCH_ARGS:-}
+fi
+
+echo; echo "== summary ($LOG_DIR)"; cat "$LOG_DIR/gpu.txt"; printf '%s\n' "${summary[@]}"

@@ -1,0 +1,32 @@
+"""A few decode problems for compute-sanitizer (memcheck, racecheck), run without pytest.
+
+Covers the scheduler, split-KV decode and combine kernels on: varied lengths with an empty sequence,
+causal s_q > 1, h_kv = 2, head dim 512, and hostile runtime values (lengths past the table, negative
+lengths, out-of-range and negative page ids). Each result is also checked against the reference.
+Usage: python scripts/sanitize_cases.py [small]
+"""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+
+import jax.numpy as jnp  # noqa: E402
+
+import test_gpu_kernels as cases  # noqa: E402
+
+SEED = 1234
+
+
+def main(small: bool):
+    cases.test_hostile_runtime_values_stay_in_bounds(SEED)
+    cases.test_flashmla_grid(2, 2, 140, 16, 1, True, True, jnp.bfloat16, SEED)
+    if not small:
+        cases.test_flashmla_grid(6, 4, 140, 64, 2, True, True, jnp.float16, SEED)
+        cases.test_head_dim_512_and_all_empty(jnp.bfloat16, SEED)
+        cases.test_metadata_kernel_matches_spec(SEED)
+    print("sanitize cases: all results match the reference")
+
+
+if __name__ == "__main__":
+    main(small=len(sys.argv) > 1 and sys.argv[1] == "small")

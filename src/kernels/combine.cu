@@ -1,0 +1,75 @@
+// Merges the split-KV partials of sequences with more than one split: one warp per query row, the splits
+// in index order (so the result does not depend on which CTA finished first). Also home of the element-type
+// dispatch for the decode launcher.
+#include <cmath>
+
+#include "kernels/element.cuh"
+#include "mla_params.h"
+
+namespace jax_flashmla {
+
+cudaError_t launch_decode_bf16(const DecodeParams& p, cudaStream_t stream);
+cudaError_t launch_decode_fp16(const DecodeParams& p, cudaStream_t stream);
+
+cudaError_t launch_decode(const DecodeParams& params, ElementType type, cudaStream_t stream) {
+  return type == ElementType::kBF16 ? launch_decode_bf16(params, stream) : launch_decode_fp16(params, stream);
+}
+
+namespace {
+
+constexpr int kCombineWarps = 8;
+constexpr int kHeadDimV = 512;
+
+template <typename T>
+__global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
+  const int seq = blockIdx.x, head_kv = blockIdx.y;
+  const int row = blockIdx.z * kCombineWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= p.q_rows) return;
+  const int first = p.num_splits[seq];
+  const int count = p.num_splits[seq + 1] - first;
+  // One split was written straight to out; a range outside the buffers means metadata for other lengths.
+  if (count <= 1 || first < 0 || first + count > p.batch + p.num_parts) return;
+
+  auto slot = [&](int t) { return (static_cast<size_t>(first + t) * p.h_kv + head_kv) * p.q_rows + row; };
+  float max_lse = -INFINITY;
+  for (int t = lane; t < count; t += 32) max_lse = fmaxf(max_lse, p.lse_accum[slot(t)]);
+  for (int offset = 16; offset > 0; offset /= 2) max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
+
+  float o[16] = {};
+  float weight_sum = 0.f;
+  if (max_lse != -INFINITY) {
+    for (int t = 0; t < count; ++t) {
+      const float w = expf(p.lse_accum[slot(t)] - max_lse);  // exp(-inf) = 0 for empty splits
+      weight_sum += w;
+      const float4* part = reinterpret_cast<const float4*>(p.o_accum + slot(t) * kHeadDimV);
+      const float4 a = part[lane * 2], b = part[lane * 2 + 1], c = part[64 + lane * 2], d = part[64 + lane * 2 + 1];
+      const float v[16] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w, c.x, c.y, c.z, c.w, d.x, d.y, d.z, d.w};
+#pragma unroll
+      for (int j = 0; j < 16; ++j) o[j] = fmaf(w, v[j], o[j]);
+    }
+  }
+  const bool seen = weight_sum > 0.f;
+  const float inv = seen ? 1.f / weight_sum : 0.f;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) o[j] *= inv;
+  const int group = p.h_q / p.h_kv;
+  const int s_idx = row / group, head = head_kv * group + row % group;
+  T* out = static_cast<T*>(p.out) + ((static_cast<size_t>(seq) * p.s_q + s_idx) * p.h_q + head) * kHeadDimV;
+  *reinterpret_cast<uint4*>(out + lane * 8) = pack8<T>(&o[0]);
+  *reinterpret_cast<uint4*>(out + 256 + lane * 8) = pack8<T>(&o[8]);
+  if (lane == 0) p.lse[(static_cast<size_t>(seq) * p.h_q + head) * p.s_q + s_idx] = seen ? max_lse + logf(weight_sum) : INFINITY;
+}
+
+}  // namespace
+
+cudaError_t launch_combine(const DecodeParams& p, ElementType type, cudaStream_t stream) {
+  if (p.head_dim_v != kHeadDimV || p.q_rows < 1 || p.h_kv < 1) return cudaErrorInvalidValue;
+  const dim3 grid(p.batch, p.h_kv, (p.q_rows + kCombineWarps - 1) / kCombineWarps);
+  if (type == ElementType::kBF16)
+    combine_kernel<__nv_bfloat16><<<grid, kCombineWarps * 32, 0, stream>>>(p);
+  else
+    combine_kernel<__half><<<grid, kCombineWarps * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_flashmla

@@ -1,0 +1,121 @@
+"""The CUDA kernels against the float32 reference on FlashMLA's test grid (GPU only)."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_flashmla as jfm
+from jax_flashmla import scheduler
+from jax_flashmla.reference import mla_decode_reference
+
+from cases import UNUSED_PAGE_ID, lengths, make_problem
+from tolerances import assert_lse_close, assert_out_close
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _kernels_must_be_there():
+    # On a GPU machine missing kernels are a failure, not a skip: the reference would pass for them.
+    assert jfm.kernels_available(), jfm.why_kernels_unavailable()
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "softmax_scale"))
+def reference_f32(q, k_cache, block_table, cache_seqlens, *, causal, softmax_scale):
+    return mla_decode_reference(q.astype(jnp.float32), k_cache.astype(jnp.float32), block_table, cache_seqlens,
+                                head_dim_v=512, softmax_scale=softmax_scale, causal=causal)
+
+
+@functools.partial(jax.jit, static_argnames=("causal",))
+def kernel_call(q, k_cache, block_table, cache_seqlens, *, causal):
+    h_q, h_kv = q.shape[2], k_cache.shape[2]
+    md, splits = jfm.get_mla_metadata(cache_seqlens, q.shape[1] * h_q // h_kv, h_kv)
+    return jfm.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, md, splits, causal=causal,
+                                      poison_outputs=True)
+
+
+def check_against_reference(problem, causal, dtype):
+    p = problem
+    out, lse = kernel_call(p.q, p.k_cache, p.block_table, p.cache_seqlens, causal=causal)
+    ref_out, ref_lse = reference_f32(p.q, p.k_cache, p.block_table, p.cache_seqlens, causal=causal,
+                                     softmax_scale=p.q.shape[-1] ** -0.5)
+    assert out.dtype == dtype and out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert_out_close(out, ref_out, dtype)
+    assert_lse_close(lse, ref_lse)
+
+
+GRID = [
+    (b, s_q, s_k, h_q, h_kv, varlen, causal, dtype)
+    for b, s_q, s_k, h_q, h_kv, varlen, causal, dtype in itertools.product(
+        [1, 2, 6, 64], [1, 2, 4], [20, 140, 4096], [1, 16, 64, 128], [1, 2], [False, True], [False, True],
+        [jnp.bfloat16, jnp.float16])
+    if h_q % h_kv == 0
+]
+
+
+@pytest.mark.parametrize("b,s_q,s_k,h_q,h_kv,varlen,causal,dtype", GRID)
+def test_flashmla_grid(b, s_q, s_k, h_q, h_kv, varlen, causal, dtype, rng_seed):
+    rng = np.random.default_rng([rng_seed, b, s_q, s_k, h_q, h_kv, varlen, causal])
+    seqlens = lengths(rng, b, s_k, varlen, zero_one=True)
+    problem = make_problem(rng, batch=b, s_q=s_q, h_q=h_q, h_kv=h_kv, seqlens=seqlens, dtype=dtype)
+    check_against_reference(problem, causal, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_head_dim_512_and_all_empty(dtype, rng_seed):
+    rng = np.random.default_rng(rng_seed)
+    seqlens = lengths(rng, 5, 300, True, zero_one=True)
+    check_against_reference(make_problem(rng, batch=5, s_q=2, h_q=16, h_kv=1, seqlens=seqlens, dtype=dtype,
+                                         head_dim=512), True, dtype)
+    empty = make_problem(rng, batch=3, s_q=1, h_q=16, h_kv=1, seqlens=np.array([0, 0, 1], np.int32), dtype=dtype)
+    out, lse = kernel_call(empty.q, empty.k_cache, empty.block_table, jnp.zeros(3, jnp.int32), causal=False)
+    assert np.all(np.asarray(out, np.float32) == 0) and np.all(np.isposinf(np.asarray(lse)))
+
+
+def test_hostile_runtime_values_stay_in_bounds(rng_seed):
+    """Lengths past the table, negative lengths, out-of-range and negative page ids: the reference's
+    semantics (clip lengths, ignore bad pages), no fault."""
+    rng = np.random.default_rng(rng_seed)
+    # Sequence 0 owns all 4 pages of its table row, so the length clipped to the capacity reads real keys.
+    seqlens = np.array([256, 130, 64, 70], np.int32)
+    p = make_problem(rng, batch=4, s_q=2, h_q=16, h_kv=1, seqlens=seqlens, dtype=jnp.bfloat16, spare_pages=0)
+    table = np.asarray(p.block_table).copy()
+    table[1, 1] = -7  # a negative id inside the length
+    table[2, 0] = UNUSED_PAGE_ID  # a huge id inside the length
+    hostile = jnp.asarray(np.array([10_000, 130, 64, -5], np.int32))  # past capacity; negative
+    for causal in (False, True):
+        problem = type(p)(p.q, p.k_cache, jnp.asarray(table), hostile)
+        check_against_reference(problem, causal, jnp.bfloat16)
+
+
+def test_metadata_kernel_matches_spec(rng_seed):
+    rng = np.random.default_rng(rng_seed)
+    for batch in [1, 2, 7, 64, 128, 5000]:
+        for num_parts in [1, 3, 66, 132]:
+            seqlens = rng.integers(-10, 20000, batch).astype(np.int32)
+            seqlens[rng.random(batch) < 0.2] = 0
+            got = jax.jit(lambda s, n=num_parts: jfm.primitives.mla_metadata_p.bind(s, num_parts=n))(jnp.asarray(seqlens))
+            cpu_seqlens = jax.device_put(seqlens, jax.devices("cpu")[0])
+            want = jax.jit(lambda s, n=num_parts: scheduler.schedule(s, n))(cpu_seqlens)
+            np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]), err_msg=f"b={batch} P={num_parts}")
+            np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]), err_msg=f"b={batch} P={num_parts}")
+
+
+def test_vmap_over_layer_pools(rng_seed):
+    """vmap over stacked per-layer pools folds into one launch; each layer matches the reference."""
+    rng = np.random.default_rng(rng_seed)
+    seqlens = lengths(rng, 6, 700, True, zero_one=True)
+    p = make_problem(rng, batch=6, s_q=2, h_q=16, h_kv=1, seqlens=seqlens, dtype=jnp.bfloat16)
+    pools = jnp.stack([(p.k_cache.astype(jnp.float32) * (1 + 0.5 * i)).astype(jnp.bfloat16) for i in range(3)])
+    qs = jnp.stack([p.q, -p.q, p.q * 2])
+    f = lambda q, k: jfm.flash_mla_with_kvcache(q, k, p.block_table, p.cache_seqlens, 512, causal=True)
+    out, lse = jax.jit(jax.vmap(f))(qs, pools)
+    for i in range(3):
+        ref_out, ref_lse = reference_f32(qs[i], pools[i], p.block_table, p.cache_seqlens, causal=True,
+                                         softmax_scale=576 ** -0.5)
+        assert_out_close(out[i], ref_out, jnp.bfloat16, what=f"layer {i} out")
+        assert_lse_close(lse[i], ref_lse, what=f"layer {i} lse")
