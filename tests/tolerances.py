@@ -8,7 +8,9 @@ output's scale; lse is float32 end to end.
 import numpy as np
 import jax.numpy as jnp
 
-UNIT_ROUNDOFF = {np.dtype(jnp.bfloat16): 2.0**-8, np.dtype(jnp.float16): 2.0**-11, np.dtype(np.float32): 2.0**-23}
+# float32 outputs (the reference against the float64 oracle) carry no final rounding of note but sums of
+# thousands of float32 terms: 2^-18 covers that accumulation.
+UNIT_ROUNDOFF = {np.dtype(jnp.bfloat16): 2.0**-8, np.dtype(jnp.float16): 2.0**-11, np.dtype(np.float32): 2.0**-18}
 OUT_ROUNDING_UNITS = 4  # elementwise: |out - ref| <= 4 u (|ref| + rms(ref))
 LSE_ABS = 2e-3
 

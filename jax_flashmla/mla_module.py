@@ -1,0 +1,255 @@
+"""DeepSeek-V3 Multi-head Latent Attention as a Flax NNX module, decoding through FlashMLA.
+
+Shapes (DeepSeek-V3 defaults): h heads; per head a 128-dim "nope" query/key part, a 64-dim decoupled RoPE
+part and a 128-dim value. Keys and values are not stored per head: each token keeps one 576-dim latent
+entry [c_kv (512, RMS-normalised) | k_pe (64, roped)], shared by all heads (h_kv = 1).
+
+* prefill: the plain formulation. Up-project c_kv with W_UK / W_UV to per-head keys and values and run
+  causal softmax attention in XLA; write every prompt token's latent entry into the paged cache.
+* decode: the absorbed formulation. q_nope . (W_UK c_kv) == (W_UK^T q_nope) . c_kv, so each head's query
+  becomes a 512-dim latent query; with its roped 64-dim part it is a 576-dim query against the latent
+  cache, which is exactly FlashMLA's problem. The 512-dim latent output goes through W_UV afterwards.
+
+Both formulations compute the same function; tests check both against HF transformers'
+DeepseekV3Attention with shared weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .api import flash_mla_with_kvcache
+from .cache import PagedKVCache
+from .constants import SUPPORTED_HEAD_DIM_V
+from .rope import YarnScaling, apply_rope, mla_softmax_scale, rope_attention_factor, rope_inv_freq
+
+# FlashMLA's decode kernel reads latent entries of exactly these sizes (constants.py mirrors the kernel).
+_KERNEL_KV_LORA_RANK = SUPPORTED_HEAD_DIM_V  # 512: the value part of each key
+_KERNEL_ROPE_DIM = 64  # 576 - 512
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Sizes of one MLA layer; the defaults are DeepSeek-V3's."""
+
+    hidden_size: int = 7168
+    num_heads: int = 128
+    q_lora_rank: int | None = 1536  # None: a single full-rank q projection (DeepSeek-V2-Lite style)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_theta: float = 10000.0
+    rope_interleave: bool = True  # DeepSeek's checkpoints pair rope dims as (2i, 2i+1)
+    yarn: YarnScaling | None = dataclasses.field(default_factory=YarnScaling)  # None: plain RoPE, scale d**-0.5
+    rms_norm_eps: float = 1e-6
+    dtype: Any = jnp.float32  # compute dtype of activations
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        for name in ("hidden_size", "num_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"MLAConfig.{name} must be a positive int, got {value!r}")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            raise ValueError(f"MLAConfig.q_lora_rank must be None or a positive int, got {self.q_lora_rank!r}")
+        if not isinstance(self.qk_rope_head_dim, int) or self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
+            raise ValueError(f"MLAConfig.qk_rope_head_dim must be a positive even int, got {self.qk_rope_head_dim!r}")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"MLAConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Size of one token's cache entry: normalised c_kv then roped k_pe."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        return mla_softmax_scale(self.qk_head_dim, self.yarn)
+
+    @property
+    def supports_paged_decode(self) -> bool:
+        return self.kv_lora_rank == _KERNEL_KV_LORA_RANK and self.qk_rope_head_dim == _KERNEL_ROPE_DIM
+
+    def check_paged_decode(self) -> None:
+        if not self.supports_paged_decode:
+            raise ValueError(
+                "paged decode through FlashMLA needs kv_lora_rank=512 and qk_rope_head_dim=64 (576-dim latent "
+                f"cache entries); this config has kv_lora_rank={self.kv_lora_rank}, "
+                f"qk_rope_head_dim={self.qk_rope_head_dim} (prefill without a cache works for any size)"
+            )
+
+
+class RMSNorm(nnx.Module):
+    """DeepSeek's RMSNorm: normalise in float32, cast back, then scale by the learned weight."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype: Any = jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class MultiHeadLatentAttention(nnx.Module):
+    """DeepSeek-V3 MLA. Parameter names follow DeepSeek's checkpoints (kernels are (in, out))."""
+
+    def __init__(self, config: MLAConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+
+        def linear(d_in, d_out):
+            return nnx.Linear(d_in, d_out, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+
+        heads_qk = c.num_heads * c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = linear(c.hidden_size, heads_qk)
+        else:
+            self.q_a_proj = linear(c.hidden_size, c.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, eps=c.rms_norm_eps, param_dtype=c.param_dtype)
+            self.q_b_proj = linear(c.q_lora_rank, heads_qk)
+        self.kv_a_proj_with_mqa = linear(c.hidden_size, c.latent_dim)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, eps=c.rms_norm_eps, param_dtype=c.param_dtype)
+        self.kv_b_proj = linear(c.kv_lora_rank, c.num_heads * (c.qk_nope_head_dim + c.v_head_dim))
+        self.o_proj = linear(c.num_heads * c.v_head_dim, c.hidden_size)
+
+    # --- shared pieces ---------------------------------------------------------------------------------
+
+    def _rope(self, x, positions):
+        # The tables are trace-time numpy constants (cheap), kept off the module so its state is params only.
+        c = self.config
+        inv_freq = rope_inv_freq(c.qk_rope_head_dim, c.rope_theta, c.yarn)
+        return apply_rope(x, positions, inv_freq, rope_attention_factor(c.yarn), c.rope_interleave)
+
+    def _queries(self, x, positions):
+        """x (b, s, hidden) -> q_nope (b, s, h, nope), roped q_pe (b, s, h, rope)."""
+        c = self.config
+        if c.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(*x.shape[:2], c.num_heads, c.qk_head_dim)
+        q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
+        return q_nope, self._rope(q_pe, positions)
+
+    def _latents(self, x, positions):
+        """x (b, s, hidden) -> normalised c_kv (b, s, kv_lora_rank), roped k_pe (b, s, rope)."""
+        c = self.config
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv = self.kv_a_layernorm(kv[..., : c.kv_lora_rank])
+        k_pe = self._rope(kv[..., c.kv_lora_rank :][:, :, None, :], positions)[:, :, 0, :]  # one shared "head"
+        return c_kv, k_pe
+
+    def _up_projections(self):
+        """W_UK (r, h, nope) and W_UV (r, h, v) from kv_b_proj, in the compute dtype."""
+        c = self.config
+        w = self.kv_b_proj.kernel[...].astype(c.dtype)
+        w = w.reshape(c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim)
+        return w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim :]
+
+    def _output(self, o):
+        """o (b, s, h, v) -> (b, s, hidden)."""
+        return self.o_proj(o.reshape(*o.shape[:2], -1))
+
+    # --- prefill -----------------------------------------------------------------------------------------
+
+    def prefill(
+        self,
+        x: jax.Array,
+        lengths: jax.Array | None = None,
+        cache: PagedKVCache | None = None,
+        *,
+        layer: int = 0,
+    ) -> tuple[jax.Array, PagedKVCache | None]:
+        """Causal self-attention over fresh sequences, optionally filling the paged cache.
+
+        x (b, s, hidden): right-padded prompts; lengths (b,) int32 true lengths, each >= 1 (default: all s).
+        Tokens sit at positions 0..s-1: the sequences must be empty in `cache` (seqlens 0).
+        Writes each valid token's latent entry into layer `layer` of `cache` at positions seqlens + j
+        but does not advance seqlens (all layers share them: the caller advances once, by `lengths`).
+        Returns (out (b, s, hidden) -- rows past a prompt's length are padding, cache or None).
+        """
+        c = self.config
+        b, s, _ = x.shape
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        q_nope, q_pe = self._queries(x, positions)
+        c_kv, k_pe = self._latents(x, positions)
+
+        w_uk, w_uv = self._up_projections()
+        k_nope = jnp.einsum("bkr,rhn->bkhn", c_kv, w_uk)
+        v = jnp.einsum("bkr,rhv->bkhv", c_kv, w_uv)
+        scores = jnp.einsum("bqhn,bkhn->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bqhp,bkp->bhqk", q_pe, k_pe, preferred_element_type=jnp.float32)
+        scores *= c.softmax_scale
+
+        key_pos = jnp.arange(s)
+        visible = key_pos[None, :] <= key_pos[:, None]  # causal (q, k)
+        if lengths is not None:
+            visible = visible[None] & (key_pos[None, None, :] < lengths[:, None, None])  # (b, q, k)
+        else:
+            visible = visible[None]
+        scores = jnp.where(visible[:, None], scores, -jnp.inf)  # key 0 is always visible: no empty rows
+        probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
+        out = self._output(jnp.einsum("bhqk,bkhv->bqhv", probs, v))
+
+        if cache is not None:
+            entries = jnp.concatenate([c_kv, k_pe], axis=-1)[:, :, None, :].astype(cache.pages.dtype)
+            cache = cache.write(entries, layer=layer, num_new=lengths)
+        return out, cache
+
+    # --- decode ------------------------------------------------------------------------------------------
+
+    def decode(
+        self,
+        x: jax.Array,
+        cache: PagedKVCache,
+        *,
+        layer: int = 0,
+        tile_scheduler_metadata: jax.Array | None = None,
+        num_splits: jax.Array | None = None,
+    ) -> tuple[jax.Array, PagedKVCache]:
+        """s_q new tokens per sequence (causal among themselves) against the paged latent cache.
+
+        x (b, s_q, hidden) sits at positions cache.seqlens + 0..s_q-1. Their latent entries are written into
+        layer `layer` first (seqlens is NOT advanced: the caller advances once after all layers), then
+        attention runs through flash_mla_with_kvcache with cache_seqlens = seqlens + s_q.
+        tile_scheduler_metadata / num_splits: get_mla_metadata(seqlens + s_q, s_q * num_heads, 1), computed
+        once per step by the caller and shared by all layers (None: computed here).
+        Returns (out (b, s_q, hidden), cache with this layer's entries written).
+        """
+        c = self.config
+        c.check_paged_decode()
+        b, s_q, _ = x.shape
+        positions = cache.seqlens[:, None] + jnp.arange(s_q, dtype=jnp.int32)
+        q_nope, q_pe = self._queries(x, positions)
+        c_kv, k_pe = self._latents(x, positions)
+        kv_dtype = cache.pages.dtype
+        cache = cache.write(jnp.concatenate([c_kv, k_pe], axis=-1)[:, :, None, :].astype(kv_dtype), layer=layer)
+
+        w_uk, w_uv = self._up_projections()
+        q_latent = jnp.einsum("bshn,rhn->bshr", q_nope, w_uk)  # absorb W_UK into the query
+        q = jnp.concatenate([q_latent, q_pe], axis=-1).astype(kv_dtype)
+        out_latent, _ = flash_mla_with_kvcache(
+            q,
+            cache.layer_pages(layer),
+            cache.block_table,
+            cache.seqlens + s_q,
+            c.kv_lora_rank,
+            tile_scheduler_metadata=tile_scheduler_metadata,
+            num_splits=num_splits,
+            softmax_scale=c.softmax_scale,
+            causal=True,
+        )
+        o = jnp.einsum("bshr,rhv->bshv", out_latent.astype(c.dtype), w_uv)  # absorb W_UV into the output
+        return self._output(o), cache

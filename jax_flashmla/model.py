@@ -1,0 +1,359 @@
+"""A tiny DeepSeek-style decoder on MLA, and a generation loop over the paged latent cache.
+
+Model: token embedding, N x [RMSNorm -> MLA -> residual, RMSNorm -> SwiGLU MLP -> residual], final RMSNorm,
+LM head. Dense MLPs only (DeepSeek-V3's first layers; its MoE layers are beside the point here). Weights are
+random from a seed.
+
+Generation: one jitted prefill over the right-padded prompts, then one jitted decode step per new token.
+The decode step donates the cache (XLA updates the page pool in place), computes FlashMLA's scheduler
+metadata once from the new lengths and hands it to every layer.
+
+Layers run as a Python loop, unrolled inside the jitted step, rather than under lax.scan: each layer then
+writes its cache entries at a static layer index, which XLA lowers to an in-place update of the donated
+pool, and the layers stay plain NNX submodules. The cost is compile time linear in depth, which is small
+for the few layers a demo has; a deep model would stack the layer params and scan, carrying the pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .api import get_mla_metadata
+from .cache import PagedKVCache
+from .mla_module import MLAConfig, MultiHeadLatentAttention, RMSNorm
+from .rope import YarnScaling
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Model sizes. Attention sizes default to DeepSeek-V3's per-head dims; the rest is tiny."""
+
+    vocab_size: int = 512
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_layers: int = 2
+    num_heads: int = 4
+    q_lora_rank: int | None = 128
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_theta: float = 10000.0
+    yarn: YarnScaling | None = dataclasses.field(default_factory=YarnScaling)
+    rms_norm_eps: float = 1e-6
+    dtype: Any = jnp.float32  # activations and, by default, the KV cache
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"DecoderConfig.{name} must be a positive int, got {value!r}")
+        self.attention_config().check_paged_decode()  # also validates the attention sizes
+
+    def attention_config(self) -> MLAConfig:
+        return MLAConfig(
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            q_lora_rank=self.q_lora_rank,
+            kv_lora_rank=self.kv_lora_rank,
+            qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim,
+            v_head_dim=self.v_head_dim,
+            rope_theta=self.rope_theta,
+            yarn=self.yarn,
+            rms_norm_eps=self.rms_norm_eps,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        def linear(d_in, d_out):
+            return nnx.Linear(
+                d_in, d_out, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs
+            )
+
+        self.gate_proj = linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = linear(config.intermediate_size, config.hidden_size)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        norm = functools.partial(RMSNorm, eps=config.rms_norm_eps, param_dtype=config.param_dtype)
+        self.input_layernorm = norm(config.hidden_size)
+        self.self_attn = MultiHeadLatentAttention(config.attention_config(), rngs=rngs)
+        self.post_attention_layernorm = norm(config.hidden_size)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def _finish(self, h, attn_out):
+        h = h + attn_out
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def prefill(self, h, lengths, cache, layer):
+        attn_out, cache = self.self_attn.prefill(self.input_layernorm(h), lengths, cache, layer=layer)
+        return self._finish(h, attn_out), cache
+
+    def decode(self, h, cache, layer, tile_scheduler_metadata, num_splits):
+        attn_out, cache = self.self_attn.decode(
+            self.input_layernorm(h),
+            cache,
+            layer=layer,
+            tile_scheduler_metadata=tile_scheduler_metadata,
+            num_splits=num_splits,
+        )
+        return self._finish(h, attn_out), cache
+
+
+class DeepSeekDecoder(nnx.Module):
+    """Embedding, `num_layers` MLA decoder layers, final norm, LM head. Logits come out in float32."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs
+        )
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=config.param_dtype)
+        self.lm_head = nnx.Linear(
+            config.hidden_size,
+            config.vocab_size,
+            use_bias=False,
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+            rngs=rngs,
+        )
+
+    def _logits(self, h):
+        return self.lm_head(self.norm(h)).astype(jnp.float32)
+
+    def new_cache(self, batch_size: int, max_seq_len: int, dtype=None) -> PagedKVCache:
+        """An empty paged cache with one latent pool per layer (dtype defaults to the compute dtype)."""
+        c = self.config
+        return PagedKVCache.create(
+            batch_size=batch_size,
+            max_seq_len=max_seq_len,
+            num_layers=c.num_layers,
+            num_heads_k=1,
+            head_dim=c.kv_lora_rank + c.qk_rope_head_dim,
+            dtype=c.dtype if dtype is None else dtype,
+        )
+
+    def __call__(self, tokens: jax.Array, lengths: jax.Array | None = None) -> jax.Array:
+        """Full causal forward without any cache: tokens (b, s) -> logits (b, s, vocab)."""
+        h = self.embed_tokens(tokens)
+        for layer in self.layers:
+            h, _ = layer.prefill(h, lengths, None, 0)
+        return self._logits(h)
+
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: PagedKVCache):
+        """Right-padded prompts (b, s) of `lengths` into an empty cache.
+
+        Returns (logits at each prompt's last token (b, vocab), cache advanced by lengths).
+        """
+        h = self.embed_tokens(tokens)
+        for index, layer in enumerate(self.layers):
+            h, cache = layer.prefill(h, lengths, cache, index)
+        last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        return self._logits(last), cache.advance(lengths)
+
+    def decode(self, tokens: jax.Array, cache: PagedKVCache, tile_scheduler_metadata=None, num_splits=None):
+        """tokens (b, s_q) appended to every sequence: returns (logits (b, s_q, vocab), cache advanced by s_q).
+
+        The scheduler metadata depends only on the lengths, which all layers share: computed once here
+        (unless given) and passed to each layer's FlashMLA call.
+        """
+        s_q = tokens.shape[1]
+        if tile_scheduler_metadata is None:
+            tile_scheduler_metadata, num_splits = get_mla_metadata(
+                cache.seqlens + s_q, s_q * self.config.num_heads, 1
+            )
+        h = self.embed_tokens(tokens)
+        for index, layer in enumerate(self.layers):
+            h, cache = layer.decode(h, cache, index, tile_scheduler_metadata, num_splits)
+        return self._logits(h), cache.advance(s_q)
+
+
+@functools.partial(nnx.jit, static_argnums=0)
+def _init_model(config: DecoderConfig, seed: jax.Array) -> DeepSeekDecoder:
+    return DeepSeekDecoder(config, rngs=nnx.Rngs(jax.random.key(seed)))
+
+
+def build_model(config: DecoderConfig, seed: int = 0) -> DeepSeekDecoder:
+    """Random weights from `seed`. Initialised under jit, compiled once per config: eager init would compile
+    every op of every layer separately, which takes seconds on a small CPU."""
+    return _init_model(config, jnp.asarray(seed, jnp.uint32))
+
+
+# --- sampling and the jitted steps -------------------------------------------------------------------------
+
+
+def sample_next(logits: jax.Array, key: jax.Array, top_k: int | None, temperature: float) -> jax.Array:
+    """logits (b, vocab) -> tokens (b,) int32: greedy when top_k is None or 1, else top-k sampling."""
+    if top_k is None or top_k == 1:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    values, indices = jax.lax.top_k(logits, top_k)
+    choice = jax.random.categorical(key, values / temperature, axis=-1)
+    return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "top_k", "temperature"), donate_argnames=("cache",))
+def _prefill_step(graphdef, state, cache, tokens, lengths, key, *, top_k, temperature):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.prefill(tokens, lengths, cache)
+    return sample_next(logits, key, top_k, temperature), logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "top_k", "temperature"), donate_argnames=("cache",))
+def _decode_step(graphdef, state, cache, tokens, key, *, top_k, temperature):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.decode(tokens[:, None], cache)
+    logits = logits[:, 0]
+    return sample_next(logits, key, top_k, temperature), logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _full_forward(graphdef, state, tokens, lengths):
+    return nnx.merge(graphdef, state)(tokens, lengths)
+
+
+def _check_sampling(top_k, temperature, vocab_size):
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be None or in [1, vocab_size={vocab_size}], got {top_k}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def make_decode_step(model: DeepSeekDecoder, *, top_k: int | None = None, temperature: float = 1.0):
+    """The jitted decode step: step(cache, tokens (b,) int32, key) -> (next tokens (b,), logits (b, V), cache).
+
+    `cache` is donated: the caller must drop its reference and keep the returned one.
+    """
+    _check_sampling(top_k, temperature, model.config.vocab_size)
+    graphdef, state = nnx.split(model)
+    return functools.partial(_decode_step, graphdef, state, top_k=top_k, temperature=float(temperature))
+
+
+# --- generation --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    prompt_lengths: np.ndarray  # (b,) int32
+    tokens: np.ndarray  # (b, n) int32 generated tokens
+    logits: np.ndarray  # (b, n, vocab) float32: the logits each generated token was drawn from
+    prefill_seconds: float  # includes the prefill's compilation
+    step_seconds: list[float]  # one per decode step; the first includes the step's compilation
+    cache: PagedKVCache  # the final cache
+
+    @property
+    def steady_step_seconds(self) -> list[float]:
+        """Decode-step latencies without the first (compiling) step."""
+        return self.step_seconds[1:]
+
+    def decode_tokens_per_second(self) -> float:
+        """Generated tokens per second over the steady decode steps (batch rows count separately)."""
+        steady = self.steady_step_seconds
+        return len(self.prompt_lengths) * len(steady) / sum(steady) if steady else float("nan")
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged prompts -> (tokens (b, max_len) int32 right-padded with 0, lengths (b,) int32)."""
+    if len(prompts) == 0:
+        raise ValueError("need at least one prompt")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if lengths.min() < 1:
+        raise ValueError(f"every prompt needs at least one token, got lengths {lengths.tolist()}")
+    tokens = np.zeros((len(prompts), int(lengths.max())), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(f"prompt tokens must lie in [0, {vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+    return tokens, lengths
+
+
+def generate(
+    model: DeepSeekDecoder,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    top_k: int | None = None,
+    temperature: float = 1.0,
+    seed: int = 0,
+    cache_dtype=None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> GenerationResult:
+    """Generate `max_new_tokens` for each prompt: prefill, then max_new_tokens - 1 jitted decode steps.
+
+    Greedy by default; top_k > 1 samples from the top_k logits at `temperature`. on_step(done, total) is
+    called after the prefill (done=1) and after each decode step, for progress display.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    config = model.config
+    _check_sampling(top_k, temperature, config.vocab_size)
+    tokens, lengths = pad_prompts(prompts, config.vocab_size)
+    graphdef, state = nnx.split(model)
+    sampling = dict(top_k=top_k, temperature=float(temperature))
+    keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+
+    # The last generated token is never fed back, so it needs no slot.
+    cache = model.new_cache(len(prompts), tokens.shape[1] + max_new_tokens - 1, cache_dtype)
+    start = time.perf_counter()
+    next_tokens, logits, cache = _prefill_step(
+        graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths), keys[0], **sampling
+    )
+    next_tokens.block_until_ready()
+    prefill_seconds = time.perf_counter() - start
+    generated, all_logits, step_seconds = [next_tokens], [logits], []
+    if on_step:
+        on_step(1, max_new_tokens)
+
+    for step in range(1, max_new_tokens):
+        start = time.perf_counter()
+        next_tokens, logits, cache = _decode_step(graphdef, state, cache, next_tokens, keys[step], **sampling)
+        next_tokens.block_until_ready()  # per-step latency is only meaningful if each step finishes
+        step_seconds.append(time.perf_counter() - start)
+        generated.append(next_tokens)
+        all_logits.append(logits)
+        if on_step:
+            on_step(step + 1, max_new_tokens)
+
+    return GenerationResult(
+        prompt_lengths=lengths,
+        tokens=np.stack([np.asarray(t) for t in generated], axis=1),
+        logits=np.stack([np.asarray(x) for x in all_logits], axis=1),
+        prefill_seconds=prefill_seconds,
+        step_seconds=step_seconds,
+        cache=cache,
+    )
+
+
+def recompute_logits(model: DeepSeekDecoder, prompts: Sequence[Sequence[int]], generated: np.ndarray) -> np.ndarray:
+    """Logits for each generated token recomputed from scratch (no cache), aligned with GenerationResult.logits.
+
+    Row i is run as prompt_i + generated_i[:-1] through the full causal forward; the logits at positions
+    len(prompt_i) - 1 .. are the ones that produced generated_i.
+    """
+    n = generated.shape[1]
+    full_prompts = [list(p) + [int(t) for t in generated[i, : n - 1]] for i, p in enumerate(prompts)]
+    tokens, lengths = pad_prompts(full_prompts, model.config.vocab_size)
+    graphdef, state = nnx.split(model)
+    logits = np.asarray(_full_forward(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths)))
+    starts = lengths - n  # each row holds len(prompt) + n - 1 tokens: this is its prompt's last position
+    return np.stack([logits[i, s : s + n] for i, s in enumerate(starts)])

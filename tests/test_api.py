@@ -1,0 +1,115 @@
+"""The primitives inside jax transformations, and the CUDA lowering (inspected from a CPU machine)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_flashmla as jfm
+
+from cases import make_problem
+from tolerances import assert_lse_close, assert_out_close
+
+
+def small_problem(rng, dtype=jnp.float32, batch=3, s_q=2):
+    return make_problem(rng, batch=batch, s_q=s_q, h_q=4, h_kv=1, seqlens=rng.integers(0, 200, batch).astype(np.int32),
+                        dtype=dtype)
+
+
+def decode(q, k_cache, table, seqlens):
+    return jfm.flash_mla_with_kvcache(q, k_cache, table, seqlens, 512, causal=True)
+
+
+def test_vmap_equals_per_element(rng_seed):
+    """vmap over q, page pools (per layer), tables and lengths, folded into one call."""
+    rng = np.random.default_rng(rng_seed)
+    problems = [small_problem(rng) for _ in range(3)]
+    width = max(p.block_table.shape[1] for p in problems)
+    pad = lambda t: jnp.pad(t, ((0, 0), (0, width - t.shape[1])), constant_values=-1)
+    pool_size = max(p.k_cache.shape[0] for p in problems)
+    pools = jnp.stack([jnp.pad(p.k_cache, ((0, pool_size - p.k_cache.shape[0]), (0, 0), (0, 0), (0, 0)))
+                       for p in problems])
+    args = (jnp.stack([p.q for p in problems]), pools, jnp.stack([pad(p.block_table) for p in problems]),
+            jnp.stack([p.cache_seqlens for p in problems]))
+    out, lse = jax.jit(jax.vmap(decode))(*args)
+    for i, p in enumerate(problems):
+        want_out, want_lse = decode(p.q, p.k_cache, p.block_table, p.cache_seqlens)
+        assert_out_close(out[i], want_out, jnp.float32)
+        assert_lse_close(lse[i], want_lse)
+
+
+def test_vmap_with_shared_cache_and_in_axes(rng_seed):
+    rng = np.random.default_rng(rng_seed)
+    p = small_problem(rng)
+    qs = jnp.stack([p.q, 2 * p.q], axis=2)  # mapped axis in the middle
+    out, _ = jax.vmap(decode, in_axes=(2, None, None, None))(qs, p.k_cache, p.block_table, p.cache_seqlens)
+    for i in range(2):
+        assert_out_close(out[i], decode(qs[:, :, i], p.k_cache, p.block_table, p.cache_seqlens)[0], jnp.float32)
+
+
+def test_metadata_under_vmap_equals_loop():
+    seqlens = jnp.array([[5, 700, 0], [64, 65, 3000]], jnp.int32)
+    md, splits = jax.vmap(lambda s: jfm.get_mla_metadata(s, 16, 1))(seqlens)
+    for i in range(2):
+        want_md, want_splits = jfm.get_mla_metadata(seqlens[i], 16, 1)
+        np.testing.assert_array_equal(md[i], want_md)
+        np.testing.assert_array_equal(splits[i], want_splits)
+
+
+def test_eager_equals_jit(rng_seed):
+    p = small_problem(np.random.default_rng(rng_seed))
+    eager = decode(p.q, p.k_cache, p.block_table, p.cache_seqlens)
+    jitted = jax.jit(decode)(p.q, p.k_cache, p.block_table, p.cache_seqlens)
+    for a, b in zip(eager, jitted):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+needs_extension = pytest.mark.skipif(not jfm.kernels_available(),
+                                     reason=f"CUDA extension not built: {jfm.why_kernels_unavailable()}")
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_cuda_lowering_emits_the_ffi_calls(dtype):
+    args = (jax.ShapeDtypeStruct((2, 2, 16, 576), dtype), jax.ShapeDtypeStruct((9, 64, 1, 576), dtype),
+            jax.ShapeDtypeStruct((2, 5), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
+
+    def step(q, k_cache, table, seqlens):
+        md, splits = jfm.get_mla_metadata(seqlens, 32, 1, num_sms=132)
+        return jfm.flash_mla_with_kvcache(q, k_cache, table, seqlens, 512, md, splits, softmax_scale=0.125,
+                                          causal=True)
+
+    text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    assert len(calls) == 2, calls
+    assert "@jax_flashmla_mla_metadata" in calls[0] and "tensor<132x8xi32>" in calls[0]
+    decode_call = calls[1]
+    assert "@jax_flashmla_mla_decode" in decode_call
+    assert "causal = true" in decode_call and "softmax_scale = 1.250000e-01 : f32" in decode_call
+    assert "poison_outputs = false" in decode_call
+    # XLA allocates the split-KV partials: (b + num_parts, h_kv, q_rows, 512) and (b + num_parts, h_kv, q_rows).
+    assert "tensor<134x1x32x512xf32>" in decode_call and "tensor<134x1x32xf32>" in decode_call
+
+
+@needs_extension
+def test_cuda_lowering_float32_falls_back_to_reference():
+    args = (jax.ShapeDtypeStruct((1, 1, 4, 576), jnp.float32), jax.ShapeDtypeStruct((2, 64, 1, 576), jnp.float32),
+            jax.ShapeDtypeStruct((1, 2), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    text = jax.jit(decode).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "@jax_flashmla_mla_decode" not in text and "@jax_flashmla_mla_metadata" in text
+
+
+def test_cpu_lowering_has_no_custom_call():
+    args = (jax.ShapeDtypeStruct((1, 1, 4, 576), jnp.bfloat16), jax.ShapeDtypeStruct((2, 64, 1, 576), jnp.bfloat16),
+            jax.ShapeDtypeStruct((1, 2), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    text = jax.jit(decode).trace(*args).lower(lowering_platforms=("cpu",)).as_text()
+    assert "custom_call @jax_flashmla" not in text
+
+
+def test_abi_mismatch_message_names_both_versions():
+    from jax_flashmla._extension import check_abi
+
+    assert check_abi("0.11.2", "0.11.2") is None
+    message = check_abi("0.11.2", "0.10.2")
+    assert "built against jaxlib 0.11.2" in message and "jaxlib 0.10.2 is running" in message
+    assert "--no-build-isolation" in message

@@ -1,0 +1,62 @@
+"""The split-KV schedule (scheduler.py, the spec the CUDA scheduler must equal) covers every block once."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_flashmla as jfm
+from jax_flashmla.constants import PAGE_SIZE
+from jax_flashmla.scheduler import num_parts_for, schedule
+
+
+def coverage(metadata, seqlens):
+    """Per sequence, the (block_begin, block_end, local split) chunks the parts will process."""
+    n = -(-np.maximum(seqlens, 0) // PAGE_SIZE)
+    chunks = {i: [] for i in range(len(seqlens))}
+    for batch_begin, block_begin, batch_end, block_end, split_begin, *rest in metadata:
+        assert rest == [0, 0, 0]
+        for i in range(batch_begin, batch_end + 1):
+            chunks[i].append((block_begin if i == batch_begin else 0, block_end if i == batch_end else n[i],
+                              split_begin if i == batch_begin else 0))
+    return n, chunks
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_every_block_once_and_split_counts_agree(trial):
+    rng = np.random.default_rng(trial)
+    batch, num_parts = int(rng.integers(1, 60)), int(rng.integers(1, 140))
+    seqlens = rng.integers(-3, 5000, batch).astype(np.int32)
+    seqlens[rng.random(batch) < 0.2] = 0
+    metadata, num_splits = (np.asarray(x) for x in jax.jit(schedule, static_argnums=1)(seqlens, num_parts))
+    assert metadata.shape == (num_parts, 8) and num_splits.shape == (batch + 1,)
+    assert num_splits[0] == 0 and num_splits[-1] <= batch + num_parts  # fits the partial buffers
+    n, chunks = coverage(metadata.tolist(), seqlens)
+    for i in range(batch):
+        got = chunks[i]
+        assert len(got) == num_splits[i + 1] - num_splits[i] >= 1
+        assert [t for _, _, t in got] == list(range(len(got)))
+        if n[i] == 0:
+            assert got == [(0, 0, 0)]  # someone writes out = 0, lse = +inf
+        else:
+            assert got[0][0] == 0 and got[-1][1] == n[i]
+            assert all(a_end == b_begin for (_, a_end, _), (b_begin, _, _) in zip(got, got[1:]))
+            assert all(end > begin for begin, end, _ in got)
+
+
+def test_balanced_by_tokens():
+    """One long sequence among short ones is cut into many splits; no part gets much more than its share."""
+    seqlens = np.array([64 * 1000] + [64] * 31, np.int32)
+    metadata, num_splits = (np.asarray(x) for x in schedule(jnp.asarray(seqlens), 132))
+    assert num_splits[1] - num_splits[0] > 100
+    work = [(md[3] - md[1]) if md[0] == md[2] else 0 for md in metadata]
+    assert max(work) <= -(-(1000 + 31 + 32 * 5) // 132) + 1
+
+
+def test_num_parts_fill_the_sms():
+    assert num_parts_for(132, 1, 16, 64) == 132
+    assert num_parts_for(132, 1, 256, 64) == 33  # s_q 2, h_q 128: 4 row blocks
+    assert num_parts_for(132, 2, 256, 64) == 16
+    assert num_parts_for(4, 8, 64, 64) == 1
+    md, splits = jfm.get_mla_metadata(jnp.array([5, 6], jnp.int32), 128, 1, num_sms=66)
+    assert md.shape == (33, 8) and splits.shape == (3,)

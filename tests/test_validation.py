@@ -1,0 +1,83 @@
+"""Bad input is refused at trace time, naming the argument, what it got and what was expected."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jax_flashmla as jfm
+
+S = jax.ShapeDtypeStruct
+GOOD = dict(q=S((2, 1, 16, 576), jnp.bfloat16), k_cache=S((8, 64, 1, 576), jnp.bfloat16),
+            block_table=S((2, 4), jnp.int32), cache_seqlens=S((2,), jnp.int32))
+
+
+def call(head_dim_v=512, md=None, splits=None, softmax_scale=None, **overrides):
+    args = {**GOOD, **overrides}
+
+    def f(q, k_cache, block_table, cache_seqlens):
+        return jfm.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, md, splits,
+                                          softmax_scale=softmax_scale)
+
+    return jax.eval_shape(f, args["q"], args["k_cache"], args["block_table"], args["cache_seqlens"])
+
+
+def test_good_input_passes():
+    out, lse = call()
+    assert out.shape == (2, 1, 16, 512) and out.dtype == jnp.bfloat16 and lse.shape == (2, 16, 1)
+
+
+@pytest.mark.parametrize("overrides,error,words", [
+    (dict(q=S((2, 1, 16, 576), jnp.int8)), TypeError, ["q must be bfloat16", "int8"]),
+    (dict(q=S((2, 16, 576), jnp.bfloat16)), ValueError, ["q must have rank 4", "(2, 16, 576)"]),
+    (dict(q=S((2, 1, 16, 128), jnp.bfloat16)), ValueError, ["q's head dim", "(576, 512)", "(2, 1, 16, 128)"]),
+    (dict(k_cache=S((8, 64, 1, 576), jnp.float16)), TypeError, ["k_cache must have q's dtype bfloat16", "float16"]),
+    (dict(k_cache=S((8, 32, 1, 576), jnp.bfloat16)), ValueError, ["pages must hold 64 tokens", "(8, 32, 1, 576)"]),
+    (dict(k_cache=S((8, 64, 1, 512), jnp.bfloat16)), ValueError, ["k_cache's head dim must equal q's (576)"]),
+    (dict(k_cache=S((8, 64, 3, 576), jnp.bfloat16)), ValueError, ["h_q (16) must be a multiple", "h_kv (3)"]),
+    (dict(k_cache=S((64, 576), jnp.bfloat16)), ValueError, ["k_cache must have rank 4"]),
+    (dict(block_table=S((2, 4), jnp.int64 if jax.config.jax_enable_x64 else jnp.uint32)), TypeError,
+     ["block_table must be int32"]),
+    (dict(block_table=S((3, 4), jnp.int32)), ValueError, ["block_table must have shape (2, max_pages_per_seq", "(3, 4)"]),
+    (dict(block_table=S((8,), jnp.int32)), ValueError, ["block_table must have rank 2"]),
+    (dict(cache_seqlens=S((3,), jnp.int32)), ValueError, ["cache_seqlens must have shape (2,)", "(3,)"]),
+    (dict(cache_seqlens=S((2,), jnp.float32)), TypeError, ["cache_seqlens must be int32", "float32"]),
+])
+def test_bad_inputs(overrides, error, words):
+    with pytest.raises(error) as info:
+        call(**overrides)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("head_dim_v", [576, 600, 128, 512.0])
+def test_bad_head_dim_v(head_dim_v):
+    with pytest.raises(ValueError, match="head_dim_v must be 512"):
+        call(head_dim_v=head_dim_v)
+
+
+def test_head_dim_v_larger_than_d():
+    with pytest.raises(ValueError, match="at most q's head dim"):
+        call(head_dim_v=576, q=S((2, 1, 16, 512), jnp.bfloat16), k_cache=S((8, 64, 1, 512), jnp.bfloat16))
+
+
+def test_metadata_checks():
+    md, splits = S((132, 8), jnp.int32), S((3,), jnp.int32)
+    with pytest.raises(ValueError, match="go together"):
+        call(md=md)
+    with pytest.raises(ValueError, match=r"num_splits must have shape \(3,\)"):
+        call(md=md, splits=S((2,), jnp.int32))
+    with pytest.raises(ValueError, match=r"tile_scheduler_metadata must have shape \(num_parts >= 1, 8\)"):
+        call(md=S((132, 4), jnp.int32), splits=splits)
+    with pytest.raises(TypeError, match="tile_scheduler_metadata must be int32"):
+        call(md=S((132, 8), jnp.float32), splits=splits)
+    with pytest.raises(ValueError, match="num_q_tokens_per_head_k must be a positive"):
+        jfm.get_mla_metadata(jnp.zeros(2, jnp.int32), 0, 1)
+    with pytest.raises(TypeError, match="cache_seqlens must be int32"):
+        jfm.get_mla_metadata(jnp.zeros(2, jnp.float32), 16, 1)
+
+
+def test_softmax_scale_checks():
+    with pytest.raises(ValueError, match="finite and positive"):
+        call(softmax_scale=-1.0)
+    with pytest.raises(TypeError, match="Python float"):
+        call(softmax_scale=jnp.float32(0.1))
