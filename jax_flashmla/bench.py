@@ -1,0 +1,527 @@
+"""`python -m jax_flashmla.bench`: time MLA decode on FlashMLA's benchmark grid and against plain XLA.
+
+The default grid is FlashMLA's: b 128, h_kv 1, d 576, dv 512, page 64, bf16, per-sequence lengths drawn from
+N(s_k, s_k / 2) and clipped to [s_q, 2 s_k], s_k in {4096, 8192, 16384, 32768}, s_q in {1, 2},
+h_q in {16, 64, 128}, causal off and on (on only where s_q > 1). Inputs are made on the device; each
+sequence's pages are scattered over the pool by a random permutation. The pool holds b * s_k * 576 * 2 bytes
+(600 MB at s_k 4096), far more than the H100's 50 MB L2, so each call reads the KV from HBM.
+
+How each row is timed (wall clock around calls ended by block_until_ready):
+  kernel_ms    the decode alone, metadata computed once beforehand (as a model does once per step for all
+               its layers). One jitted function runs the decode n times in `lax.fori_loop`; each iteration
+               adds 0 * out[0, 0, 0, 0] to q[0, 0, 0, 0] and to block_table[0, 0], as one layer feeds the
+               next, so XLA can neither merge the calls nor hoist loop-invariant work (such as the
+               baseline's page gather) out of the loop, and `out` is loop-carried so every iteration must
+               compute all of it.
+               kernel_ms = median over repeats of (t(n) - t(1)) / (n - 1), n = --iters: the difference
+               cancels dispatch, launch and synchronisation, which are paid once per call.
+               Limits: it still contains the loop's own work per iteration (the one-element update, a tiny
+               kernel of a few microseconds) and the host's cost of launching each iteration's kernels,
+               which is hidden only while the GPU is busier than the host. It is not a profiler's kernel time.
+  e2e_ms       median wall time of single jitted calls of metadata + decode: what one call costs from
+               Python, dispatch included.
+  baseline_ms  `xla_baseline_decode` (gather the pages, einsum, softmax in the input dtype with f32 scores,
+               padded to the longest sequence), timed like kernel_ms; speedup = baseline_ms / kernel_ms.
+Throughput uses FlashMLA's formulas with L the mean length: FLOPs = b h_q s_q (2 d L + 2 dv L),
+bytes = b (s_q h_q d + L h_kv d + s_q h_q dv) * 2 (bytes per element). "% roofline" is the time floor
+max(FLOPs / peak FLOP/s, bytes / peak bytes/s) over kernel_ms, with H100 SXM datasheet peaks by default.
+
+Without a GPU (or without the built kernels) the decode runs the pure-JAX reference; the output says so, and
+those numbers are not kernel numbers. Writes results.csv, results.json and, with matplotlib, roofline.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime
+import functools
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from . import __version__, kernels_available, why_kernels_unavailable
+from .api import flash_mla_with_kvcache, get_mla_metadata
+from .constants import PAGE_SIZE
+from .reference import visible_keys
+
+HEAD_DIM = 576
+HEAD_DIM_V = 512
+DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
+H100_PEAK_TFLOPS = 989.0  # dense bf16 tensor-core peak, H100 SXM datasheet
+H100_PEAK_GBPS = 3350.0  # HBM3 bandwidth, H100 SXM datasheet
+L2_BYTES = 50e6  # H100 L2; a smaller KV pool would be timed out of cache
+
+FULL_SEQLENS = (4096, 8192, 16384, 32768)
+FULL_S_Q = (1, 2)
+FULL_H_Q = (16, 64, 128)
+QUICK_SEQLENS = (4096, 16384)
+QUICK_PAIRS = ((1, 16), (2, 128))  # (s_q, h_q): one memory-bound and one compute-bound shape
+MIN_REPORTED_ITERS = 50
+
+METHOD = ("kernel_ms and baseline_ms: median over repeats of (t(n) - t(1)) / (n - 1), t(k) = wall time of one "
+          "jitted call running the decode k times in lax.fori_loop (each iteration adds 0 * out[0,0,0,0] to "
+          "q[0,0,0,0] and block_table[0,0]; out is loop-carried), ended by block_until_ready; metadata "
+          "precomputed. e2e_ms: median wall time of single jitted metadata + decode calls after warm-up.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowConfig:
+    batch: int
+    s_k: int
+    s_q: int
+    h_q: int
+    h_kv: int
+    causal: bool
+    dtype: str
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m jax_flashmla.bench",
+        description="Time jax_flashmla's MLA decode on FlashMLA's benchmark grid, against a plain-XLA decode.",
+    )
+    g = p.add_argument_group("grid (defaults: FlashMLA's benchmark grid)")
+    g.add_argument("--quick", action="store_true",
+                   help=f"a few rows: s_k {QUICK_SEQLENS}, (s_q, h_q) in {QUICK_PAIRS}, causal off")
+    g.add_argument("--batch", type=int, default=128, help="sequences per call (default 128)")
+    g.add_argument("--seqlen", type=_int_list, default=None, help=f"mean KV lengths s_k (default {FULL_SEQLENS})")
+    g.add_argument("--s-q", type=_int_list, default=None, help=f"query tokens per sequence (default {FULL_S_Q})")
+    g.add_argument("--h-q", type=_int_list, default=None, help=f"query heads (default {FULL_H_Q})")
+    g.add_argument("--h-kv", type=int, default=1, help="KV heads (default 1)")
+    g.add_argument("--causal", choices=["off", "on", "both"], default=None,
+                   help="causal masking, which matters only for s_q > 1 (default both; off with --quick)")
+    g.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="q and KV dtype (default bfloat16)")
+    g.add_argument("--fixed-lengths", action="store_true", help="every sequence has length s_k")
+    g.add_argument("--seed", type=int, default=0, help="seed for lengths and inputs (default 0)")
+    t = p.add_argument_group("timing and output")
+    t.add_argument("--warmup", type=int, default=2,
+                   help="untimed calls of each function; the first compiles (default 2)")
+    t.add_argument("--iters", type=int, default=MIN_REPORTED_ITERS,
+                   help=f"decodes per timed loop and timed end-to-end calls (default {MIN_REPORTED_ITERS}; "
+                   f"runs with fewer are marked not reportable)")
+    t.add_argument("--repeats", type=int, default=5, help="timed loops per row; the median is kept (default 5)")
+    t.add_argument("--no-baseline", action="store_true", help="skip the plain-XLA baseline")
+    t.add_argument("--peak-tflops", type=float, default=H100_PEAK_TFLOPS,
+                   help=f"compute roof in TFLOP/s (default {H100_PEAK_TFLOPS:g}, H100 SXM bf16)")
+    t.add_argument("--peak-gbps", type=float, default=H100_PEAK_GBPS,
+                   help=f"memory roof in GB/s (default {H100_PEAK_GBPS:g}, H100 SXM HBM3)")
+    t.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default bench_out/)")
+    args = p.parse_args(argv)
+
+    args.seqlen = args.seqlen or list(QUICK_SEQLENS if args.quick else FULL_SEQLENS)
+    if args.quick and args.s_q is None and args.h_q is None:
+        args.pairs = list(QUICK_PAIRS)
+    else:
+        args.pairs = list(itertools.product(args.s_q or FULL_S_Q, args.h_q or FULL_H_Q))
+    args.causal = args.causal or ("off" if args.quick else "both")
+
+    for name in ("batch", "h_kv", "warmup", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.iters < 2:
+        p.error(f"--iters must be >= 2 (the loop timing differences n and 1 decodes), got {args.iters}")
+    if not args.seqlen or min(args.seqlen) < 1:
+        p.error(f"--seqlen values must be >= 1, got {args.seqlen}")
+    if not args.pairs or min(min(pair) for pair in args.pairs) < 1:
+        p.error("--s-q and --h-q values must be >= 1")
+    if max(s_q for s_q, _ in args.pairs) > 2 * min(args.seqlen):
+        p.error("--s-q values must be at most 2 x the smallest --seqlen (lengths are clipped to [s_q, 2 s_k])")
+    if any(h_q % args.h_kv for _, h_q in args.pairs):
+        p.error(f"--h-q values must be multiples of --h-kv {args.h_kv}")
+    if not (args.peak_tflops > 0 and args.peak_gbps > 0):
+        p.error("--peak-tflops and --peak-gbps must be > 0")
+    return args
+
+
+def build_grid(args: argparse.Namespace) -> list[RowConfig]:
+    """Rows in FlashMLA's order; s_q = 1 runs non-causal only, since causal changes nothing there."""
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.causal]
+    rows = []
+    for s_k in args.seqlen:
+        for s_q, h_q in args.pairs:
+            for causal in (modes if s_q > 1 else (False,)):
+                rows.append(RowConfig(args.batch, s_k, s_q, h_q, args.h_kv, causal, args.dtype))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Problems
+
+
+def sample_lengths(config: RowConfig, fixed: bool, seed: int) -> np.ndarray:
+    """FlashMLA's lengths: N(s_k, s_k / 2) clipped to [s_q, 2 s_k]; seeded by s_k so rows of one s_k share them."""
+    if fixed:
+        return np.full(config.batch, config.s_k, np.int32)
+    rng = np.random.default_rng([seed, config.s_k, config.batch])
+    lengths = rng.normal(config.s_k, config.s_k / 2, config.batch)
+    return np.clip(lengths, config.s_q, 2 * config.s_k).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("s_q", "h_q", "h_kv", "num_pages", "max_pages", "dtype"))
+def _random_inputs(key, pages, *, s_q, h_q, h_kv, num_pages, max_pages, dtype):
+    kq, kk, kp = jax.random.split(key, 3)
+    q = (jax.random.normal(kq, (pages.shape[0], s_q, h_q, HEAD_DIM)) / 10).astype(dtype)
+    k_cache = (jax.random.normal(kk, (num_pages, PAGE_SIZE, h_kv, HEAD_DIM)) / 10).astype(dtype)
+    # Sequence i owns permutation slots [first_i, first_i + pages_i): its pages lie scattered over the pool.
+    perm = jax.random.permutation(kp, num_pages).astype(jnp.int32)
+    first = jnp.cumsum(pages) - pages
+    column = jnp.arange(max_pages)
+    owned = jnp.take(perm, first[:, None] + column, mode="clip")
+    table = jnp.where(column < pages[:, None], owned, 0)  # unused entries: any valid page, never read
+    return q, k_cache, table
+
+
+def make_inputs(key, lengths: np.ndarray, config: RowConfig):
+    """(q, k_cache, block_table, cache_seqlens) on the device; the pool holds exactly the pages in use."""
+    pages = -(-lengths // PAGE_SIZE)
+    q, k_cache, table = _random_inputs(key, jnp.asarray(pages, jnp.int32), s_q=config.s_q, h_q=config.h_q,
+                                       h_kv=config.h_kv, num_pages=int(pages.sum()), max_pages=int(pages.max()),
+                                       dtype=DTYPES[config.dtype])
+    return q, k_cache, table, jnp.asarray(lengths, jnp.int32)
+
+
+def xla_baseline_decode(q, k_cache, block_table, cache_seqlens, *, head_dim_v: int, causal: bool,
+                        softmax_scale: float | None = None):
+    """MLA decode as a JAX user would write it without a kernel: gather every sequence's pages padded to the
+    longest, einsum in the input dtype (f32 scores), f32 softmax. Assumes every query sees at least one key.
+
+    Returns out (b, s_q, h_q, head_dim_v) in q's dtype and lse (b, h_q, s_q) float32.
+    """
+    batch, s_q, h_q, head_dim = q.shape
+    h_kv = k_cache.shape[2]
+    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    keys = k_cache[block_table].reshape(batch, -1, h_kv, head_dim)  # (b, T, h_kv, d)
+    queries = q.reshape(batch, s_q, h_kv, h_q // h_kv, head_dim)
+    scores = jnp.einsum("bskgd,btkd->bkgst", queries, keys, preferred_element_type=jnp.float32) * scale
+    mask = visible_keys(cache_seqlens, s_q, keys.shape[1], causal)  # (b, s_q, T)
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    lse = jax.nn.logsumexp(scores, axis=-1, keepdims=True)
+    probs = jnp.exp(scores - lse).astype(q.dtype)
+    out = jnp.einsum("bkgst,btkv->bskgv", probs, keys[..., :head_dim_v], preferred_element_type=jnp.float32)
+    return out.reshape(batch, s_q, h_q, head_dim_v).astype(q.dtype), lse[..., 0].reshape(batch, h_q, s_q)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing
+
+
+def repeat_decode(step, n: int):
+    """jit of (q, k_cache, table, *rest) -> (q, table, out) running `out, _ = step(q, k_cache, table, *rest)`
+    n times in a fori_loop.
+
+    Each iteration adds z = 0 * out[0,0,0,0] to q[0,0,0,0] and table[0,0], as one layer's decode feeds the
+    next: the next call depends on this one, so XLA can neither deduplicate it nor hoist loop-invariant work
+    such as the baseline's page gather out of the loop (x * 0 is not folded for floats, because of NaN).
+    Updating one element costs a tiny kernel. `out` is carried so that all of it is live every iteration.
+    """
+
+    def run(q, k_cache, table, *rest):
+        out_shape = jax.eval_shape(step, q, k_cache, table, *rest)[0]
+
+        def body(_, carry):
+            q, table, _ = carry
+            out, _ = step(q, k_cache, table, *rest)
+            zero = 0 * out[0, 0, 0, 0]
+            return q.at[0, 0, 0, 0].add(zero.astype(q.dtype)), table.at[0, 0].add(zero.astype(table.dtype)), out
+
+        return jax.lax.fori_loop(0, n, body, (q, table, jnp.zeros(out_shape.shape, out_shape.dtype)))
+
+    return jax.jit(run)
+
+
+def _seconds(fn, args) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - start
+
+
+def loop_ms(many, one, args, iters: int, repeats: int, warmup: int) -> float:
+    """Per-decode ms from the loops `many` (iters decodes) and `one` (1 decode): median of the differences."""
+    for _ in range(warmup):  # the first call compiles
+        _seconds(many, args)
+        _seconds(one, args)
+    diffs = [(_seconds(many, args) - _seconds(one, args)) / (iters - 1) for _ in range(repeats)]
+    return 1e3 * statistics.median(diffs)
+
+
+def call_ms(fn, args, iters: int, warmup: int) -> float:
+    """Median wall ms of single calls, dispatch included."""
+    for _ in range(warmup):
+        _seconds(fn, args)
+    return 1e3 * statistics.median(_seconds(fn, args) for _ in range(iters))
+
+
+def _out_of_memory(err: Exception) -> bool:
+    return isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(err)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def flops_and_bytes(batch, s_q, h_q, h_kv, mean_len, head_dim=HEAD_DIM, head_dim_v=HEAD_DIM_V, itemsize=2):
+    """FlashMLA's counts: QK^T and PV FLOPs over the mean length; bytes of q, the KV once, and out."""
+    flops = batch * h_q * s_q * (2 * head_dim * mean_len + 2 * head_dim_v * mean_len)
+    nbytes = batch * (s_q * h_q * head_dim + mean_len * h_kv * head_dim + s_q * h_q * head_dim_v) * itemsize
+    return flops, nbytes
+
+
+def roofline_pct(flops, nbytes, ms, peak_tflops, peak_gbps):
+    """Time floor over measured time, in %: 100 means the call ran at the roof."""
+    floor_s = max(flops / (peak_tflops * 1e12), nbytes / (peak_gbps * 1e9))
+    return _per_second(100 * floor_s, ms)
+
+
+def _per_second(amount, ms):
+    """amount / seconds, or None where there is no usable time (skipped, or noise made it <= 0)."""
+    return None if ms is None or ms <= 0 else amount / (ms * 1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One row
+
+
+def environment() -> dict:
+    device = jax.devices()[0]
+    return {
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "kernels_available": kernels_available(),
+        "kernels_used": device.platform == "gpu" and kernels_available(),
+        "jax_version": jax.__version__,
+        "jaxlib_version": jaxlib.__version__,
+        "jax_flashmla_version": __version__,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "method": METHOD,
+    }
+
+
+def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
+    lengths = sample_lengths(config, args.fixed_lengths, args.seed)
+    q, k_cache, table, seqlens = make_inputs(key, lengths, config)
+    q_rows = config.s_q * config.h_q // config.h_kv
+    metadata = jax.block_until_ready(get_mla_metadata(seqlens, q_rows, config.h_kv))
+    rest = (k_cache, table, seqlens, *metadata)
+
+    decode = functools.partial(_decode_with_metadata, causal=config.causal)
+    kernel_one = repeat_decode(decode, 1)
+    kernel_ms = loop_ms(repeat_decode(decode, args.iters), kernel_one, (q, *rest), args.iters, args.repeats,
+                        args.warmup)
+    e2e = jax.jit(functools.partial(_decode_end_to_end, causal=config.causal))
+    e2e_ms = call_ms(e2e, (q, k_cache, table, seqlens), args.iters, args.warmup)
+
+    baseline_ms, diff, note = None, None, "skipped (--no-baseline)" if args.no_baseline else ""
+    if not args.no_baseline:
+        baseline = functools.partial(xla_baseline_decode, head_dim_v=HEAD_DIM_V, causal=config.causal)
+        baseline_one = repeat_decode(baseline, 1)
+        args_b = (q, k_cache, table, seqlens)
+        try:
+            baseline_ms = loop_ms(repeat_decode(baseline, args.iters), baseline_one, args_b, args.iters,
+                                  args.repeats, args.warmup)
+            # The two decodes must agree, or the comparison times something wrong.
+            ours, theirs = kernel_one(q, *rest)[-1], baseline_one(*args_b)[-1]
+            diff = float(jnp.max(jnp.abs(ours.astype(jnp.float32) - theirs.astype(jnp.float32))))
+        except jax.errors.JaxRuntimeError as err:
+            if not _out_of_memory(err):
+                raise
+            note = "out of memory"
+
+    itemsize = np.dtype(DTYPES[config.dtype]).itemsize
+    mean_len = float(lengths.mean())
+    flops, nbytes = flops_and_bytes(config.batch, config.s_q, config.h_q, config.h_kv, mean_len, itemsize=itemsize)
+    tflops, baseline_tflops = (_per_second(flops / 1e12, ms) for ms in (kernel_ms, baseline_ms))
+    return {
+        **dataclasses.asdict(config),
+        "head_dim": HEAD_DIM, "head_dim_v": HEAD_DIM_V, "page_size": PAGE_SIZE,
+        "fixed_lengths": args.fixed_lengths, "seed": args.seed,
+        "mean_len": mean_len, "min_len": int(lengths.min()), "max_len": int(lengths.max()),
+        "kv_cache_mb": k_cache.size * itemsize / 1e6,
+        "iters": args.iters, "repeats": args.repeats, "warmup": args.warmup,
+        "reportable": args.iters >= MIN_REPORTED_ITERS,
+        "kernel_ms": kernel_ms, "e2e_ms": e2e_ms,
+        "flops": flops, "bytes": nbytes, "arithmetic_intensity": flops / nbytes,
+        "tflops": tflops, "gbps": _per_second(nbytes / 1e9, kernel_ms),
+        "roofline_pct": roofline_pct(flops, nbytes, kernel_ms, args.peak_tflops, args.peak_gbps),
+        "peak_tflops": args.peak_tflops, "peak_gbps": args.peak_gbps,
+        "baseline_ms": baseline_ms, "baseline_tflops": baseline_tflops,
+        "speedup": None if baseline_ms is None or kernel_ms <= 0 else baseline_ms / kernel_ms,
+        "baseline_max_abs_diff": diff, "baseline_note": note,
+    }  # fmt: skip
+
+
+def _decode_with_metadata(q, k_cache, table, seqlens, tile_metadata, num_splits, *, causal):
+    return flash_mla_with_kvcache(q, k_cache, table, seqlens, HEAD_DIM_V, tile_metadata, num_splits, causal=causal)
+
+
+def _decode_end_to_end(q, k_cache, table, seqlens, *, causal):
+    _, s_q, h_q, _ = q.shape
+    h_kv = k_cache.shape[2]
+    metadata = get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)
+    return flash_mla_with_kvcache(q, k_cache, table, seqlens, HEAD_DIM_V, *metadata, causal=causal)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output
+
+
+class Progress:
+    """tqdm over the rows when installed, else one line per finished row."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        try:
+            from tqdm import tqdm  # optional dependency
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=total, desc="bench", unit="row")
+
+    def update(self, record: dict):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{_config_label(record)}: {_fmt(record['kernel_ms'], '.3f')} ms")
+            self.bar.update(1)
+        else:
+            print(f"[{self.done}/{self.total}] {_config_label(record)}: kernel {_fmt(record['kernel_ms'], '.3f')} ms, "
+                  f"baseline {_fmt(record['baseline_ms'], '.3f')} ms", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _config_label(r: dict) -> str:
+    return f"b={r['batch']} s_k={r['s_k']} s_q={r['s_q']} h_q={r['h_q']} h_kv={r['h_kv']} causal={int(r['causal'])}"
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+TABLE_COLUMNS = [  # (header, record key, format)
+    ("b", "batch", "d"), ("s_k", "s_k", "d"), ("s_q", "s_q", "d"), ("h_q", "h_q", "d"), ("h_kv", "h_kv", "d"),
+    ("causal", "causal", "d"), ("kernel ms", "kernel_ms", ".4f"), ("e2e ms", "e2e_ms", ".4f"),
+    ("TFLOPS", "tflops", ".3g"), ("GB/s", "gbps", ".1f"), ("% roof", "roofline_pct", ".3g"),
+    ("base ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f"),
+]  # fmt: skip
+
+
+def format_table(records: list[dict]) -> str:
+    cells = [[h for h, _, _ in TABLE_COLUMNS]]
+    cells += [[_fmt(r[key], spec) for _, key, spec in TABLE_COLUMNS] for r in records]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def write_results(records: list[dict], out_dir: Path):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(records, indent=2) + "\n")
+    with open(out_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def plot_roofline(records: list[dict], path: Path) -> bool:
+    """Arithmetic intensity vs achieved TFLOPS under the roofline; False when matplotlib is missing."""
+    try:
+        # Optional dependency; a bare Figure needs no pyplot state and no GUI backend.
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    peak_tflops, peak_gbps = records[0]["peak_tflops"], records[0]["peak_gbps"]
+    ridge = peak_tflops * 1e3 / peak_gbps  # FLOP/byte where the two roofs meet
+    intensity = np.array([r["arithmetic_intensity"] for r in records])
+    x = np.geomspace(min(intensity.min(), ridge) / 4, max(intensity.max(), ridge) * 4, 256)
+
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
+    ax.plot(x, np.minimum(peak_tflops, x * peak_gbps / 1e3), "k-", lw=1.5,
+            label=f"roofline ({peak_gbps:g} GB/s, {peak_tflops:g} TFLOP/s)")
+    ax.axvline(ridge, color="grey", ls=":", lw=1)
+    for key, marker, label in (("tflops", "o", "jax_flashmla" if records[0]["kernels_used"] else
+                                "jax_flashmla (pure-JAX reference)"), ("baseline_tflops", "x", "plain XLA")):
+        points = [(r["arithmetic_intensity"], r[key]) for r in records if r[key] is not None and r[key] > 0]
+        if points:
+            ax.scatter(*zip(*points), marker=marker, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP/byte)")
+    ax.set_ylabel("achieved TFLOP/s")
+    ax.set_title(f"MLA decode on {records[0]['device_kind']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return True
+
+
+def backend_note(env: dict) -> str:
+    if env["kernels_used"]:
+        return f"decode: jax_flashmla CUDA kernels on {env['device_kind']}"
+    why = why_kernels_unavailable() if env["platform"] == "gpu" else f"no GPU, platform {env['platform']}"
+    return (f"NOTE: ran the pure-JAX reference on {env['platform']} ({why}). "
+            "These are NOT kernel numbers.")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = environment()
+    rows = build_grid(args)
+    print(f"jax {env['jax_version']}, jax_flashmla {env['jax_flashmla_version']}; {backend_note(env)}")
+    print(f"{len(rows)} rows, {args.dtype}, {args.iters} iters x {args.repeats} repeats, warm-up {args.warmup}")
+    if args.iters < MIN_REPORTED_ITERS:
+        print(f"NOTE: --iters {args.iters} < {MIN_REPORTED_ITERS}: records are marked reportable=false")
+
+    root_key = jax.random.key(args.seed)
+    records, progress = [], Progress(len(rows))
+    try:
+        for i, config in enumerate(rows):
+            record = {**env, **bench_row(config, args, jax.random.fold_in(root_key, i))}
+            records.append(record)
+            progress.update(record)
+    finally:
+        progress.close()
+
+    print(format_table(records))
+    for r in records:
+        if r["baseline_note"] == "out of memory":
+            print(f"NOTE: {_config_label(r)}: the plain-XLA baseline ran out of memory (baseline_ms null)")
+    small = [r for r in records if r["kv_cache_mb"] * 1e6 < 2 * L2_BYTES]
+    if env["platform"] == "gpu" and small:
+        print(f"NOTE: {len(small)} rows have a KV pool under 2x the 50 MB L2; their times may be cache-resident")
+    write_results(records, args.out)
+    written = ["results.csv", "results.json"]
+    if plot_roofline(records, args.out / "roofline.png"):
+        written.append("roofline.png")
+    else:
+        print("roofline.png skipped: matplotlib is not installed")
+    print(f"wrote {', '.join(str(args.out / name) for name in written)}")
+    if not env["kernels_used"]:
+        print(backend_note(env))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

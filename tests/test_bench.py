@@ -1,0 +1,147 @@
+"""`python -m jax_flashmla.bench` at its smallest: the files it writes, its formulas, its grid, its flags."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import importlib.util
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_flashmla import bench
+from jax_flashmla.reference import mla_decode_reference
+
+TINY = ["--batch", "2", "--seqlen", "512", "--iters", "5", "--warmup", "1", "--repeats", "3"]
+FIELDS = {"device_kind", "platform", "kernels_available", "kernels_used", "jax_version", "jaxlib_version",
+          "jax_flashmla_version", "date_utc", "method", "batch", "s_k", "s_q", "h_q", "h_kv", "causal", "dtype",
+          "mean_len", "kernel_ms", "e2e_ms", "flops", "bytes", "tflops", "gbps", "roofline_pct", "baseline_ms",
+          "speedup", "reportable"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny run with the baseline: s_q 2, causal off and on (two rows); a decode takes a few ms on a CPU."""
+    out = tmp_path_factory.mktemp("bench")
+    assert bench.main([*TINY, "--s-q", "2", "--h-q", "16", "--causal", "both", "--out", str(out)]) == 0
+    return out
+
+
+def test_writes_json_and_csv_with_every_field(run):
+    records = json.loads((run / "results.json").read_text())
+    with open(run / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["causal"] for r in records] == [False, True]
+    assert len(rows) == 2 and FIELDS <= set(rows[0]) and FIELDS <= set(records[0])
+    for r in records:
+        assert r["device_kind"] == jax.devices()[0].device_kind
+        assert r["kernels_used"] is (r["platform"] == "gpu" and r["kernels_available"])
+        assert r["reportable"] is False  # --iters 3
+        assert 2 <= r["min_len"] <= r["mean_len"] <= r["max_len"] <= 1024  # clipped to [s_q, 2 s_k]
+
+
+def test_times_are_positive_and_metrics_follow_the_formulas(run):
+    for r in json.loads((run / "results.json").read_text()):
+        assert r["e2e_ms"] > 0 and r["baseline_ms"] > 0
+        if r["kernel_ms"] <= 0:  # a loop-time difference: CPU noise can swamp a tiny problem
+            pytest.skip(f"timing noise made kernel_ms {r['kernel_ms']}")
+        assert r["speedup"] == pytest.approx(r["baseline_ms"] / r["kernel_ms"])
+        flops, nbytes = bench.flops_and_bytes(2, 2, 16, 1, r["mean_len"])
+        assert r["flops"] == pytest.approx(flops) and r["bytes"] == pytest.approx(nbytes)
+        assert r["tflops"] == pytest.approx(flops / (r["kernel_ms"] * 1e-3) / 1e12)
+        assert r["gbps"] == pytest.approx(nbytes / (r["kernel_ms"] * 1e-3) / 1e9)
+        assert 0 < r["roofline_pct"] < 100  # a CPU is nowhere near an H100's roof
+        assert r["baseline_max_abs_diff"] < 0.05  # the two decodes agree, so both timed real work
+
+
+def test_roofline_png_exactly_when_matplotlib_is_installed(run):
+    assert (run / "roofline.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_degrades_without_tqdm_and_matplotlib(run, monkeypatch, capsys):
+    records = json.loads((run / "results.json").read_text())
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` raise ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    progress = bench.Progress(total=2)
+    progress.update(records[0])
+    progress.close()
+    assert "[1/2] b=2 s_k=512 s_q=2 h_q=16 h_kv=1 causal=0: kernel" in capsys.readouterr().out
+    assert bench.plot_roofline(records, run / "no.png") is False and not (run / "no.png").exists()
+
+
+def test_cpu_run_says_it_is_not_kernel_numbers_and_no_baseline_gives_nulls(tmp_path, capsys):
+    assert bench.main([*TINY, "--s-q", "1", "--h-q", "16", "--fixed-lengths", "--no-baseline",
+                       "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    if jax.devices()[0].platform != "gpu":
+        assert "ran the pure-JAX reference on cpu" in printed and "NOT kernel numbers" in printed
+    assert "kernel ms" in printed and "speedup" in printed  # the table
+    (r,) = json.loads((tmp_path / "results.json").read_text())
+    assert r["baseline_ms"] is None and r["speedup"] is None and r["baseline_note"] == "skipped (--no-baseline)"
+    assert r["mean_len"] == 512 and r["kernel_ms"] > 0 and r["e2e_ms"] > 0
+    assert r["flops"] == 2 * 16 * 1 * (2 * 576 * 512 + 2 * 512 * 512)
+    assert r["bytes"] == 2 * (1 * 16 * 576 * 2 + 512 * 1 * 576 * 2 + 1 * 16 * 512 * 2)
+
+
+def test_formulas_on_a_hand_computed_example():
+    # b 2, s_q 2, h_q 4, h_kv 1, L 10: FLOPs 2*4*2 * (2*576*10 + 2*512*10) = 16 * 21760;
+    # bytes 2 * (2*4*576*2 + 10*576*2 + 2*4*512*2) = 2 * (9216 + 11520 + 8192).
+    flops, nbytes = bench.flops_and_bytes(2, 2, 4, 1, 10)
+    assert flops == 348160 and nbytes == 57856
+    # Memory-bound here: floor = 57856 B / 3.35e12 B/s = 17.27 ns; at 1 us that is 1.727 % of the roof.
+    assert bench.roofline_pct(flops, nbytes, 1e-3, 989.0, 3350.0) == pytest.approx(100 * 57856 / 3.35e12 / 1e-6)
+    # Compute-bound with a 1 TFLOP/s roof: 348160 FLOP take 348.16 ns, i.e. 34.816 % of 1 us.
+    assert bench.roofline_pct(flops, nbytes, 1e-3, 1.0, 3350.0) == pytest.approx(34.816)
+
+
+def test_default_and_quick_grids():
+    full = bench.build_grid(bench.parse_args([]))
+    assert len(full) == 4 * (3 + 3 * 2)  # per s_k: s_q 1 non-causal only; s_q 2 both ways, for 3 h_q
+    assert {r.s_k for r in full} == {4096, 8192, 16384, 32768} and {r.h_q for r in full} == {16, 64, 128}
+    assert not any(r.causal for r in full if r.s_q == 1)
+    assert all(r.batch == 128 and r.h_kv == 1 and r.dtype == "bfloat16" for r in full)
+    quick = bench.build_grid(bench.parse_args(["--quick"]))
+    assert [(r.s_k, r.s_q, r.h_q, r.causal) for r in quick] == [
+        (4096, 1, 16, False), (4096, 2, 128, False), (16384, 1, 16, False), (16384, 2, 128, False)]
+
+
+def test_lengths_are_seeded_and_clipped():
+    config = bench.RowConfig(batch=1000, s_k=100, s_q=2, h_q=16, h_kv=1, causal=False, dtype="bfloat16")
+    lengths = bench.sample_lengths(config, fixed=False, seed=3)
+    assert lengths.dtype == np.int32 and lengths.min() == 2 and lengths.max() == 200  # both clips hit at b 1000
+    assert abs(lengths.mean() - 100) < 5
+    np.testing.assert_array_equal(lengths, bench.sample_lengths(config, fixed=False, seed=3))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_baseline_and_inputs_match_the_reference(causal):
+    config = bench.RowConfig(batch=3, s_k=100, s_q=2, h_q=4, h_kv=1, causal=causal, dtype="bfloat16")
+    lengths = bench.sample_lengths(config, fixed=False, seed=0)
+    q, k_cache, table, seqlens = bench.make_inputs(jax.random.key(0), lengths, config)
+    pages = -(-lengths // 64)
+    assert k_cache.shape[0] == pages.sum() and table.shape == (3, pages.max())
+    used = np.concatenate([np.asarray(table)[i, :n] for i, n in enumerate(pages)])
+    np.testing.assert_array_equal(np.sort(used), np.arange(pages.sum()))  # every page owned exactly once
+
+    baseline = jax.jit(functools.partial(bench.xla_baseline_decode, head_dim_v=512, causal=causal))
+    out, lse = baseline(q, k_cache, table, seqlens)
+    reference = jax.jit(functools.partial(mla_decode_reference, head_dim_v=512, softmax_scale=576**-0.5,
+                                          causal=causal))
+    ref_out, ref_lse = reference(q, k_cache, table, seqlens)
+    assert out.dtype == jnp.bfloat16 and lse.shape == ref_lse.shape
+    np.testing.assert_allclose(np.float32(out), np.float32(ref_out), atol=2e-2)
+    np.testing.assert_allclose(lse, ref_lse, atol=2e-2)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--iters", "1"], ["--causal", "maybe"], ["--dtype", "float32"], ["--batch", "0"], ["--seqlen", "12x"],
+    ["--h-q", "16", "--h-kv", "3"], ["--s-q", "9", "--seqlen", "4"], ["--peak-gbps", "0"], ["--bogus"],
+])  # fmt: skip
+def test_cli_rejects_bad_flags(flags):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(flags)
+    assert exc.value.code == 2
