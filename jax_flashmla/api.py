@@ -7,9 +7,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import validation
+from . import sharding, validation
 from .constants import BLOCK_M, DEFAULT_NUM_SMS
-from .primitives import mla_decode_p, mla_metadata_p
+from .primitives import mla_metadata_p
 from .scheduler import num_parts_for
 
 
@@ -38,7 +38,9 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: i
     validation.check_seqlens(cache_seqlens)
     validation.check_metadata_args(num_q_tokens_per_head_k, num_heads_k)
     num_parts = num_parts_for(num_sms or _default_num_sms(), num_heads_k, num_q_tokens_per_head_k, BLOCK_M)
-    tile_metadata, num_splits = mla_metadata_p.bind(jnp.asarray(cache_seqlens), num_parts=num_parts)
+    # The schedule covers the whole batch: under Explicit mesh axes the lengths are gathered first.
+    tile_metadata, num_splits = mla_metadata_p.bind(sharding.gathered(jnp.asarray(cache_seqlens)),
+                                                    num_parts=num_parts)
     return tile_metadata, num_splits
 
 
@@ -53,13 +55,18 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       block_table: (b, max_pages_per_seq) int32 page ids; ids outside [0, num_pages) are ignored.
       cache_seqlens: (b,) int32 KV lengths, clipped to [0, 64 * max_pages_per_seq).
       head_dim_v: value dim, 512.
-      tile_scheduler_metadata, num_splits: from get_mla_metadata; computed here when omitted.
+      tile_scheduler_metadata, num_splits: from get_mla_metadata; computed here when omitted. Under a mesh
+        that splits the batch or the heads each shard computes its own schedule and these are ignored.
       softmax_scale: defaults to d ** -0.5.
       causal: with s_q > 1, query token i sees keys [0, L - s_q + i].
       poison_outputs: testing aid; the CUDA path fills every output with NaN before the kernels run.
     Returns:
       out (b, s_q, h_q, head_dim_v) in q's dtype, lse (b, h_q, s_q) float32 (natural log; +inf where a
       query sees no key, whose out is 0).
+
+    Inside jax.jit over a Mesh, NamedSharding'd arguments split on batch (q, block_table, cache_seqlens, and
+    k_cache's page axis) and on heads (q) partition with no communication; jax_flashmla/sharding.py lists
+    the supported layouts and the block_table precondition.
     """
     q, k_cache, block_table, cache_seqlens = map(jnp.asarray, (q, k_cache, block_table, cache_seqlens))
     validation.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
@@ -71,7 +78,6 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     if softmax_scale is None:
         softmax_scale = head_dim ** -0.5
     validation.check_softmax_scale(softmax_scale)
-    out, lse, _, _ = mla_decode_p.bind(
+    return sharding.decode(
         q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v=int(head_dim_v),
         softmax_scale=float(softmax_scale), causal=bool(causal) and s_q > 1, poison_outputs=bool(poison_outputs))
-    return out, lse

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .constants import PAGE_SIZE
+from .sharding import scatter_tokens
 
 
 @jax.tree_util.register_dataclass
@@ -85,9 +86,9 @@ class PagedKVCache:
         keep &= (page >= 0) & (page < num_pages)
         # Dropped tokens get an out-of-range page id, which mode="drop" discards.
         page = jnp.where(keep, page, num_pages)
-        layer_index = jnp.full_like(page, layer)
-        pages = self.pages.at[layer_index, page, positions % PAGE_SIZE].set(kv.astype(self.pages.dtype),
-                                                                           mode="drop")
+        # The scatter partitions over a mesh like the decode (jax_flashmla/sharding.py).
+        pages = scatter_tokens(self.pages, kv.astype(self.pages.dtype), page, positions % PAGE_SIZE,
+                               jnp.asarray(layer, jnp.int32))
         return dataclasses.replace(self, pages=pages)
 
     def advance(self, num_new) -> "PagedKVCache":

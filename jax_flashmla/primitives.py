@@ -24,6 +24,7 @@ from jax._src import dispatch  # apply_primitive: eager execution of a primitive
 from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
+from jax.sharding import PartitionSpec
 
 from . import _extension, scheduler
 from .constants import METADATA_ROW_INTS
@@ -74,6 +75,16 @@ def accum_shapes(batch, num_parts, h_kv, q_rows, head_dim_v):
     return (splits, h_kv, q_rows, head_dim_v), (splits, h_kv, q_rows)
 
 
+def _split_like_q(q, dims):
+    """Under Explicit mesh axes shardings are part of the types: out and lse split like q's batch (dim 0) and
+    heads (dim 2); dims names, per result dim, the q dim it follows. None where q's type carries no split."""
+    sharding = getattr(q, "sharding", None)
+    spec = (tuple(sharding.spec) if sharding is not None else ()) + (None,) * q.ndim
+    if not any(spec):
+        return None
+    return sharding.update(spec=PartitionSpec(*(None if d is None else spec[d] for d in dims)))
+
+
 @mla_decode_p.def_abstract_eval
 def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, *, head_dim_v,
                           softmax_scale, causal, poison_outputs):
@@ -81,7 +92,8 @@ def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_metadata,
     batch, s_q, h_q, _ = q.shape
     h_kv = k_cache.shape[2]
     o_shape, l_shape = accum_shapes(batch, tile_metadata.shape[0], h_kv, s_q * h_q // h_kv, head_dim_v)
-    return (ShapedArray((batch, s_q, h_q, head_dim_v), q.dtype), ShapedArray((batch, h_q, s_q), jnp.float32),
+    return (ShapedArray((batch, s_q, h_q, head_dim_v), q.dtype, sharding=_split_like_q(q, (0, None, 2, None))),
+            ShapedArray((batch, h_q, s_q), jnp.float32, sharding=_split_like_q(q, (0, 2, None))),
             ShapedArray(o_shape, jnp.float32), ShapedArray(l_shape, jnp.float32))
 
 
