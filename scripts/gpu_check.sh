@@ -42,8 +42,19 @@ fi
 
 # compute-sanitizer over a few problems (scheduler, decode and combine kernels, hostile runtime values).
 # Only our kernels are instrumented (--kernel-name filter): we vouch for ours.
-sanitize() { compute-sanitizer --tool "$1" --error-exitcode 9 --kernel-name kns=jax_flashmla \
-  python3 scripts/sanitize_cases.py "${@:2}"; }
+# compute-sanitizer itself sometimes segfaults while the JAX process starts (rc 139, before any kernel ran;
+# seen 2026-11-23 on the H100): retry that, up to 3 tries. A finding exits 9 and is never retried.
+sanitize() {
+  local try rc
+  for try in 1 2 3; do
+    compute-sanitizer --tool "$1" --error-exitcode 9 --kernel-name kns=jax_flashmla \
+      python3 scripts/sanitize_cases.py "${@:2}"
+    rc=$?
+    [ $rc -ne 139 ] && return $rc
+    echo "compute-sanitizer crashed (rc 139) on try $try"
+  done
+  return $rc
+}
 step memcheck sanitize memcheck
 step racecheck sanitize racecheck small
 
