@@ -8,6 +8,7 @@ from ._extension import KernelsUnavailableWarning, kernels_available, why_kernel
 from .api import flash_mla_with_kvcache, get_mla_metadata
 from .cache import PagedKVCache
 from .constants import PAGE_SIZE
+from .sharding import mesh_from_flag, shard_cache
 
 __all__ = [
     "PAGE_SIZE",
@@ -16,6 +17,8 @@ __all__ = [
     "flash_mla_with_kvcache",
     "get_mla_metadata",
     "kernels_available",
+    "mesh_from_flag",
+    "shard_cache",
     "why_kernels_unavailable",
 ]
 __version__ = "0.1.0"

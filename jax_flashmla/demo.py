@@ -4,6 +4,11 @@ Builds the model on whatever JAX platform is present, prefills a batch of prompt
 decodes token by token through flash_mla_with_kvcache (CUDA kernels on a GPU that has them, the pure-JAX
 reference elsewhere), reports speed, then recomputes every generated token's logits from scratch without a
 cache and compares. Exit status 1 if they differ by more than the tolerance, 2 for bad flags.
+
+--mesh data=2,model=1 runs the same generation under JAX SPMD on a mesh of that shape (the first devices):
+the batch and the paged cache split over "data" (the batch must divide evenly), the weights replicated, and
+each FlashMLA call's heads split over "model" (jax_flashmla/model.py, mla_module.py). On a CPU,
+XLA_FLAGS=--xla_force_host_platform_device_count=4 gives four devices to try it on.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import numpy as np
 from flax import nnx
 
 from . import kernels_available
+from .mla_module import BATCH_AXIS, HEAD_AXIS, mesh_axis_size
 from .model import DecoderConfig, build_model, generate, recompute_logits
+from .sharding import mesh_from_flag
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # max |cached - recomputed| allowed, relative to max(1, max |logit|). The two paths differ in formulation
@@ -58,6 +65,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --top-k > 1")
     r.add_argument("--tol", type=float, default=None, help="override the recompute tolerance (relative)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--mesh",
+        type=str,
+        default=None,
+        help=f"run on a device mesh, e.g. {BATCH_AXIS}=2,{HEAD_AXIS}=1: batch over {BATCH_AXIS!r}, attention heads "
+        f"over {HEAD_AXIS!r} (default: one device, no sharding)",
+    )
     args = p.parse_args(argv)
 
     if args.prompt_lengths:
@@ -84,6 +98,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--temperature must be > 0, got {args.temperature}")
     if args.dtype == "auto":
         args.dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"
+    args.device_mesh = None
+    if args.mesh is not None:
+        try:
+            args.device_mesh = mesh_from_flag(args.mesh)
+        except ValueError as e:
+            p.error(f"--mesh: {e}")
+        data, model = mesh_axis_size(args.device_mesh, BATCH_AXIS), mesh_axis_size(args.device_mesh, HEAD_AXIS)
+        if len(args.lengths) % data:
+            p.error(f"--mesh: the batch ({len(args.lengths)}) must divide evenly over {BATCH_AXIS}={data}")
+        if args.heads % model:
+            p.error(f"--mesh: --heads ({args.heads}) must divide evenly over {HEAD_AXIS}={model}")
     return args
 
 
@@ -131,9 +156,16 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     backend = "CUDA kernels" if (device.platform == "gpu" and kernels_available()) else "pure-JAX reference"
     print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}); attention: {backend}")
+    mesh = args.device_mesh
+    if mesh is not None:  # without --mesh the output is as it always was
+        axes = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
+        print(
+            f"mesh: {axes} over {mesh.devices.size} of {len(jax.devices())} {device.platform} devices; batch split "
+            f"{mesh_axis_size(mesh, BATCH_AXIS)} ways, heads {mesh_axis_size(mesh, HEAD_AXIS)} ways"
+        )
 
     start = time.perf_counter()
-    model = build_model(config, seed=args.seed)
+    model = build_model(config, seed=args.seed, mesh=mesh)
     params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
     print(
         f"model: {config.num_layers} layers, hidden {config.hidden_size}, {config.num_heads} heads, "

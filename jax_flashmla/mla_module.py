@@ -12,6 +12,19 @@ entry [c_kv (512, RMS-normalised) | k_pe (64, roped)], shared by all heads (h_kv
 
 Both formulations compute the same function; tests check both against HF transformers'
 DeepseekV3Attention with shared weights.
+
+SPMD (optional `mesh`): under `jax.jit` with the batch on the mesh axis "data" (the cache placed by
+sharding.shard_cache, tokens and lengths as P("data"), weights replicated), the cache writes and the decode
+kernel run per shard with no communication (jax_flashmla/sharding.py has the rules). Given a mesh, decode
+also constrains the absorbed query to P("data", None, "model", None), so a "model" axis splits the heads of
+the FlashMLA call (each device attends with h / |model| heads over its batch rows; XLA also splits the
+per-head projections around it, slicing the replicated weights locally). The cost is at the output:
+o_proj contracts over all heads, so the head split ends there with one collective across "model" per
+layer and decode step. XLA picks it: either an all-gather of the attention output (b / |data|, s_q, h,
+v_head_dim) before o_proj, or, as XLA:CPU does with jax 0.10, o_proj on each device's heads (its rows of
+the weight) and an all-reduce of the partial sums (b / |data|, s_q, hidden). With |model| = 1 decode needs
+no communication at all. Axes a mesh lacks count as size 1; other axes replicate everything.
+Prefill is not constrained: XLA partitions it from its inputs (the batch split, no communication).
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .api import flash_mla_with_kvcache
 from .cache import PagedKVCache
@@ -31,6 +45,22 @@ from .rope import YarnScaling, apply_rope, mla_softmax_scale, rope_attention_fac
 # FlashMLA's decode kernel reads latent entries of exactly these sizes (constants.py mirrors the kernel).
 _KERNEL_KV_LORA_RANK = SUPPORTED_HEAD_DIM_V  # 512: the value part of each key
 _KERNEL_ROPE_DIM = 64  # 576 - 512
+
+# Mesh axes of the SPMD layout (module docstring): the batch and the heads of the decode kernel's query.
+BATCH_AXIS = "data"
+HEAD_AXIS = "model"
+
+
+def mesh_axis_size(mesh, axis: str) -> int:
+    """Size of `axis` in `mesh`; 1 where the mesh lacks it (or there is no mesh)."""
+    return 1 if mesh is None else int(dict(mesh.shape).get(axis, 1))
+
+
+def decode_query_sharding(mesh) -> jax.sharding.NamedSharding:
+    """q (b, s_q, h, 576) of the FlashMLA call: batch over "data", heads over "model" (where the mesh has them)."""
+    names = set(mesh.axis_names)
+    spec = P(BATCH_AXIS if BATCH_AXIS in names else None, None, HEAD_AXIS if HEAD_AXIS in names else None, None)
+    return NamedSharding(mesh, spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,11 +133,20 @@ class RMSNorm(nnx.Module):
 
 
 class MultiHeadLatentAttention(nnx.Module):
-    """DeepSeek-V3 MLA. Parameter names follow DeepSeek's checkpoints (kernels are (in, out))."""
+    """DeepSeek-V3 MLA. Parameter names follow DeepSeek's checkpoints (kernels are (in, out)).
 
-    def __init__(self, config: MLAConfig, *, rngs: nnx.Rngs):
+    mesh: optional jax.sharding.Mesh (static, kept in the graphdef); decode then splits the FlashMLA call's
+    heads over its "model" axis (module docstring). None: no sharding constraint, single-device behaviour.
+    """
+
+    def __init__(self, config: MLAConfig, *, rngs: nnx.Rngs, mesh: jax.sharding.Mesh | None = None):
         self.config = config
         c = config
+        heads_split = mesh_axis_size(mesh, HEAD_AXIS)
+        if c.num_heads % heads_split:
+            raise ValueError(f"num_heads ({c.num_heads}) must divide evenly over the mesh axis {HEAD_AXIS!r} "
+                             f"({heads_split} devices)")
+        self.mesh = mesh
 
         def linear(d_in, d_out):
             return nnx.Linear(d_in, d_out, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
@@ -226,6 +265,7 @@ class MultiHeadLatentAttention(nnx.Module):
         attention runs through flash_mla_with_kvcache with cache_seqlens = seqlens + s_q.
         tile_scheduler_metadata / num_splits: get_mla_metadata(seqlens + s_q, s_q * num_heads, 1), computed
         once per step by the caller and shared by all layers (None: computed here).
+        With a mesh, the FlashMLA query is constrained to P("data", None, "model", None) (class docstring).
         Returns (out (b, s_q, hidden), cache with this layer's entries written).
         """
         c = self.config
@@ -240,6 +280,8 @@ class MultiHeadLatentAttention(nnx.Module):
         w_uk, w_uv = self._up_projections()
         q_latent = jnp.einsum("bshn,rhn->bshr", q_nope, w_uk)  # absorb W_UK into the query
         q = jnp.concatenate([q_latent, q_pe], axis=-1).astype(kv_dtype)
+        if self.mesh is not None:  # batch over "data", heads over "model": each device runs h / |model| heads
+            q = jax.lax.with_sharding_constraint(q, decode_query_sharding(self.mesh))
         out_latent, _ = flash_mla_with_kvcache(
             q,
             cache.layer_pages(layer),

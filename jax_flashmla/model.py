@@ -12,6 +12,13 @@ Layers run as a Python loop, unrolled inside the jitted step, rather than under 
 writes its cache entries at a static layer index, which XLA lowers to an in-place update of the donated
 pool, and the layers stay plain NNX submodules. The cost is compile time linear in depth, which is small
 for the few layers a demo has; a deep model would stack the layer params and scan, carrying the pool.
+
+SPMD: build_model(config, mesh=...) gives a model whose generate() runs on that mesh: the batch is split
+over the mesh axis "data" (the cache placed by sharding.shard_cache, tokens and lengths as P("data")), the
+weights are replicated (P()), and each layer's FlashMLA call also splits its heads over "model" (at the cost
+of one collective across "model" per layer and decode step, where o_proj joins the heads: see mla_module).
+The jitted steps are the same functions; XLA partitions them from their inputs' shardings. Without a mesh
+nothing is placed or constrained.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .api import get_mla_metadata
 from .cache import PagedKVCache
-from .mla_module import MLAConfig, MultiHeadLatentAttention, RMSNorm
+from .mla_module import BATCH_AXIS, MLAConfig, MultiHeadLatentAttention, RMSNorm, mesh_axis_size
 from .rope import YarnScaling
+from .sharding import shard_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +103,10 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, mesh: jax.sharding.Mesh | None = None):
         norm = functools.partial(RMSNorm, eps=config.rms_norm_eps, param_dtype=config.param_dtype)
         self.input_layernorm = norm(config.hidden_size)
-        self.self_attn = MultiHeadLatentAttention(config.attention_config(), rngs=rngs)
+        self.self_attn = MultiHeadLatentAttention(config.attention_config(), rngs=rngs, mesh=mesh)
         self.post_attention_layernorm = norm(config.hidden_size)
         self.mlp = MLP(config, rngs=rngs)
 
@@ -121,14 +130,18 @@ class DecoderLayer(nnx.Module):
 
 
 class DeepSeekDecoder(nnx.Module):
-    """Embedding, `num_layers` MLA decoder layers, final norm, LM head. Logits come out in float32."""
+    """Embedding, `num_layers` MLA decoder layers, final norm, LM head. Logits come out in float32.
 
-    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+    mesh: optional jax.sharding.Mesh that generate() runs on (module docstring); None: one device.
+    """
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, mesh: jax.sharding.Mesh | None = None):
         self.config = config
+        self.mesh = mesh
         self.embed_tokens = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs
         )
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs, mesh=mesh) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=config.param_dtype)
         self.lm_head = nnx.Linear(
             config.hidden_size,
@@ -194,10 +207,17 @@ def _init_model(config: DecoderConfig, seed: jax.Array) -> DeepSeekDecoder:
     return DeepSeekDecoder(config, rngs=nnx.Rngs(jax.random.key(seed)))
 
 
-def build_model(config: DecoderConfig, seed: int = 0) -> DeepSeekDecoder:
+def build_model(config: DecoderConfig, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> DeepSeekDecoder:
     """Random weights from `seed`. Initialised under jit, compiled once per config: eager init would compile
-    every op of every layer separately, which takes seconds on a small CPU."""
-    return _init_model(config, jnp.asarray(seed, jnp.uint32))
+    every op of every layer separately, which takes seconds on a small CPU.
+
+    mesh: generate() then runs on it (module docstring); the weights are the same as without one. (The
+    mesh is static structure, so it is grafted onto the weights rather than compiled into the init.)"""
+    model = _init_model(config, jnp.asarray(seed, jnp.uint32))
+    if mesh is None:
+        return model
+    structure = nnx.eval_shape(lambda: DeepSeekDecoder(config, rngs=nnx.Rngs(0), mesh=mesh))
+    return nnx.merge(nnx.graphdef(structure), nnx.state(model))
 
 
 # --- sampling and the jitted steps -------------------------------------------------------------------------
@@ -239,13 +259,35 @@ def _check_sampling(top_k, temperature, vocab_size):
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def _batch_axes(mesh) -> tuple[str, ...]:
+    """The mesh axes the batch is split over: ("data",), or () for a mesh without that axis."""
+    return (BATCH_AXIS,) if BATCH_AXIS in mesh.axis_names else ()
+
+
+def check_batch_fits_mesh(batch_size: int, mesh) -> None:
+    """A ValueError unless the batch divides evenly over the mesh's "data" axis."""
+    shards = mesh_axis_size(mesh, BATCH_AXIS)
+    if batch_size % shards:
+        raise ValueError(f"the batch ({batch_size}) must divide evenly over the mesh axis {BATCH_AXIS!r} "
+                         f"({shards} devices)")
+
+
+def _replicated_state(model: DeepSeekDecoder):
+    """(graphdef, state) with the weights replicated over the model's mesh (as they are without one)."""
+    graphdef, state = nnx.split(model)
+    if model.mesh is not None:
+        state = jax.device_put(state, NamedSharding(model.mesh, P()))
+    return graphdef, state
+
+
 def make_decode_step(model: DeepSeekDecoder, *, top_k: int | None = None, temperature: float = 1.0):
     """The jitted decode step: step(cache, tokens (b,) int32, key) -> (next tokens (b,), logits (b, V), cache).
 
-    `cache` is donated: the caller must drop its reference and keep the returned one.
+    `cache` is donated: the caller must drop its reference and keep the returned one. With a model mesh the
+    weights are replicated over it; place the cache with sharding.shard_cache and the tokens as P("data").
     """
     _check_sampling(top_k, temperature, model.config.vocab_size)
-    graphdef, state = nnx.split(model)
+    graphdef, state = _replicated_state(model)
     return functools.partial(_decode_step, graphdef, state, top_k=top_k, temperature=float(temperature))
 
 
@@ -302,22 +344,29 @@ def generate(
 
     Greedy by default; top_k > 1 samples from the top_k logits at `temperature`. on_step(done, total) is
     called after the prefill (done=1) and after each decode step, for progress display.
+    On a model with a mesh the batch must divide evenly over its "data" axis; the cache, tokens and lengths
+    are split over it and the weights replicated (module docstring). The results are the same either way.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    config = model.config
+    config, mesh = model.config, model.mesh
     _check_sampling(top_k, temperature, config.vocab_size)
     tokens, lengths = pad_prompts(prompts, config.vocab_size)
-    graphdef, state = nnx.split(model)
+    if mesh is not None:
+        check_batch_fits_mesh(len(prompts), mesh)
+    graphdef, state = _replicated_state(model)
     sampling = dict(top_k=top_k, temperature=float(temperature))
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
 
     # The last generated token is never fed back, so it needs no slot.
     cache = model.new_cache(len(prompts), tokens.shape[1] + max_new_tokens - 1, cache_dtype)
+    tokens_in, lengths_in = jnp.asarray(tokens), jnp.asarray(lengths)
+    if mesh is not None:
+        cache = shard_cache(cache, mesh, _batch_axes(mesh))
+        rows = NamedSharding(mesh, P(_batch_axes(mesh)))
+        tokens_in, lengths_in = jax.device_put(tokens_in, rows), jax.device_put(lengths_in, rows)
     start = time.perf_counter()
-    next_tokens, logits, cache = _prefill_step(
-        graphdef, state, cache, jnp.asarray(tokens), jnp.asarray(lengths), keys[0], **sampling
-    )
+    next_tokens, logits, cache = _prefill_step(graphdef, state, cache, tokens_in, lengths_in, keys[0], **sampling)
     next_tokens.block_until_ready()
     prefill_seconds = time.perf_counter() - start
     generated, all_logits, step_seconds = [next_tokens], [logits], []

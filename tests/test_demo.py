@@ -1,4 +1,5 @@
-"""`python -m jax_flashmla.demo` end to end at its smallest setting, its failure exit code and its flags."""
+"""`python -m jax_flashmla.demo` end to end at its smallest setting (also on 4-CPU-device meshes), its failure
+exit code and its flags."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from jax.sharding import AbstractMesh
 
 from jax_flashmla import demo
 
@@ -19,19 +21,27 @@ SMALLEST = [
 ]  # fmt: skip
 
 
-def test_demo_runs_end_to_end_as_a_module():
+def run_demo(flags, cpu_devices=None):
     env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "jax_flashmla.demo", *SMALLEST, "--no-progress"],
+    if cpu_devices:  # XLA_FLAGS only takes effect before JAX starts: hence a fresh process
+        flag = f"--xla_force_host_platform_device_count={cpu_devices}"
+        env.update(XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} {flag}".strip(), JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "jax_flashmla.demo", *flags],
         capture_output=True,
         text=True,
         timeout=300,
         env=env,
         cwd=Path(__file__).resolve().parents[1],  # `-m` finds the package from the repository root
     )
+
+
+def test_demo_runs_end_to_end_as_a_module():
+    proc = run_demo([*SMALLEST, "--no-progress"])
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "prompt lengths [3, 66]" in out
+    assert "mesh" not in out  # without --mesh: no mesh, output as before
     throughput = float(re.search(r"decode throughput: ([0-9.]+) tokens/s", out).group(1))
     assert throughput > 0
     latency = re.search(r"latency over (\d+) steps: mean ([0-9.]+) ms", out)
@@ -39,6 +49,25 @@ def test_demo_runs_end_to_end_as_a_module():
     diff = float(re.search(r"max \|diff\| = ([0-9.e+-]+)", out).group(1))
     assert 0 <= diff < 1e-3
     assert out.rstrip().endswith("OK")
+
+
+@pytest.mark.parametrize("mesh, devices, heads", [("data=2,model=1", 2, 1), ("data=2,model=2", 4, 2)])
+def test_demo_runs_on_a_mesh_of_cpu_devices(mesh, devices, heads):
+    proc = run_demo([*SMALLEST, "--no-progress", "--mesh", mesh], cpu_devices=4)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    shown = mesh.replace(",", ", ")
+    assert f"mesh: {shown} over {devices} of 4 cpu devices; batch split 2 ways, heads {heads} ways" in out, out
+    diff = float(re.search(r"max \|diff\| = ([0-9.e+-]+)", out).group(1))
+    assert 0 <= diff < 1e-3
+    assert out.rstrip().endswith("OK")
+
+
+def test_demo_mesh_the_batch_does_not_divide_exits_2():
+    proc = run_demo([*SMALLEST, "--batch", "3", "--mesh", "data=2,model=1"], cpu_devices=4)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--mesh: the batch (3) must divide evenly over data=2" in proc.stderr
+    assert proc.stdout == ""  # refused before building anything
 
 
 def test_demo_exits_nonzero_when_cached_logits_disagree(monkeypatch, capsys):
@@ -77,6 +106,36 @@ def test_bad_flags_exit_with_usage_error(flags, capsys):
         demo.parse_args(flags)
     assert exc.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, words",
+    [("data", "name=size pairs"), ("data=two", "name=size pairs"), ("data=0,model=1", "positive sizes"),
+     ("data=2,data=1", "distinct names"), ("data=4096,model=1", "needs 4096 devices")],
+)  # fmt: skip
+def test_bad_mesh_flag_exits_with_usage_error(flag, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.parse_args(["--mesh", flag])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--mesh" in err and words in err, err
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [(["--batch", "3"], "the batch (3) must divide evenly over data=2"),
+     (["--prompt-lengths", "4,5,6"], "the batch (3) must divide evenly over data=2"),
+     (["--heads", "3"], "--heads (3) must divide evenly over model=2")],
+)  # fmt: skip
+def test_mesh_that_does_not_divide_the_batch_or_heads_exits_2(flags, words, monkeypatch, capsys):
+    """The shape checks, without the devices: the flag's mesh is replaced by an abstract one of its shape."""
+    monkeypatch.setattr(demo, "mesh_from_flag", lambda flag: AbstractMesh((2, 2), ("data", "model")))
+    with pytest.raises(SystemExit) as exc:
+        demo.parse_args([*flags, "--mesh", "data=2,model=2"])
+    assert exc.value.code == 2
+    assert words in capsys.readouterr().err
+    assert demo.parse_args(["--batch", "4", "--heads", "4", "--mesh", "data=2,model=2"]).device_mesh.shape == {
+        "data": 2, "model": 2}  # fmt: skip
 
 
 def test_progress_falls_back_to_plain_lines_without_tqdm(monkeypatch, capsys):

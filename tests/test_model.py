@@ -1,14 +1,27 @@
-"""The tiny decoder: cached generation equals recompute, one metadata per step, real donation, sampling."""
+"""The tiny decoder: cached generation equals recompute, one metadata per step, real donation, sampling;
+on a mesh, generation equals the single-device one.
+
+The mesh tests need 4 CPU devices, and XLA_FLAGS only takes effect before JAX starts: in an ordinary run
+test_mesh_tests_in_a_4_cpu_device_process re-runs just them (`-k on_a_mesh`) in a subprocess with
+--xla_force_host_platform_device_count=4 and carries their verdict; here they skip.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from jax_flashmla import mla_module, model as model_lib
+from jax_flashmla import mla_module, model as model_lib, sharding
 from jax_flashmla.model import (
     DecoderConfig,
     build_model,
@@ -21,6 +34,14 @@ TINY = DecoderConfig(
     vocab_size=97, hidden_size=48, intermediate_size=96, num_layers=3, num_heads=3, q_lora_rank=24,
     qk_nope_head_dim=32, v_head_dim=24,
 )
+
+
+MESH_DEVICES = 4
+on_mesh_devices = pytest.mark.skipif(
+    len(jax.devices("cpu")) < MESH_DEVICES, reason="runs in test_mesh_tests_in_a_4_cpu_device_process' subprocess"
+)
+COLLECTIVE = re.compile(r"\b(all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter|"
+                        r"collective-broadcast|send|recv)(-start)?\(")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +185,76 @@ def test_bad_decoder_config_raises(bad, match):
 def test_bad_generation_arguments_raise(tiny_model, prompts, kwargs, match):
     with pytest.raises(ValueError, match=match):
         generate(tiny_model, prompts, 3, **kwargs)
+
+
+# --- on a mesh -----------------------------------------------------------------------------------------------
+
+
+def test_mesh_tests_in_a_4_cpu_device_process():
+    if len(jax.devices("cpu")) >= MESH_DEVICES:
+        pytest.skip("this process has the devices: the mesh tests run here directly")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
+    flag = f"--xla_force_host_platform_device_count={MESH_DEVICES}"
+    env.update(XLA_FLAGS=f"{env.get('XLA_FLAGS', '')} {flag}".strip(), JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__), "-k", "on_a_mesh"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    report = result.stdout[-20000:] + result.stderr[-5000:]
+    assert result.returncode == 0, report
+    summary = result.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary and "deselected" in summary, report
+
+
+MESH_CONFIG = dataclasses.replace(TINY, num_layers=2, num_heads=4)  # heads that split over model=2 or 4
+# the 60-token prompt crosses the 64-token page boundary while decoding
+MESH_PROMPTS = random_prompts([3, 60, 17, 9], MESH_CONFIG.vocab_size, seed=7)
+
+
+@pytest.fixture(scope="module")
+def unsharded_generation():
+    return generate(build_model(MESH_CONFIG, seed=1), MESH_PROMPTS, 5)
+
+
+@on_mesh_devices
+@pytest.mark.parametrize("flag", ["data=2,model=2", "data=4,model=1"])
+def test_sharded_generation_equals_unsharded_on_a_mesh(flag, unsharded_generation, monkeypatch):
+    """Same tokens and logits; the cache ends split over "data"; the FlashMLA calls were partitioned with the
+    batch over "data" and (model > 1) the heads over "model"; the only communication of a decode step is the
+    documented one after the attention (at most one collective per layer), none at all for model = 1."""
+    want = unsharded_generation
+    layouts = []  # each mesh is compiled for once, in its own test, so its partitioning decisions land here
+    real_layout = sharding.decode_layout
+    monkeypatch.setattr(sharding, "decode_layout", lambda *a: layouts.append(real_layout(*a)) or layouts[-1])
+    mesh = sharding.mesh_from_flag(flag)
+    data, model = mesh.shape["data"], mesh.shape["model"]
+    sharded_model = build_model(MESH_CONFIG, seed=1, mesh=mesh)
+    assert all(layer.self_attn.mesh is mesh for layer in sharded_model.layers)
+    got = generate(sharded_model, MESH_PROMPTS, 5)
+
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-5 * np.abs(want.logits).max(), rtol=0)
+    np.testing.assert_array_equal(got.cache.seqlens, want.cache.seqlens)
+    assert got.cache.pages.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "data")), 5)
+    expected = sharding.DecodeLayout(batch=("data",) if data > 1 else (), heads=("model",) if model > 1 else (),
+                                     pool=("data",) if data > 1 else ())  # fmt: skip
+    assert layouts and all(layout == expected for layout in layouts), layouts
+
+    step = model_lib.make_decode_step(sharded_model)
+    tokens = jax.device_put(jnp.asarray(got.tokens[:, -1]), NamedSharding(mesh, P("data")))
+    compiled = step.func.lower(*step.args, got.cache, tokens, jax.random.key(0), **step.keywords).compile()
+    collectives = COLLECTIVE.findall(compiled.as_text())
+    assert len(collectives) <= (MESH_CONFIG.num_layers if model > 1 else 0), collectives
+
+
+@on_mesh_devices
+def test_batch_must_divide_over_the_data_axis_on_a_mesh():
+    model = build_model(MESH_CONFIG, seed=1, mesh=sharding.mesh_from_flag("data=2,model=1"))
+    with pytest.raises(ValueError, match=r"the batch \(3\) must divide evenly over the mesh axis 'data' \(2 devices"):
+        generate(model, random_prompts([4, 5, 6], MESH_CONFIG.vocab_size), 2)
+
+
+def test_heads_must_divide_over_the_model_axis():
+    with pytest.raises(ValueError, match=r"num_heads \(3\) must divide evenly over the mesh axis 'model' \(2 devices"):
+        build_model(TINY, mesh=AbstractMesh((1, 2), ("data", "model")))
