@@ -53,7 +53,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       q: (b, s_q, h_q, d) bfloat16 or float16 (float32 runs the reference); d is 576 or 512.
       k_cache: (num_pages, 64, h_kv, d), q's dtype. The values are the first head_dim_v dims of each key.
       block_table: (b, max_pages_per_seq) int32 page ids; ids outside [0, num_pages) are ignored.
-      cache_seqlens: (b,) int32 KV lengths, clipped to [0, 64 * max_pages_per_seq).
+      cache_seqlens: (b,) int32 KV lengths, clipped to [0, 64 * max_pages_per_seq].
       head_dim_v: value dim, 512.
       tile_scheduler_metadata, num_splits: from get_mla_metadata; computed here when omitted. Under a mesh
         that splits the batch or the heads each shard computes its own schedule and these are ignored.
