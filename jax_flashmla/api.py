@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from . import sharding, validation
-from .constants import BLOCK_M, DEFAULT_NUM_SMS
-from .primitives import mla_metadata_p
-from .scheduler import num_parts_for
+from .constants import DEFAULT_NUM_SMS
+from .primitives import bind_schedule, device_num_sms
 
 
 @functools.lru_cache(maxsize=None)
@@ -18,7 +17,7 @@ def _default_num_sms() -> int:
     """SMs of the first GPU if JAX sees one (the schedule's shape depends on it), else an H100's count."""
     try:
         for device in jax.devices("gpu"):
-            return int(device.core_count)
+            return device_num_sms(device)
     except RuntimeError:
         pass
     return DEFAULT_NUM_SMS
@@ -37,11 +36,9 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: i
     """
     validation.check_seqlens(cache_seqlens)
     validation.check_metadata_args(num_q_tokens_per_head_k, num_heads_k)
-    num_parts = num_parts_for(num_sms or _default_num_sms(), num_heads_k, num_q_tokens_per_head_k, BLOCK_M)
     # The schedule covers the whole batch: under Explicit mesh axes the lengths are gathered first.
-    tile_metadata, num_splits = mla_metadata_p.bind(sharding.gathered(jnp.asarray(cache_seqlens)),
-                                                    num_parts=num_parts)
-    return tile_metadata, num_splits
+    return bind_schedule(sharding.gathered(jnp.asarray(cache_seqlens)), num_sms=num_sms or _default_num_sms(),
+                         num_heads_k=num_heads_k, num_q_tokens_per_head_k=num_q_tokens_per_head_k)
 
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int, tile_scheduler_metadata=None,

@@ -190,6 +190,11 @@ class MultiHeadLatentAttention(nnx.Module):
         k_pe = self._rope(kv[..., c.kv_lora_rank :][:, :, None, :], positions)[:, :, 0, :]  # one shared "head"
         return c_kv, k_pe
 
+    @staticmethod
+    def _cache_entries(c_kv, k_pe, dtype):
+        """One latent cache entry per token, (b, s, 1, 576): [normalised c_kv | roped k_pe], one shared KV head."""
+        return jnp.concatenate([c_kv, k_pe], axis=-1)[:, :, None, :].astype(dtype)
+
     def _up_projections(self):
         """W_UK (r, h, nope) and W_UV (r, h, v) from kv_b_proj, in the compute dtype."""
         c = self.config
@@ -243,8 +248,7 @@ class MultiHeadLatentAttention(nnx.Module):
         out = self._output(jnp.einsum("bhqk,bkhv->bqhv", probs, v))
 
         if cache is not None:
-            entries = jnp.concatenate([c_kv, k_pe], axis=-1)[:, :, None, :].astype(cache.pages.dtype)
-            cache = cache.write(entries, layer=layer, num_new=lengths)
+            cache = cache.write(self._cache_entries(c_kv, k_pe, cache.pages.dtype), layer=layer, num_new=lengths)
         return out, cache
 
     # --- decode ------------------------------------------------------------------------------------------
@@ -275,7 +279,7 @@ class MultiHeadLatentAttention(nnx.Module):
         q_nope, q_pe = self._queries(x, positions)
         c_kv, k_pe = self._latents(x, positions)
         kv_dtype = cache.pages.dtype
-        cache = cache.write(jnp.concatenate([c_kv, k_pe], axis=-1)[:, :, None, :].astype(kv_dtype), layer=layer)
+        cache = cache.write(self._cache_entries(c_kv, k_pe, kv_dtype), layer=layer)
 
         w_uk, w_uv = self._up_projections()
         q_latent = jnp.einsum("bshn,rhn->bshr", q_nope, w_uk)  # absorb W_UK into the query

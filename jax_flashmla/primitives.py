@@ -27,7 +27,7 @@ from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec
 
 from . import _extension, scheduler
-from .constants import METADATA_ROW_INTS
+from .constants import BLOCK_M, DEFAULT_NUM_SMS, METADATA_ROW_INTS
 from .reference import mla_decode_reference
 
 # ----------------------------------------------------------------------------------------------------
@@ -59,6 +59,18 @@ def _metadata_batch(args, dims, *, num_parts):
 
 
 batching.primitive_batchers[mla_metadata_p] = _metadata_batch
+
+
+def device_num_sms(device) -> int:
+    """SMs of a GPU device; an H100's count for devices that report none (CPU, TPU)."""
+    return int(getattr(device, "core_count", None) or DEFAULT_NUM_SMS)
+
+
+def bind_schedule(cache_seqlens, *, num_sms: int, num_heads_k: int, num_q_tokens_per_head_k: int):
+    """The split-KV schedule sized to fill num_sms SMs: (tile_metadata, num_splits). get_mla_metadata and each
+    shard of a partitioned decode (sharding.py) both go through here."""
+    num_parts = scheduler.num_parts_for(num_sms, num_heads_k, num_q_tokens_per_head_k, BLOCK_M)
+    return mla_metadata_p.bind(cache_seqlens, num_parts=num_parts)
 
 # ----------------------------------------------------------------------------------------------------
 # Decode

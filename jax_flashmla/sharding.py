@@ -53,9 +53,7 @@ from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from .constants import BLOCK_M, DEFAULT_NUM_SMS
-from .primitives import mla_decode_p, mla_metadata_p
-from .scheduler import num_parts_for
+from .primitives import bind_schedule, device_num_sms, mla_decode_p
 
 DECODE_LAYOUTS = (
     "supported layouts, with B the batch axes and H the head axes (disjoint sets of mesh axes, either may be "
@@ -214,9 +212,9 @@ def local_page_ids(page_ids, num_local_pages: int, pool_axes, invalid):
     return jnp.where((page_ids >= first) & (local < num_local_pages), local, invalid)
 
 
-def _device_num_sms(mesh) -> int:
-    """SMs of the mesh's GPUs (the shard's schedule fills one of them); an H100's count elsewhere."""
-    return int(getattr(mesh.devices.flat[0], "core_count", None) or DEFAULT_NUM_SMS)
+def _named(mesh, *dims) -> NamedSharding:
+    """NamedSharding from per-dimension axis tuples, () meaning unsplit."""
+    return NamedSharding(mesh, P(*[d if d else None for d in dims]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -238,20 +236,20 @@ def _decode_partition(head_dim_v, softmax_scale, causal, poison_outputs, mesh, a
     del result_shape  # the results follow q: whatever was asked of them is resharded by XLA afterwards
     layout = decode_layout(mesh, arg_shapes)
     batch, heads = layout.batch, layout.heads
-    spec = lambda *dims: NamedSharding(mesh, P(*[d if d else None for d in dims]))
+    spec = functools.partial(_named, mesh)
     arg_shardings = (spec(batch, (), heads, ()), spec(layout.pool, (), (), ()), spec(batch, ()), spec(batch),
                      # A schedule we use is needed whole; one we ignore stays where it is (XLA drops it).
                      *(s.sharding if layout.splits_anything else spec(*((),) * len(s.shape)) for s in arg_shapes[4:]))
     result_shardings = (spec(batch, (), heads, ()), spec(batch, heads, ()))
-    num_sms = _device_num_sms(mesh)
+    num_sms = device_num_sms(mesh.devices.flat[0])  # the shard's schedule fills one of the mesh's GPUs
 
     def per_shard(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits):
         block_table = local_page_ids(block_table, k_cache.shape[0], layout.pool, -1)
         if layout.splits_anything:
             _, s_q, h_q, _ = q.shape
             h_kv = k_cache.shape[2]
-            num_parts = num_parts_for(num_sms, h_kv, s_q * h_q // h_kv, BLOCK_M)
-            tile_metadata, num_splits = mla_metadata_p.bind(cache_seqlens, num_parts=num_parts)
+            tile_metadata, num_splits = bind_schedule(cache_seqlens, num_sms=num_sms, num_heads_k=h_kv,
+                                                      num_q_tokens_per_head_k=s_q * h_q // h_kv)
         return _decode_global(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, head_dim_v,
                               softmax_scale, causal, poison_outputs)
 
@@ -305,7 +303,7 @@ def _scatter_partition(mesh, arg_shapes, result_shape):
     del result_shape
     pages, kv, page_ids, slots, _ = arg_shapes
     batch, pool_axes = write_layout(mesh, pages, kv, page_ids, slots)
-    spec = lambda *dims: NamedSharding(mesh, P(*[d if d else None for d in dims]))
+    spec = functools.partial(_named, mesh)
     pool = spec((), pool_axes, (), (), ())
     arg_shardings = (pool, spec(batch, (), (), ()), spec(batch, ()), spec(batch, ()), spec())
 
