@@ -121,6 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"decodes per timed loop and timed end-to-end calls (default {MIN_REPORTED_ITERS}; "
                    f"runs with fewer are marked not reportable)")
     t.add_argument("--repeats", type=int, default=5, help="timed loops per row; the median is kept (default 5)")
+    t.add_argument("--baseline-iters", type=int, default=10,
+                   help="decodes per timed loop of the plain-XLA baseline (default 10: it is 10-100x slower, and "
+                   "long rows would otherwise take minutes)")
     t.add_argument("--no-baseline", action="store_true", help="skip the plain-XLA baseline")
     t.add_argument("--peak-tflops", type=float, default=H100_PEAK_TFLOPS,
                    help=f"compute roof in TFLOP/s (default {H100_PEAK_TFLOPS:g}, H100 SXM bf16)")
@@ -139,8 +142,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("batch", "h_kv", "warmup", "repeats"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.iters < 2:
-        p.error(f"--iters must be >= 2 (the loop timing differences n and 1 decodes), got {args.iters}")
+    for name in ("iters", "baseline_iters"):
+        if getattr(args, name) < 2:
+            p.error(f"--{name.replace('_', '-')} must be >= 2 (the loop timing differences n and 1 decodes), "
+                    f"got {getattr(args, name)}")
     if not args.seqlen or min(args.seqlen) < 1:
         p.error(f"--seqlen values must be >= 1, got {args.seqlen}")
     if not args.pairs or min(min(pair) for pair in args.pairs) < 1:
@@ -337,8 +342,8 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
         baseline_one = repeat_decode(baseline, 1)
         args_b = (q, k_cache, table, seqlens)
         try:
-            baseline_ms = loop_ms(repeat_decode(baseline, args.iters), baseline_one, args_b, args.iters,
-                                  args.repeats, args.warmup)
+            baseline_ms = loop_ms(repeat_decode(baseline, args.baseline_iters), baseline_one, args_b,
+                                  args.baseline_iters, args.repeats, args.warmup)
             # The two decodes must agree, or the comparison times something wrong.
             ours, theirs = kernel_one(q, *rest)[-1], baseline_one(*args_b)[-1]
             diff = float(jnp.max(jnp.abs(ours.astype(jnp.float32) - theirs.astype(jnp.float32))))
@@ -357,7 +362,7 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
         "fixed_lengths": args.fixed_lengths, "seed": args.seed,
         "mean_len": mean_len, "min_len": int(lengths.min()), "max_len": int(lengths.max()),
         "kv_cache_mb": k_cache.size * itemsize / 1e6,
-        "iters": args.iters, "repeats": args.repeats, "warmup": args.warmup,
+        "iters": args.iters, "repeats": args.repeats, "warmup": args.warmup, "baseline_iters": args.baseline_iters,
         "reportable": args.iters >= MIN_REPORTED_ITERS,
         "kernel_ms": kernel_ms, "e2e_ms": e2e_ms,
         "flops": flops, "bytes": nbytes, "arithmetic_intensity": flops / nbytes,

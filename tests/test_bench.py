@@ -20,7 +20,7 @@ TINY = ["--batch", "2", "--seqlen", "512", "--iters", "5", "--warmup", "1", "--r
 FIELDS = {"device_kind", "platform", "kernels_available", "kernels_used", "jax_version", "jaxlib_version",
           "jax_flashmla_version", "date_utc", "method", "batch", "s_k", "s_q", "h_q", "h_kv", "causal", "dtype",
           "mean_len", "kernel_ms", "e2e_ms", "flops", "bytes", "tflops", "gbps", "roofline_pct", "baseline_ms",
-          "speedup", "reportable"}  # fmt: skip
+          "speedup", "reportable", "baseline_iters"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_baseline_and_inputs_match_the_reference(causal):
 
 
 @pytest.mark.parametrize("flags", [
-    ["--iters", "1"], ["--causal", "maybe"], ["--dtype", "float32"], ["--batch", "0"], ["--seqlen", "12x"],
+    ["--iters", "1"], ["--baseline-iters", "1"], ["--causal", "maybe"], ["--dtype", "float32"], ["--batch", "0"], ["--seqlen", "12x"],
     ["--h-q", "16", "--h-kv", "3"], ["--s-q", "9", "--seqlen", "4"], ["--peak-gbps", "0"], ["--bogus"],
 ])  # fmt: skip
 def test_cli_rejects_bad_flags(flags):

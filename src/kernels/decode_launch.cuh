@@ -1,30 +1,72 @@
-// Launches the split-KV decode kernel for one element type. Included once per type by decode_<type>.cu so
-// the instantiations compile in parallel.
+// Launches the split-KV decode for one element type: the Hopper kernel where it applies (sm_90, d = 576,
+// dv = 512), the portable kernel otherwise. Included once per type by decode_<type>.cu so the
+// instantiations compile in parallel.
 #pragma once
 
+#include <climits>
 #include <mutex>
 
+#include "kernels/decode_hopper.cuh"
 #include "kernels/decode_simt.cuh"
+#include "kernels/kv_tensor_map.h"
 
 namespace jax_flashmla {
+
+constexpr int kMaxDevices = 64;
+
+// The dynamic shared-memory limit is a per-device function attribute: raise it once per device.
+template <auto Kernel, int kSmemBytes>
+cudaError_t raise_smem_limit_once(int device) {
+  static std::once_flag flags[kMaxDevices];
+  static cudaError_t status[kMaxDevices];
+  std::call_once(flags[device], [&] {
+    status[device] = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  });
+  return status[device];
+}
+
+inline bool device_is_hopper(int device) {
+  static std::once_flag flags[kMaxDevices];
+  static bool hopper[kMaxDevices];
+  std::call_once(flags[device], [&] {
+    int major = 0, minor = 0;
+    hopper[device] = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
+                     major == 9 && minor == 0;
+  });
+  return hopper[device];
+}
+
+template <typename T>
+constexpr ElementType element_type_of() {
+  return std::is_same_v<T, __nv_bfloat16> ? ElementType::kBF16 : ElementType::kFP16;
+}
 
 template <typename T>
 cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream) {
   if (p.head_dim % 8 != 0 || p.head_dim > simt::kMaxHeadDim || p.head_dim_v != simt::kHeadDimV ||
       p.h_kv < 1 || p.h_q % p.h_kv != 0 || p.num_parts < 1 || p.max_pages < 1 || p.q_rows < 1)
     return cudaErrorInvalidValue;
-  constexpr int kSmem = sizeof(simt::SharedStorage);
-  // The dynamic shared-memory limit is a per-device function attribute: raise it once per device.
-  static std::once_flag flags[64];
-  static cudaError_t status[64];
   int device = 0;
   if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
-  if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
-  std::call_once(flags[device], [&] {
-    status[device] = cudaFuncSetAttribute(simt::decode_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-  });
-  if (status[device] != cudaSuccess) return status[device];
-  const dim3 grid(p.num_parts, p.h_kv, (p.q_rows + simt::kBlockM - 1) / simt::kBlockM);
+  if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
+  const dim3 grid(p.num_parts, p.h_kv, (p.q_rows + 63) / 64);
+
+  // TMA coordinates are int32: the pool's token count must fit (it always does for real pools).
+  const bool hopper_shape = p.head_dim == hopper::kHeadDim && p.head_dim_v == hopper::kHeadDimV && p.num_pages >= 1 &&
+                            static_cast<long long>(p.num_pages) * kPageSize <= INT_MAX;
+  if (hopper_shape && device_is_hopper(device)) {
+    CUtensorMap kv_map;
+    if (cudaError_t err = make_kv_tensor_map(&kv_map, p, element_type_of<T>()); err != cudaSuccess) return err;
+    if (cudaError_t err = raise_smem_limit_once<hopper::decode_kernel<T>, hopper::kSmemBytes>(device);
+        err != cudaSuccess)
+      return err;
+    hopper::decode_kernel<T><<<grid, hopper::kThreads, hopper::kSmemBytes, stream>>>(p, kv_map);
+    return cudaGetLastError();
+  }
+
+  constexpr int kSmem = sizeof(simt::SharedStorage);
+  if (cudaError_t err = raise_smem_limit_once<simt::decode_kernel<T>, kSmem>(device); err != cudaSuccess) return err;
   simt::decode_kernel<T><<<grid, simt::kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Nsight Compute profile of the split-KV decode kernel on one memory-bound and one compute-bound bench row.
+# Usage: scripts/profile_decode.sh LOG_DIR   (after the package is built, e.g. by scripts/gpu_check.sh)
+# Writes LOG_DIR/ncu_<row>.txt (details: throughput, tensor-pipe use, warp stalls) and .ncu-rep files.
+set -uo pipefail
+LOG_DIR=${1:?usage: scripts/profile_decode.sh LOG_DIR}
+mkdir -p "$LOG_DIR"
+cd "$(dirname "$0")/.."
+if compgen -G ".whl/*.whl" >/dev/null; then export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+profile() {  # profile NAME BENCH_FLAGS...
+  local name=$1; shift
+  # Skip the warm-up launches; profile one decode launch of the timed loop.
+  ncu --kernel-name decode_kernel --launch-skip 3 --launch-count 1 \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+      --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__cycles_elapsed.avg.per_second \
+      -o "$LOG_DIR/ncu_$name" -f \
+      python3 -m jax_flashmla.bench --no-baseline --warmup 1 --iters 3 --repeats 1 --causal off --out "$LOG_DIR/bench_$name" "$@" \
+      >"$LOG_DIR/ncu_$name.log" 2>&1
+  ncu --import "$LOG_DIR/ncu_$name.ncu-rep" --print-details all >"$LOG_DIR/ncu_$name.txt" 2>&1
+  echo "== $name"; grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|hmma|Registers Per|Stall|Issue Slots Busy|L2 Hit" "$LOG_DIR/ncu_$name.txt" | head -30
+}
+profile memory_bound --seqlen 4096 --s-q 1 --h-q 16
+profile compute_bound --seqlen 4096 --s-q 2 --h-q 128

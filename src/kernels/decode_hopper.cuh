@@ -1,0 +1,542 @@
+// Split-KV MLA decode over a paged KV cache: the Hopper (sm_90a) kernel for d = 576, dv = 512.
+//
+// One CTA serves 64 query rows of one KV head (rows r = s*g + j, see mla_params.h) and walks the 64-token
+// pages of the part of the schedule its blockIdx.x names (the grid has as many CTAs as SMs: persistent).
+// Three warpgroups share the work:
+//   producer   one thread issues the TMA loads of whole pages (nine 64x64 swizzled boxes) into a two-stage
+//              ring, on mbarriers; KV is read exactly once per CTA.
+//   consumer 1 S = Q K^T (wgmma, both operands in shared memory), the online softmax in base 2 with the
+//              scale folded in, hands P (bf16/fp16) and the rescale factors to consumer 2 through shared
+//              memory, then O[:, 0:256] += P V (wgmma, P from registers). It issues S of the next page
+//              before waiting for its P V, so the tensor cores stay busy while it waits.
+//   consumer 2 O[:, 256:512] += P V (wgmma, both operands in shared memory).
+// V is the first 512 dims of the same K page, read through a transposed (MN-major) view of the same bytes.
+// Tokens past the sequence's length or on an invalid page are zeroed in shared memory before any GEMM
+// reads them (pages may hold NaN there) and masked in S; no load leaves its buffer.
+#pragma once
+
+#include <cuda.h>
+#include <cfloat>
+#include <cmath>
+
+#include <cute/tensor.hpp>
+#include <cute/arch/copy_sm90_desc.hpp>
+#include <cute/arch/copy_sm90_tma.hpp>
+#include <cute/arch/mma_sm90.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+
+#include "kernels/element.cuh"
+#include "mla_params.h"
+
+namespace jax_flashmla {
+namespace hopper {
+
+using namespace cute;
+
+constexpr int kBlockM = 64;             // query rows per CTA
+constexpr int kBlockN = kPageSize;      // tokens per page, one pipeline stage
+constexpr int kHeadDim = 576;           // latent (512) + rope (64)
+constexpr int kHeadDimV = 512;
+constexpr int kHalfV = kHeadDimV / 2;   // each consumer warpgroup owns half of the output columns
+constexpr int kStages = 2;
+constexpr int kThreads = 384;           // producer + two consumers
+constexpr int kChunkCols = 64;          // one 128-byte swizzle atom of 16-bit elements
+constexpr int kNumChunks = kHeadDim / kChunkCols;
+constexpr int kChunkBytes = kBlockN * kChunkCols * 2;  // 8 KiB: one TMA box
+constexpr int kPageBytes = kNumChunks * kChunkBytes;   // 72 KiB
+
+// Named barrier (id 0 is __syncthreads) for consumer 1 alone: its own shared-memory writes are done. The
+// hand-off between the consumers uses mbarriers (SharedStorage::p_full/p_empty): arrive releases the
+// writer's shared-memory accesses and the wait acquires them, and the writer need not wait for the reader.
+constexpr int kBarConsumer1 = 1;
+
+template <typename T>
+struct CuteType;
+template <>
+struct CuteType<__nv_bfloat16> {
+  using type = cute::bfloat16_t;
+};
+template <>
+struct CuteType<__half> {
+  using type = cute::half_t;
+};
+
+// Shared-memory layouts. Every 64x576 tile is nine 64x64 chunks of 8 KiB, each row 128 bytes with the
+// hardware's 128-byte swizzle: what one TMA box with CU_TENSOR_MAP_SWIZZLE_128B writes.
+template <typename E>
+struct Layouts {
+  using QK = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using P = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  // V^T (dv x tokens) over the same bytes as K: dims contiguous inside a chunk, chunks 8 KiB apart.
+  using VHalf = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{}, Shape<Int<kHalfV>, Int<kBlockN>>{},
+                                       Step<_2, _1>{}));
+};
+
+struct alignas(1024) SharedStorage {
+  uint16_t q[kBlockM * kHeadDim];
+  uint16_t kv[kStages][kBlockN * kHeadDim];
+  uint16_t p[kBlockM * kBlockN];
+  float row_scale[kBlockM];  // per tile: factor that rescales each row's accumulator
+  float row_sum[kBlockM];    // at a chunk's last tile: each row's softmax denominator
+  uint64_t full[kStages];
+  uint64_t empty[kStages];
+  uint64_t p_full;   // consumer 1 -> 2: P, rescale factors (and at a chunk's end, row sums) written
+  uint64_t p_empty;  // consumer 2 -> 1: its P V is done reading P
+};
+constexpr int kSmemBytes = sizeof(SharedStorage) + 1024;  // + slack to align the base to 1024 bytes
+
+// Byte offset of element (row, col) in a tile of swizzled 64x64 chunks.
+__device__ __forceinline__ int swizzled_offset(int row, int col) {
+  return (col / kChunkCols) * kChunkBytes + row * 128 + ((((col % kChunkCols) / 8) ^ (row % 8)) * 16) +
+         (col % 8) * 2;
+}
+
+__device__ __forceinline__ void named_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Generic-proxy shared-memory writes become visible to the tensor cores and the copy engine.
+__device__ __forceinline__ void fence_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// What one CTA does for one sequence: blocks [block_begin, block_end) of it.
+struct Chunk {
+  int seq, block_begin, block_end, length;
+  bool final_output;  // the sequence has one split: write out/lse directly
+  int split;          // else: partial slot in o_accum/lse_accum
+  bool skip;          // metadata inconsistent with these lengths: nothing to do
+};
+
+__device__ __forceinline__ Chunk chunk_of(const DecodeParams& p, int seq, int batch_begin, int block_begin_first,
+                                          int batch_end, int block_end_last, int split_begin) {
+  Chunk c;
+  c.seq = seq;
+  c.length = min(max(p.cache_seqlens[seq], 0), p.max_pages * kPageSize);
+  const int num_blocks = (c.length + kBlockN - 1) / kBlockN;
+  c.block_begin = max(seq == batch_begin ? block_begin_first : 0, 0);
+  c.block_end = min(seq == batch_end ? block_end_last : num_blocks, num_blocks);
+  if (c.block_end < c.block_begin) c.block_end = c.block_begin;
+  const int first_split = p.num_splits[seq];
+  const int n_splits = p.num_splits[seq + 1] - first_split;
+  c.final_output = n_splits == 1;
+  c.split = first_split + (seq == batch_begin ? split_begin : 0);
+  c.skip = !c.final_output && (c.split < 0 || c.split >= p.batch + p.num_parts);
+  return c;
+}
+
+// This CTA's part of the schedule: sequences first..last, each one chunk. All three roles walk the same
+// list (plain loops, not a callback, so the accumulators stay in registers).
+struct PartWalk {
+  int batch_begin, block_begin_first, batch_end, block_end_last, split_begin;
+  int first, last;
+  __device__ __forceinline__ explicit PartWalk(const DecodeParams& p) {
+    const int32_t* md = p.tile_metadata + blockIdx.x * kMetadataRowInts;
+    batch_begin = md[0], block_begin_first = md[1], batch_end = md[2], block_end_last = md[3];
+    split_begin = md[4];
+    first = max(batch_begin, 0);
+    last = min(batch_end, p.batch - 1);
+  }
+  __device__ __forceinline__ Chunk chunk(const DecodeParams& p, int seq) const {
+    return chunk_of(p, seq, batch_begin, block_begin_first, batch_end, block_end_last, split_begin);
+  }
+};
+
+__device__ __forceinline__ int page_of(const DecodeParams& p, int seq, int block) {
+  return p.block_table[static_cast<size_t>(seq) * p.max_pages + block];
+}
+
+// Tokens of a block that hold data: 0 for an invalid page.
+__device__ __forceinline__ int valid_tokens(const DecodeParams& p, const Chunk& c, int block) {
+  const int page = page_of(p, c.seq, block);
+  if (page < 0 || page >= p.num_pages) return 0;
+  return min(kBlockN, c.length - block * kBlockN);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Producer: one thread streams pages into the ring.
+__device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s,
+                                        uint64_t cache_hint) {
+  const int head_kv = blockIdx.y;
+  int tile = 0;
+  const PartWalk walk(p);
+  for (int seq = walk.first; seq <= walk.last; ++seq) {
+    const Chunk c = walk.chunk(p, seq);
+    if (c.skip) continue;
+    for (int block = c.block_begin; block < c.block_end; ++block, ++tile) {
+      const int stage = tile % kStages;
+      wait_barrier(s.empty[stage], ((tile / kStages) & 1) ^ 1);
+      const int page = page_of(p, c.seq, block);
+      if (page >= 0 && page < p.num_pages) {
+        set_barrier_transaction_bytes(s.full[stage], kPageBytes);
+#pragma unroll
+        for (int chunk = 0; chunk < kNumChunks; ++chunk)
+          SM90_TMA_LOAD_3D::copy(kv_map, &s.full[stage], cache_hint,
+                                 reinterpret_cast<char*>(s.kv[stage]) + chunk * kChunkBytes, chunk * kChunkCols,
+                                 head_kv, page * kPageSize);
+      } else {
+        arrive_barrier(s.full[stage]);  // nothing to load: the consumers zero the stage
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Consumer helpers.
+
+// Zeroes rows [first_row, 64) of a stage (all 576 dims) with the threads of one warpgroup.
+__device__ __forceinline__ void zero_rows(uint16_t* stage, int first_row, int thread) {
+  char* base = reinterpret_cast<char*>(stage);
+  const int vecs = (kBlockN - first_row) * (kHeadDim / 8);
+  for (int idx = thread; idx < vecs; idx += 128) {
+    const int row = first_row + idx / (kHeadDim / 8), v = idx % (kHeadDim / 8);
+    *reinterpret_cast<uint4*>(base + (v / 8) * kChunkBytes + row * 128 + (v % 8) * 16) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// Q rows of this CTA into s.q (swizzled like the pages); rows past q_rows are zero. One warp per row at a
+// time, so the row's address arithmetic is done once per row.
+template <typename T>
+__device__ __forceinline__ void load_q(const DecodeParams& p, SharedStorage& s, int seq, int thread) {
+  const int head_kv = blockIdx.y, row0 = blockIdx.z * kBlockM;
+  const int group = p.h_q / p.h_kv;
+  const int warp = thread / 32, lane = thread % 32;
+  char* base = reinterpret_cast<char*>(s.q);
+  constexpr int kVecsPerRow = kHeadDim / 8;
+  for (int r = warp; r < kBlockM; r += 4) {
+    const int row = row0 + r;
+    const bool real = row < p.q_rows;
+    const int s_idx = row / group, head = head_kv * group + row % group;
+    const uint4* src = reinterpret_cast<const uint4*>(
+        static_cast<const T*>(p.q) + ((static_cast<size_t>(seq) * p.s_q + s_idx) * p.h_q + head) * kHeadDim);
+#pragma unroll
+    for (int v = lane; v < kVecsPerRow; v += 32) {
+      const uint4 value = real ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
+      *reinterpret_cast<uint4*>(base + swizzled_offset(r, v * 8)) = value;
+    }
+  }
+}
+
+template <bool kZeroInit, typename Mma, typename FragA, typename FragB, typename FragC>
+__device__ __forceinline__ void issue_gemm(Mma& mma, const FragA& a, const FragB& b, FragC& c) {
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  mma.accumulate_ = kZeroInit ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    cute::gemm(mma, a(_, _, k), b(_, _, k), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(c);
+}
+
+// Writes this warpgroup's half of the output rows: out/lse directly, or the split's partial.
+// acc holds the C fragment of a 64x256 tile (value v: column 8*(v/4) + 2*(lane%4) + v%2, row + 8*((v/2)%2)).
+template <typename T, typename Acc>
+__device__ __forceinline__ void store_output(const DecodeParams& p, const Chunk& c, const Acc& acc, int col0,
+                                             const float inv_sum[2], int thread) {
+  const int head_kv = blockIdx.y, row0 = blockIdx.z * kBlockM;
+  const int group = p.h_q / p.h_kv;
+  const int warp = thread / 32, lane = thread % 32;
+  // The accumulators are read on every thread and only the stores are predicated: reading wgmma
+  // accumulators on a divergent path makes ptxas serialize every wgmma of the kernel.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + warp * 16 + lane / 4 + 8 * h;
+    const bool real = row < p.q_rows;
+    const int safe_row = real ? row : 0;
+    const int s_idx = safe_row / group, head = head_kv * group + safe_row % group;
+    T* out = static_cast<T*>(p.out) + ((static_cast<size_t>(c.seq) * p.s_q + s_idx) * p.h_q + head) * kHeadDimV;
+    float* partial = p.o_accum + ((static_cast<size_t>(c.split) * p.h_kv + head_kv) * p.q_rows + safe_row) * kHeadDimV;
+#pragma unroll
+    for (int g = 0; g < kHalfV / 8; ++g) {
+      const int v = g * 4 + 2 * h, col = col0 + g * 8 + 2 * (lane % 4);
+      const float a = acc(v) * inv_sum[h], b = acc(v + 1) * inv_sum[h];
+      if (real && c.final_output)
+        *reinterpret_cast<typename Element<T>::Pair*>(out + col) = Element<T>::from_float2(a, b);
+      if (real && !c.final_output) *reinterpret_cast<float2*>(partial + col) = make_float2(a, b);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Consumer 1: S, softmax, P, left half of O.
+template <typename T>
+__device__ __forceinline__ void consume_scores(const DecodeParams& p, SharedStorage& s) {
+  using E = typename CuteType<T>::type;
+  const int thread = threadIdx.x - 128;
+  const int warp = thread / 32, lane = thread % 32;
+  const int row0 = blockIdx.z * kBlockM;
+  const int group = p.h_q / p.h_kv;
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+
+  auto mma_s = make_tiled_mma(GMMA::ss_op_selector<E, E, float, Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>>());
+  auto mma_pv = make_tiled_mma(
+      GMMA::rs_op_selector<E, E, float, Shape<Int<kBlockM>, Int<kHalfV>, Int<kBlockN>>, GMMA::Major::K, GMMA::Major::MN>());
+  auto thr_s = mma_s.get_thread_slice(thread);
+  auto thr_pv = mma_pv.get_thread_slice(thread);
+
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.q)), typename Layouts<E>::QK{});
+  Tensor sP = make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.p)), typename Layouts<E>::P{});
+  Tensor tSrQ = thr_s.partition_fragment_A(sQ);
+  Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHalfV>>{});
+  Tensor tOrP = thr_pv.partition_fragment_A(sP);  // registers: P as the A operand
+  Tensor tOrP_words = recast<uint32_t>(tOrP);
+  static_assert(decltype(size(tSrS))::value == 32 && decltype(size(tOrP))::value == 32);
+
+  auto stage_k = [&](int stage) {
+    return make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.kv[stage])), typename Layouts<E>::QK{});
+  };
+  auto stage_v = [&](int stage) {
+    return make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.kv[stage])), typename Layouts<E>::VHalf{});
+  };
+  // Waits for a page, zeroes its rows past the valid tokens, and issues S = Q K^T on it.
+  auto start_scores = [&](int tile, int valid) {
+    const int stage = tile % kStages;
+    wait_barrier(s.full[stage], (tile / kStages) & 1);
+    if (valid < kBlockN) {
+      zero_rows(s.kv[stage], valid, thread);
+      fence_async_shared();
+      named_sync(kBarConsumer1, 128);
+    }
+    Tensor tSrK = thr_s.partition_fragment_B(stage_k(stage));
+    issue_gemm<true>(mma_s, tSrQ, tSrK, tSrS);
+  };
+
+  int tile = 0;
+  const PartWalk walk(p);
+  for (int seq = walk.first; seq <= walk.last; ++seq) {
+    const Chunk c = walk.chunk(p, seq);
+    if (c.skip) continue;
+    const int n_tiles = c.block_end - c.block_begin;
+    // Visible keys of this thread's two rows: [0, limit).
+    int limit[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + warp * 16 + lane / 4 + 8 * h;
+      limit[h] = row >= p.q_rows ? 0 : (p.causal ? c.length - p.s_q + row / group + 1 : c.length);
+    }
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+    clear(tOrO);
+
+    load_q<T>(p, s, c.seq, thread);  // this warpgroup's earlier GEMMs on s.q are complete
+    fence_async_shared();
+    named_sync(kBarConsumer1, 128);
+
+    int valid = n_tiles > 0 ? valid_tokens(p, c, c.block_begin) : 0;
+    if (n_tiles > 0) {
+      start_scores(tile, valid);
+      warpgroup_wait<0>();
+    }
+    for (int i = 0; i < n_tiles; ++i, ++tile) {
+      const int block = c.block_begin + i, stage = tile % kStages;
+      const bool last = i + 1 == n_tiles;
+      // The next page's block-table entry, loaded now so its latency hides behind the softmax.
+      const int next_valid = last ? 0 : valid_tokens(p, c, block + 1);
+      // Online softmax on S (rows 16*warp + lane/4 + 8h, columns 8*(v/4) + 2*(lane%4) + v%2).
+      float scale[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int g = 0; g < kBlockN / 8; ++g)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int v = 4 * g + 2 * h + e, col = 8 * g + 2 * (lane % 4) + e;
+            const bool visible = col < valid && block * kBlockN + col < limit[h];
+            tSrS(v) = visible ? tSrS(v) * scale_log2 : -INFINITY;
+            tile_max = fmaxf(tile_max, tSrS(v));
+          }
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+        const float m_new = fmaxf(row_max[h], tile_max);
+        // While a row has seen no key, m_new is -inf: keep its probabilities 0 instead of NaN.
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        scale[h] = exp2f(row_max[h] - m_use);
+        float tile_sum = 0.f;
+#pragma unroll
+        for (int g = 0; g < kBlockN / 8; ++g)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int v = 4 * g + 2 * h + e;
+            tSrS(v) = exp2f(tSrS(v) - m_use);
+            tile_sum += tSrS(v);
+          }
+        row_sum[h] = row_sum[h] * scale[h] + tile_sum;
+        row_max[h] = m_new;
+      }
+      float total_sum[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        total_sum[h] = row_sum[h];
+        total_sum[h] += __shfl_xor_sync(0xffffffffu, total_sum[h], 1);
+        total_sum[h] += __shfl_xor_sync(0xffffffffu, total_sum[h], 2);
+      }
+      // P in registers: the C layout of two adjacent 8-column groups is the A layout of a 16-deep slice,
+      // so value v of S is value v of P. Pairs (v, v+1) are adjacent columns: one 32-bit word.
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const auto pair = Element<T>::from_float2(tSrS(2 * j), tSrS(2 * j + 1));
+        tOrP_words(j) = reinterpret_cast<const uint32_t&>(pair);
+      }
+
+      // Hand P and the factors to consumer 2, once its previous P V is done reading s.p (phase tile - 1).
+      if (tile > 0) wait_barrier(s.p_empty, (tile - 1) & 1);
+      char* p_base = reinterpret_cast<char*>(s.p);
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const int row = warp * 16 + lane / 4 + 8 * (j % 2);
+        const int col = 8 * (j / 2) + 2 * (lane % 4);
+        *reinterpret_cast<uint32_t*>(p_base + swizzled_offset(row, col)) = tOrP_words(j);
+      }
+      if (lane % 4 == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = warp * 16 + lane / 4 + 8 * h;
+          s.row_scale[row] = scale[h];
+          if (last) s.row_sum[row] = total_sum[h];
+        }
+      }
+      fence_async_shared();
+      arrive_barrier(s.p_full);
+
+      // O_left = scale * O_left + P V_left.
+#pragma unroll
+      for (int v = 0; v < size(tOrO); ++v) tOrO(v) *= scale[(v / 2) % 2];
+      Tensor tOrV = thr_pv.partition_fragment_B(stage_v(stage));
+      warpgroup_fence_operand(tOrP_words);
+      issue_gemm<false>(mma_pv, tOrP, tOrV, tOrO);
+      warpgroup_fence_operand(tOrP_words);  // P's registers are read by the tensor cores until the wait
+
+      if (!last) {  // S of the next page runs on the tensor cores while this P V finishes
+        valid = next_valid;
+        start_scores(tile + 1, valid);
+        warpgroup_wait<1>();
+        arrive_barrier(s.empty[stage]);
+        warpgroup_wait<0>();
+      } else {
+        warpgroup_wait<0>();
+        arrive_barrier(s.empty[stage]);
+      }
+      if (last) {
+        row_sum[0] = total_sum[0];
+        row_sum[1] = total_sum[1];
+      }
+    }
+
+    // Epilogue: normalise, write O_left and the LSE.
+    float inv_sum[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) inv_sum[h] = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
+    store_output<T>(p, c, tOrO, 0, inv_sum, thread);
+    if (lane % 4 == 0) {
+      const int head_kv = blockIdx.y;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = row0 + warp * 16 + lane / 4 + 8 * h;
+        if (row >= p.q_rows) continue;
+        const bool seen = row_sum[h] > 0.f;
+        // Natural-log LSE of the scaled scores; FlashMLA's +inf for a query that saw nothing.
+        const float lse = seen ? (row_max[h] + log2f(row_sum[h])) * 0.6931471805599453f : INFINITY;
+        if (c.final_output) {
+          const int s_idx = row / group, head = head_kv * group + row % group;
+          p.lse[(static_cast<size_t>(c.seq) * p.h_q + head) * p.s_q + s_idx] = lse;
+        } else {
+          const size_t slot = (static_cast<size_t>(c.split) * p.h_kv + head_kv) * p.q_rows + row;
+          p.lse_accum[slot] = seen ? lse : -INFINITY;  // -inf: this split adds nothing
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Consumer 2: right half of O.
+template <typename T>
+__device__ __forceinline__ void consume_values(const DecodeParams& p, SharedStorage& s) {
+  using E = typename CuteType<T>::type;
+  const int thread = threadIdx.x - 256;
+  const int warp = thread / 32, lane = thread % 32;
+
+  auto mma_pv = make_tiled_mma(
+      GMMA::ss_op_selector<E, E, float, Shape<Int<kBlockM>, Int<kHalfV>, Int<kBlockN>>, GMMA::Major::K, GMMA::Major::MN>());
+  auto thr_pv = mma_pv.get_thread_slice(thread);
+  Tensor sP = make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.p)), typename Layouts<E>::P{});
+  Tensor tOrP = thr_pv.partition_fragment_A(sP);
+  Tensor tOrO = partition_fragment_C(mma_pv, Shape<Int<kBlockM>, Int<kHalfV>>{});
+
+  int tile = 0;
+  const PartWalk walk(p);
+  for (int seq = walk.first; seq <= walk.last; ++seq) {
+    const Chunk c = walk.chunk(p, seq);
+    if (c.skip) continue;
+    const int n_tiles = c.block_end - c.block_begin;
+    clear(tOrO);
+    float row_sum[2] = {0.f, 0.f};
+    for (int i = 0; i < n_tiles; ++i, ++tile) {
+      const int stage = tile % kStages;
+      wait_barrier(s.full[stage], (tile / kStages) & 1);  // the page's bytes, through the async proxy
+      wait_barrier(s.p_full, tile & 1);
+      float scale[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = warp * 16 + lane / 4 + 8 * h;
+        scale[h] = s.row_scale[row];
+        if (i + 1 == n_tiles) row_sum[h] = s.row_sum[row];
+      }
+#pragma unroll
+      for (int v = 0; v < size(tOrO); ++v) tOrO(v) *= scale[(v / 2) % 2];
+      Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.kv[stage]) + kHalfV * kBlockN),
+                              typename Layouts<E>::VHalf{});
+      Tensor tOrV = thr_pv.partition_fragment_B(sV);
+      issue_gemm<false>(mma_pv, tOrP, tOrV, tOrO);
+      warpgroup_wait<0>();
+      arrive_barrier(s.p_empty);
+      arrive_barrier(s.empty[stage]);
+    }
+    float inv_sum[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) inv_sum[h] = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
+    store_output<T>(p, c, tOrO, kHalfV, inv_sum, thread);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap kv_map) {
+  extern __shared__ char smem_raw[];
+  SharedStorage& s = *reinterpret_cast<SharedStorage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // Broadcast from lane 0 so the compiler knows the role is warp-uniform (else it serializes the wgmmas).
+  const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
+
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int stage = 0; stage < kStages; ++stage) {
+      initialize_barrier(s.full[stage], 1);
+      initialize_barrier(s.empty[stage], 256);  // every consumer thread arrives once it is done with a page
+    }
+    initialize_barrier(s.p_full, 128);
+    initialize_barrier(s.p_empty, 128);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    if (threadIdx.x == 0) {
+      // A page read by several CTAs (row blocks of the same part) should stay in L2 for the others.
+      const uint64_t hint = gridDim.z > 1 ? static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL)
+                                          : static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_FIRST);
+      produce(p, &kv_map, s, hint);
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    if (warpgroup == 1)
+      consume_scores<T>(p, s);
+    else
+      consume_values<T>(p, s);
+  }
+}
+
+}  // namespace hopper
+}  // namespace jax_flashmla

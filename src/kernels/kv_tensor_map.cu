@@ -1,0 +1,40 @@
+#include "kernels/kv_tensor_map.h"
+
+#include <cudaTypedefs.h>
+#include <mutex>
+
+namespace jax_flashmla {
+
+namespace {
+PFN_cuTensorMapEncodeTiled_v12000 encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found) ==
+            cudaSuccess &&
+        found == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  });
+  return fn;
+}
+}  // namespace
+
+cudaError_t make_kv_tensor_map(CUtensorMap* map, const DecodeParams& p, ElementType type) {
+  const auto encode = encoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  constexpr cuuint64_t kElementBytes = 2;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(p.h_kv),
+                              static_cast<cuuint64_t>(p.num_pages) * kPageSize};
+  const cuuint64_t strides[2] = {p.head_dim * kElementBytes, p.h_kv * p.head_dim * kElementBytes};
+  const cuuint32_t box[3] = {64, 1, kPageSize};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult result =
+      encode(map, type == ElementType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
+             const_cast<void*>(p.k_cache), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+}  // namespace jax_flashmla
