@@ -26,6 +26,7 @@
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
 
 #include "kernels/element.cuh"
+#include "kernels/part_walk.cuh"
 #include "mla_params.h"
 
 namespace jax_flashmla {
@@ -99,56 +100,9 @@ __device__ __forceinline__ void fence_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// What one CTA does for one sequence: blocks [block_begin, block_end) of it.
-struct Chunk {
-  int seq, block_begin, block_end, length;
-  bool final_output;  // the sequence has one split: write out/lse directly
-  int split;          // else: partial slot in o_accum/lse_accum
-  bool skip;          // metadata inconsistent with these lengths: nothing to do
-};
-
-__device__ __forceinline__ Chunk chunk_of(const DecodeParams& p, int seq, int batch_begin, int block_begin_first,
-                                          int batch_end, int block_end_last, int split_begin) {
-  Chunk c;
-  c.seq = seq;
-  c.length = min(max(p.cache_seqlens[seq], 0), p.max_pages * kPageSize);
-  const int num_blocks = (c.length + kBlockN - 1) / kBlockN;
-  c.block_begin = max(seq == batch_begin ? block_begin_first : 0, 0);
-  c.block_end = min(seq == batch_end ? block_end_last : num_blocks, num_blocks);
-  if (c.block_end < c.block_begin) c.block_end = c.block_begin;
-  const int first_split = p.num_splits[seq];
-  const int n_splits = p.num_splits[seq + 1] - first_split;
-  c.final_output = n_splits == 1;
-  c.split = first_split + (seq == batch_begin ? split_begin : 0);
-  c.skip = !c.final_output && (c.split < 0 || c.split >= p.batch + p.num_parts);
-  return c;
-}
-
-// This CTA's part of the schedule: sequences first..last, each one chunk. All three roles walk the same
-// list (plain loops, not a callback, so the accumulators stay in registers).
-struct PartWalk {
-  int batch_begin, block_begin_first, batch_end, block_end_last, split_begin;
-  int first, last;
-  __device__ __forceinline__ explicit PartWalk(const DecodeParams& p) {
-    const int32_t* md = p.tile_metadata + blockIdx.x * kMetadataRowInts;
-    batch_begin = md[0], block_begin_first = md[1], batch_end = md[2], block_end_last = md[3];
-    split_begin = md[4];
-    first = max(batch_begin, 0);
-    last = min(batch_end, p.batch - 1);
-  }
-  __device__ __forceinline__ Chunk chunk(const DecodeParams& p, int seq) const {
-    return chunk_of(p, seq, batch_begin, block_begin_first, batch_end, block_end_last, split_begin);
-  }
-};
-
-__device__ __forceinline__ int page_of(const DecodeParams& p, int seq, int block) {
-  return p.block_table[static_cast<size_t>(seq) * p.max_pages + block];
-}
-
 // Tokens of a block that hold data: 0 for an invalid page.
 __device__ __forceinline__ int valid_tokens(const DecodeParams& p, const Chunk& c, int block) {
-  const int page = page_of(p, c.seq, block);
-  if (page < 0 || page >= p.num_pages) return 0;
+  if (!page_in_pool(p, page_of(p, c.seq, block))) return 0;
   return min(kBlockN, c.length - block * kBlockN);
 }
 
@@ -166,7 +120,7 @@ __device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap
       const int stage = tile % kStages;
       wait_barrier(s.empty[stage], ((tile / kStages) & 1) ^ 1);
       const int page = page_of(p, c.seq, block);
-      if (page >= 0 && page < p.num_pages) {
+      if (page_in_pool(p, page)) {
         set_barrier_transaction_bytes(s.full[stage], kPageBytes);
 #pragma unroll
         for (int chunk = 0; chunk < kNumChunks; ++chunk)

@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "kernels/element.cuh"
+#include "kernels/part_walk.cuh"
 #include "mla_params.h"
 
 namespace jax_flashmla {
@@ -35,13 +36,6 @@ struct SharedStorage {
   float row_sum[kBlockM];
 };
 
-// What one CTA does for one (sequence, block range) chunk.
-struct Chunk {
-  int seq, block_begin, block_end, length;
-  bool final_output;  // the sequence has one split: write out/lse directly
-  int split;          // else: partial slot in o_accum/lse_accum
-};
-
 template <typename T>
 __device__ void load_q_tile(const DecodeParams& p, SharedStorage& s, int seq, int head_kv, int row0) {
   const int vecs_per_row = p.head_dim / 8;
@@ -64,8 +58,8 @@ __device__ void load_q_tile(const DecodeParams& p, SharedStorage& s, int seq, in
 template <typename T>
 __device__ bool load_kv_tile(const DecodeParams& p, SharedStorage& s, int seq, int head_kv, int block, int length) {
   const int vecs_per_row = p.head_dim / 8;
-  const int page = p.block_table[static_cast<size_t>(seq) * p.max_pages + block];
-  const bool page_ok = page >= 0 && page < p.num_pages;
+  const int page = page_of(p, seq, block);
+  const bool page_ok = page_in_pool(p, page);
   for (int idx = threadIdx.x; idx < kBlockN * vecs_per_row; idx += kThreads) {
     const int t = idx / vecs_per_row, v = idx % vecs_per_row;
     uint4 value = make_uint4(0, 0, 0, 0);
@@ -83,33 +77,20 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   SharedStorage& s = *reinterpret_cast<SharedStorage*>(smem_raw);
 
-  const int part = blockIdx.x, head_kv = blockIdx.y, row0 = blockIdx.z * kBlockM;
+  const int head_kv = blockIdx.y, row0 = blockIdx.z * kBlockM;
   const int tid = threadIdx.x;
   const int group = p.h_q / p.h_kv;
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  const int max_splits = p.batch + p.num_parts;
 
   // S-phase mapping: rows ty*4 + i, columns tx + 16*j (interleaved so a warp reads 16 different K rows).
   const int tx = tid % 16, ty = tid / 16;
   // PV-phase mapping: rows warp*8 + r, columns lane*8 + c and 256 + lane*8 + c.
   const int warp = tid / 32, lane = tid % 32;
 
-  const int32_t* md = p.tile_metadata + part * kMetadataRowInts;
-  const int batch_begin = md[0], block_begin_first = md[1], batch_end = md[2], block_end_last = md[3];
-  const int split_begin = md[4];
-
-  for (int seq = max(batch_begin, 0); seq <= min(batch_end, p.batch - 1); ++seq) {
-    Chunk c;
-    c.seq = seq;
-    c.length = min(max(p.cache_seqlens[seq], 0), p.max_pages * kPageSize);
-    const int num_blocks = (c.length + kBlockN - 1) / kBlockN;
-    c.block_begin = max(seq == batch_begin ? block_begin_first : 0, 0);
-    c.block_end = min(seq == batch_end ? block_end_last : num_blocks, num_blocks);
-    const int first_split = p.num_splits[seq];
-    const int n_splits = p.num_splits[seq + 1] - first_split;
-    c.final_output = n_splits == 1;
-    c.split = first_split + (seq == batch_begin ? split_begin : 0);
-    if (!c.final_output && (c.split < 0 || c.split >= max_splits)) continue;  // metadata from other lengths
+  const PartWalk walk(p);
+  for (int seq = walk.first; seq <= walk.last; ++seq) {
+    const Chunk c = walk.chunk(p, seq);
+    if (c.skip) continue;
 
     __syncthreads();  // the previous chunk's epilogue is done with shared memory
     load_q_tile<T>(p, s, seq, head_kv, row0);

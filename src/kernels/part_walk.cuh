@@ -1,0 +1,58 @@
+// The walk over one part of the split-KV schedule (mla_params.h documents the metadata), shared by the
+// decode kernels: which sequences the CTA blockIdx.x serves, which blocks and output slot of each, and the
+// pages behind the blocks.
+#pragma once
+
+#include "mla_params.h"
+
+namespace jax_flashmla {
+
+// What one CTA does for one sequence: blocks [block_begin, block_end) of it.
+struct Chunk {
+  int seq, block_begin, block_end, length;
+  bool final_output;  // the sequence has one split: write out/lse directly
+  int split;          // else: partial slot in o_accum/lse_accum
+  bool skip;          // metadata inconsistent with these lengths: nothing to do
+};
+
+// Sequences first..last, one chunk each. Callers write the loop themselves (a callback per chunk was not
+// inlined in the Hopper kernel, and its accumulators went to the stack).
+struct PartWalk {
+  int batch_begin, block_begin_first, batch_end, block_end_last, split_begin;
+  int first, last;
+
+  __device__ __forceinline__ explicit PartWalk(const DecodeParams& p) {
+    const int32_t* md = p.tile_metadata + blockIdx.x * kMetadataRowInts;
+    batch_begin = md[0], block_begin_first = md[1], batch_end = md[2], block_end_last = md[3];
+    split_begin = md[4];
+    first = max(batch_begin, 0);
+    last = min(batch_end, p.batch - 1);
+  }
+
+  __device__ __forceinline__ Chunk chunk(const DecodeParams& p, int seq) const {
+    Chunk c;
+    c.seq = seq;
+    c.length = min(max(p.cache_seqlens[seq], 0), p.max_pages * kPageSize);
+    const int num_blocks = (c.length + kPageSize - 1) / kPageSize;
+    c.block_begin = max(seq == batch_begin ? block_begin_first : 0, 0);
+    c.block_end = max(min(seq == batch_end ? block_end_last : num_blocks, num_blocks), c.block_begin);
+    const int first_split = p.num_splits[seq];
+    const int n_splits = p.num_splits[seq + 1] - first_split;
+    c.final_output = n_splits == 1;
+    c.split = first_split + (seq == batch_begin ? split_begin : 0);
+    // A slot outside o_accum means metadata computed for other lengths.
+    c.skip = !c.final_output && (c.split < 0 || c.split >= p.batch + p.num_parts);
+    return c;
+  }
+};
+
+__device__ __forceinline__ int page_of(const DecodeParams& p, int seq, int block) {
+  return p.block_table[static_cast<size_t>(seq) * p.max_pages + block];
+}
+
+// Ids outside the pool mark tokens the kernels ignore: never loaded, masked out of S.
+__device__ __forceinline__ bool page_in_pool(const DecodeParams& p, int page) {
+  return page >= 0 && page < p.num_pages;
+}
+
+}  // namespace jax_flashmla
