@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import sharding, validation
 from .constants import DEFAULT_NUM_SMS
@@ -43,12 +44,15 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: i
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int, tile_scheduler_metadata=None,
                            num_splits=None, softmax_scale: float | None = None, causal: bool = False, *,
-                           poison_outputs: bool = False):
+                           layer=None, poison_outputs: bool = False):
     """Multi-head latent attention decode over a paged KV cache.
 
     Args:
       q: (b, s_q, h_q, d) bfloat16 or float16 (float32 runs the reference); d is 576 or 512.
       k_cache: (num_pages, 64, h_kv, d), q's dtype. The values are the first head_dim_v dims of each key.
+        Or a stacked pool of all layers, (num_layers, num_pages, 64, h_kv, d), with `layer` naming the one to
+        read: the kernels then read that layer in place, where passing `pool[layer]` would make XLA copy the
+        layer's whole pool before every call.
       block_table: (b, max_pages_per_seq) int32 page ids; ids outside [0, num_pages) are ignored.
       cache_seqlens: (b,) int32 KV lengths, clipped to [0, 64 * max_pages_per_seq].
       head_dim_v: value dim, 512.
@@ -56,6 +60,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         that splits the batch or the heads each shard computes its own schedule and these are ignored.
       softmax_scale: defaults to d ** -0.5.
       causal: with s_q > 1, query token i sees keys [0, L - s_q + i].
+      layer: with a stacked k_cache, a Python int in [0, num_layers) (read in place). A traced integer scalar
+        (e.g. lax.scan over layers) is accepted too but goes through a slice of the pool, which XLA copies,
+        and is clamped into range like any dynamic index.
       poison_outputs: testing aid; the CUDA path fills every output with NaN before the kernels run.
     Returns:
       out (b, s_q, h_q, head_dim_v) in q's dtype, lse (b, h_q, s_q) float32 (natural log; +inf where a
@@ -67,9 +74,11 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     """
     q, k_cache, block_table, cache_seqlens = map(jnp.asarray, (q, k_cache, block_table, cache_seqlens))
     validation.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
-                                 num_splits)
+                                 num_splits, layer)
+    if layer is not None and not isinstance(layer, (int, np.integer)):  # traced: no static pointer offset
+        k_cache, layer = jax.lax.dynamic_index_in_dim(k_cache, jnp.asarray(layer, jnp.int32), 0, keepdims=False), None
     _, s_q, h_q, head_dim = q.shape
-    h_kv = k_cache.shape[2]
+    h_kv = k_cache.shape[-2]
     if tile_scheduler_metadata is None:
         tile_scheduler_metadata, num_splits = get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)
     if softmax_scale is None:
@@ -77,4 +86,5 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     validation.check_softmax_scale(softmax_scale)
     return sharding.decode(
         q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v=int(head_dim_v),
-        softmax_scale=float(softmax_scale), causal=bool(causal) and s_q > 1, poison_outputs=bool(poison_outputs))
+        softmax_scale=float(softmax_scale), causal=bool(causal) and s_q > 1,
+        layer=None if layer is None else int(layer), poison_outputs=bool(poison_outputs))

@@ -22,6 +22,10 @@ How each row is timed (wall clock around calls ended by block_until_ready):
                Python, dispatch included.
   baseline_ms  `xla_baseline_decode` (gather the pages, einsum, softmax in the input dtype with f32 scores,
                padded to the longest sequence), timed like kernel_ms; speedup = baseline_ms / kernel_ms.
+With --layers N > 1 the KV pool is a stack of N layers, as a model keeps it (PagedKVCache.pages), and every
+decode reads the last layer in place (flash_mla_with_kvcache(..., layer=N-1)); the row then also has
+  e2e_sliced_ms  e2e_ms of the same call given the layer sliced out, pages[N-1], FlashMLA's one-layer
+               k_cache: what XLA's copy of that layer's pool adds to a call.
 Throughput uses FlashMLA's formulas with L the mean length: FLOPs = b h_q s_q (2 d L + 2 dv L),
 bytes = b (s_q h_q d + L h_kv d + s_q h_q dv) * 2 (bytes per element). "% roofline" is the time floor
 max(FLOPs / peak FLOP/s, bytes / peak bytes/s) over kernel_ms, with H100 SXM datasheet peaks by default.
@@ -71,7 +75,9 @@ MIN_REPORTED_ITERS = 50
 METHOD = ("kernel_ms and baseline_ms: median over repeats of (t(n) - t(1)) / (n - 1), t(k) = wall time of one "
           "jitted call running the decode k times in lax.fori_loop (each iteration adds 0 * out[0,0,0,0] to "
           "q[0,0,0,0] and block_table[0,0]; out is loop-carried), ended by block_until_ready; metadata "
-          "precomputed. e2e_ms: median wall time of single jitted metadata + decode calls after warm-up.")
+          "precomputed. e2e_ms: median wall time of single jitted metadata + decode calls after warm-up. "
+          "With layers > 1 the decode reads layer layers-1 of a stacked pool in place; e2e_sliced_ms times "
+          "the e2e call given that layer sliced out instead.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +120,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="q and KV dtype (default bfloat16)")
     g.add_argument("--fixed-lengths", action="store_true", help="every sequence has length s_k")
     g.add_argument("--seed", type=int, default=0, help="seed for lengths and inputs (default 0)")
+    g.add_argument("--layers", type=int, default=1,
+                   help="layers in the KV pool (default 1: FlashMLA's one-layer k_cache); with N > 1 the decode "
+                   "reads the last layer of the stack in place, and e2e_sliced_ms times slicing it out instead")
     t = p.add_argument_group("timing and output")
     t.add_argument("--warmup", type=int, default=2,
                    help="untimed calls of each function; the first compiles (default 2)")
@@ -139,7 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.pairs = list(itertools.product(args.s_q or FULL_S_Q, args.h_q or FULL_H_Q))
     args.causal = args.causal or ("off" if args.quick else "both")
 
-    for name in ("batch", "h_kv", "warmup", "repeats"):
+    for name in ("batch", "h_kv", "warmup", "repeats", "layers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("iters", "baseline_iters"):
@@ -183,11 +192,13 @@ def sample_lengths(config: RowConfig, fixed: bool, seed: int) -> np.ndarray:
     return np.clip(lengths, config.s_q, 2 * config.s_k).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("s_q", "h_q", "h_kv", "num_pages", "max_pages", "dtype"))
-def _random_inputs(key, pages, *, s_q, h_q, h_kv, num_pages, max_pages, dtype):
+@functools.partial(jax.jit, static_argnames=("s_q", "h_q", "h_kv", "num_pages", "max_pages", "dtype", "layers"))
+def _random_inputs(key, pages, *, s_q, h_q, h_kv, num_pages, max_pages, dtype, layers):
     kq, kk, kp = jax.random.split(key, 3)
     q = (jax.random.normal(kq, (pages.shape[0], s_q, h_q, HEAD_DIM)) / 10).astype(dtype)
-    k_cache = (jax.random.normal(kk, (num_pages, PAGE_SIZE, h_kv, HEAD_DIM)) / 10).astype(dtype)
+    pool_shape = (num_pages, PAGE_SIZE, h_kv, HEAD_DIM) if layers == 1 else (layers, num_pages, PAGE_SIZE, h_kv,
+                                                                             HEAD_DIM)
+    k_cache = (jax.random.normal(kk, pool_shape) / 10).astype(dtype)
     # Sequence i owns permutation slots [first_i, first_i + pages_i): its pages lie scattered over the pool.
     perm = jax.random.permutation(kp, num_pages).astype(jnp.int32)
     first = jnp.cumsum(pages) - pages
@@ -197,12 +208,13 @@ def _random_inputs(key, pages, *, s_q, h_q, h_kv, num_pages, max_pages, dtype):
     return q, k_cache, table
 
 
-def make_inputs(key, lengths: np.ndarray, config: RowConfig):
-    """(q, k_cache, block_table, cache_seqlens) on the device; the pool holds exactly the pages in use."""
+def make_inputs(key, lengths: np.ndarray, config: RowConfig, layers: int = 1):
+    """(q, k_cache, block_table, cache_seqlens) on the device; the pool holds exactly the pages in use, in
+    each of `layers` layers (a rank-5 stacked pool when layers > 1)."""
     pages = -(-lengths // PAGE_SIZE)
     q, k_cache, table = _random_inputs(key, jnp.asarray(pages, jnp.int32), s_q=config.s_q, h_q=config.h_q,
                                        h_kv=config.h_kv, num_pages=int(pages.sum()), max_pages=int(pages.max()),
-                                       dtype=DTYPES[config.dtype])
+                                       dtype=DTYPES[config.dtype], layers=layers)
     return q, k_cache, table, jnp.asarray(lengths, jnp.int32)
 
 
@@ -324,21 +336,27 @@ def environment() -> dict:
 
 def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
     lengths = sample_lengths(config, args.fixed_lengths, args.seed)
-    q, k_cache, table, seqlens = make_inputs(key, lengths, config)
+    q, k_cache, table, seqlens = make_inputs(key, lengths, config, args.layers)
+    layer = None if args.layers == 1 else args.layers - 1  # the stack's last layer: the largest pointer offset
     q_rows = config.s_q * config.h_q // config.h_kv
     metadata = jax.block_until_ready(get_mla_metadata(seqlens, q_rows, config.h_kv))
     rest = (k_cache, table, seqlens, *metadata)
 
-    decode = functools.partial(_decode_with_metadata, causal=config.causal)
+    decode = functools.partial(_decode_with_metadata, causal=config.causal, layer=layer)
     kernel_one = repeat_decode(decode, 1)
     kernel_ms = loop_ms(repeat_decode(decode, args.iters), kernel_one, (q, *rest), args.iters, args.repeats,
                         args.warmup)
-    e2e = jax.jit(functools.partial(_decode_end_to_end, causal=config.causal))
+    e2e = jax.jit(functools.partial(_decode_end_to_end, causal=config.causal, layer=layer))
     e2e_ms = call_ms(e2e, (q, k_cache, table, seqlens), args.iters, args.warmup)
+    e2e_sliced_ms = None
+    if layer is not None:
+        sliced = jax.jit(lambda q, pools, table, seqlens: _decode_end_to_end(q, pools[layer], table, seqlens,
+                                                                             causal=config.causal))
+        e2e_sliced_ms = call_ms(sliced, (q, k_cache, table, seqlens), args.iters, args.warmup)
 
     baseline_ms, diff, note = None, None, "skipped (--no-baseline)" if args.no_baseline else ""
     if not args.no_baseline:
-        baseline = functools.partial(xla_baseline_decode, head_dim_v=HEAD_DIM_V, causal=config.causal)
+        baseline = functools.partial(_baseline_decode, causal=config.causal, layer=layer)
         baseline_one = repeat_decode(baseline, 1)
         args_b = (q, k_cache, table, seqlens)
         try:
@@ -361,10 +379,10 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
         "head_dim": HEAD_DIM, "head_dim_v": HEAD_DIM_V, "page_size": PAGE_SIZE,
         "fixed_lengths": args.fixed_lengths, "seed": args.seed,
         "mean_len": mean_len, "min_len": int(lengths.min()), "max_len": int(lengths.max()),
-        "kv_cache_mb": k_cache.size * itemsize / 1e6,
+        "layers": args.layers, "kv_cache_mb": k_cache.size * itemsize / args.layers / 1e6,  # the layer read
         "iters": args.iters, "repeats": args.repeats, "warmup": args.warmup, "baseline_iters": args.baseline_iters,
         "reportable": args.iters >= MIN_REPORTED_ITERS,
-        "kernel_ms": kernel_ms, "e2e_ms": e2e_ms,
+        "kernel_ms": kernel_ms, "e2e_ms": e2e_ms, "e2e_sliced_ms": e2e_sliced_ms,
         "flops": flops, "bytes": nbytes, "arithmetic_intensity": flops / nbytes,
         "tflops": tflops, "gbps": _per_second(nbytes / 1e9, kernel_ms),
         "roofline_pct": roofline_pct(flops, nbytes, kernel_ms, args.peak_tflops, args.peak_gbps),
@@ -375,15 +393,21 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
     }  # fmt: skip
 
 
-def _decode_with_metadata(q, k_cache, table, seqlens, tile_metadata, num_splits, *, causal):
-    return flash_mla_with_kvcache(q, k_cache, table, seqlens, HEAD_DIM_V, tile_metadata, num_splits, causal=causal)
+def _decode_with_metadata(q, k_cache, table, seqlens, tile_metadata, num_splits, *, causal, layer):
+    return flash_mla_with_kvcache(q, k_cache, table, seqlens, HEAD_DIM_V, tile_metadata, num_splits, causal=causal,
+                                  layer=layer)
 
 
-def _decode_end_to_end(q, k_cache, table, seqlens, *, causal):
+def _decode_end_to_end(q, k_cache, table, seqlens, *, causal, layer=None):
     _, s_q, h_q, _ = q.shape
-    h_kv = k_cache.shape[2]
+    h_kv = k_cache.shape[-2]
     metadata = get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)
-    return flash_mla_with_kvcache(q, k_cache, table, seqlens, HEAD_DIM_V, *metadata, causal=causal)
+    return flash_mla_with_kvcache(q, k_cache, table, seqlens, HEAD_DIM_V, *metadata, causal=causal, layer=layer)
+
+
+def _baseline_decode(q, k_cache, table, seqlens, *, causal, layer):
+    pool = k_cache if layer is None else k_cache[layer]
+    return xla_baseline_decode(q, pool, table, seqlens, head_dim_v=HEAD_DIM_V, causal=causal)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -427,15 +451,20 @@ def _fmt(value, spec: str) -> str:
 TABLE_COLUMNS = [  # (header, record key, format)
     ("b", "batch", "d"), ("s_k", "s_k", "d"), ("s_q", "s_q", "d"), ("h_q", "h_q", "d"), ("h_kv", "h_kv", "d"),
     ("causal", "causal", "d"), ("kernel ms", "kernel_ms", ".4f"), ("e2e ms", "e2e_ms", ".4f"),
+    ("sliced e2e ms", "e2e_sliced_ms", ".4f"),
     ("TFLOPS", "tflops", ".3g"), ("GB/s", "gbps", ".1f"), ("% roof", "roofline_pct", ".3g"),
     ("base ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f"),
 ]  # fmt: skip
 
 
+OPTIONAL_COLUMNS = {"e2e_sliced_ms"}  # shown only when some row has the measurement (--layers > 1)
+
+
 def format_table(records: list[dict]) -> str:
-    cells = [[h for h, _, _ in TABLE_COLUMNS]]
-    cells += [[_fmt(r[key], spec) for _, key, spec in TABLE_COLUMNS] for r in records]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
+    columns = [c for c in TABLE_COLUMNS if c[1] not in OPTIONAL_COLUMNS or any(r[c[1]] is not None for r in records)]
+    cells = [[h for h, _, _ in columns]]
+    cells += [[_fmt(r[key], spec) for _, key, spec in columns] for r in records]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 

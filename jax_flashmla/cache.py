@@ -62,7 +62,8 @@ class PagedKVCache:
         return self.pages.shape[0]
 
     def layer_pages(self, layer) -> jax.Array:
-        """The page pool of one layer, (num_pages, 64, h_kv, d): the k_cache of flash_mla_with_kvcache."""
+        """The page pool of one layer, (num_pages, 64, h_kv, d), FlashMLA's k_cache. Inside jit this slice is a
+        copy of the layer's pool: pass `pages` and layer= to flash_mla_with_kvcache to read it in place."""
         return self.pages[layer]
 
     def write(self, kv, *, layer=0, num_new=None) -> "PagedKVCache":

@@ -288,7 +288,7 @@ class MultiHeadLatentAttention(nnx.Module):
             q = jax.lax.with_sharding_constraint(q, decode_query_sharding(self.mesh))
         out_latent, _ = flash_mla_with_kvcache(
             q,
-            cache.layer_pages(layer),
+            cache.pages,  # the stacked pool: layer `layer` is read in place, not sliced out (a copy)
             cache.block_table,
             cache.seqlens + s_q,
             c.kv_lora_rank,
@@ -296,6 +296,7 @@ class MultiHeadLatentAttention(nnx.Module):
             num_splits=num_splits,
             softmax_scale=c.softmax_scale,
             causal=True,
+            layer=layer,
         )
         o = jnp.einsum("bshr,rhv->bshv", out_latent.astype(c.dtype), w_uv)  # absorb W_UV into the output
         return self._output(o), cache

@@ -4,6 +4,8 @@ Two primitives, both internal (jax_flashmla.api is the public face):
   mla_metadata_p  cache_seqlens -> (tile_metadata, num_splits)                    param: num_parts
   mla_decode_p    q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits
                   -> (out, lse, o_accum, lse_accum)                               params below
+k_cache is one layer's pool (num_pages, 64, h_kv, d) with layer=None, or a stacked pool (num_layers, num_pages,
+64, h_kv, d) with layer the static index to read (the CUDA handler offsets its pointer: no copy).
 o_accum/lse_accum are the split-KV partials. They are results of the custom call so that XLA owns their
 memory for as long as the kernels run (FFI scratch memory is released when the handler returns, before
 the kernels on the stream are done); the public function drops them.
@@ -99,10 +101,10 @@ def _split_like_q(q, dims):
 
 @mla_decode_p.def_abstract_eval
 def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, *, head_dim_v,
-                          softmax_scale, causal, poison_outputs):
-    del block_table, cache_seqlens, num_splits, softmax_scale, causal, poison_outputs
+                          softmax_scale, causal, layer, poison_outputs):
+    del block_table, cache_seqlens, num_splits, softmax_scale, causal, layer, poison_outputs
     batch, s_q, h_q, _ = q.shape
-    h_kv = k_cache.shape[2]
+    h_kv = k_cache.shape[-2]
     o_shape, l_shape = accum_shapes(batch, tile_metadata.shape[0], h_kv, s_q * h_q // h_kv, head_dim_v)
     return (ShapedArray((batch, s_q, h_q, head_dim_v), q.dtype, sharding=_split_like_q(q, (0, None, 2, None))),
             ShapedArray((batch, h_q, s_q), jnp.float32, sharding=_split_like_q(q, (0, 2, None))),
@@ -110,13 +112,15 @@ def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_metadata,
 
 
 def _decode_reference(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, *, head_dim_v,
-                      softmax_scale, causal, poison_outputs):
+                      softmax_scale, causal, layer, poison_outputs):
     del num_splits, poison_outputs
+    if layer is not None:
+        k_cache = k_cache[layer]
     out, lse = mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v=head_dim_v,
                                     softmax_scale=softmax_scale, causal=causal)
     # The partials are scratch with no defined content; zeros that XLA drops once nothing reads them.
     batch, s_q, h_q, _ = q.shape
-    h_kv = k_cache.shape[2]
+    h_kv = k_cache.shape[-2]
     o_shape, l_shape = accum_shapes(batch, tile_metadata.shape[0], h_kv, s_q * h_q // h_kv, head_dim_v)
     return out, lse, jnp.zeros(o_shape, jnp.float32), jnp.zeros(l_shape, jnp.float32)
 
@@ -129,7 +133,8 @@ def _decode_batch(args, dims, **params):
     """vmap folds the mapped axis into the batch: one launch over n*b sequences.
 
     A mapped page pool (e.g. one per layer) is concatenated along its page axis and the block tables are
-    rebased onto it; ids that were invalid stay invalid. The schedule is recomputed for the folded batch.
+    rebased onto it; ids that were invalid stay invalid (a mapped stacked pool is first cut to its `layer`).
+    The schedule is recomputed for the folded batch.
     """
     q, k_cache, block_table, cache_seqlens, tile_metadata, _ = args
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
@@ -141,11 +146,13 @@ def _decode_batch(args, dims, **params):
                                                                  (dims[0], dims[2], dims[3])))
     if dims[1] is not None:
         k_cache = jnp.moveaxis(k_cache, dims[1], 0)
+        if params["layer"] is not None:
+            k_cache, params = k_cache[:, params["layer"]], {**params, "layer": None}
         pages_per_pool = k_cache.shape[1]
         valid = (block_table >= 0) & (block_table < pages_per_pool)
         offsets = (jnp.arange(size, dtype=jnp.int32) * pages_per_pool)[:, None, None]
         block_table = jnp.where(valid, block_table + offsets, -1)
-        k_cache = k_cache.reshape(size * pages_per_pool, *k_cache.shape[2:])
+        k_cache = k_cache.reshape(size * pages_per_pool, *k_cache.shape[2:])  # pools end to end
 
     batch = q.shape[1]
     flat_seqlens = cache_seqlens.reshape(size * batch)
@@ -176,13 +183,14 @@ def _register_cuda_lowerings():
         del num_parts  # implied by the result shape
         return metadata_ffi(ctx, cache_seqlens)
 
-    def decode_rule(ctx, *operands, head_dim_v, softmax_scale, causal, poison_outputs):
-        params = dict(head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal,
+    def decode_rule(ctx, *operands, head_dim_v, softmax_scale, causal, layer, poison_outputs):
+        params = dict(head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal, layer=layer,
                       poison_outputs=poison_outputs)
         if ctx.avals_in[0].dtype == jnp.float32:  # the kernels take bf16/fp16 only
             return _decode_reference_lowering(ctx, *operands, **params)
+        # layer: the handler reads layer `layer` of a rank-5 pool in place; 0 for a rank-4 pool.
         return decode_ffi(ctx, *operands, softmax_scale=np.float32(softmax_scale), causal=bool(causal),
-                          poison_outputs=bool(poison_outputs))
+                          layer=np.int64(layer or 0), poison_outputs=bool(poison_outputs))
 
     mlir.register_lowering(mla_metadata_p, metadata_rule, platform="cuda")
     mlir.register_lowering(mla_decode_p, decode_rule, platform="cuda")

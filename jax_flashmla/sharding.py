@@ -10,7 +10,8 @@ name is passed to the public functions.
   lse            (b, h_q, s_q)             P(B, H, None)
   block_table    (b, max_pages)            P(B, None)
   cache_seqlens  (b,)                      P(B)
-  k_cache        (num_pages, 64, h_kv, d)  P(B, None, None, None), or fully replicated
+  k_cache        (num_pages, 64, h_kv, d)  P(B, None, None, None), or fully replicated; a stacked pool
+                 (num_layers, num_pages, 64, h_kv, d) likewise on its page axis: P(None, B, None, None, None)
   PagedKVCache   pages P(None, B, None, None, None), block_table P(B, None), seqlens P(B); for a write,
                  kv (b, s_new, h_kv, d) P(B, None, None, None) (or the rows all replicated, each shard then
                  storing the tokens that land on its pages)
@@ -58,7 +59,8 @@ from .primitives import bind_schedule, device_num_sms, mla_decode_p
 DECODE_LAYOUTS = (
     "supported layouts, with B the batch axes and H the head axes (disjoint sets of mesh axes, either may be "
     "empty): q P(B, None, H, None); block_table P(B, None); cache_seqlens P(B); k_cache P(B, None, None, None) "
-    "or replicated; arguments left replicated are sliced locally; H non-empty needs h_kv == 1")
+    "(a stacked pool P(None, B, None, None, None)) or replicated; arguments left replicated are sliced locally; "
+    "H non-empty needs h_kv == 1")
 WRITE_LAYOUTS = (
     "supported layouts, with B the batch axes: pages P(None, B, None, None, None); kv P(B, None, None, None); "
     "block_table P(B, None); seqlens P(B); kv, block_table and seqlens may instead all be replicated")
@@ -131,10 +133,13 @@ def decode_layout(mesh, arg_shapes) -> DecodeLayout:
     ops = _Operands("flash_mla_with_kvcache", DECODE_LAYOUTS, ("q", "k_cache", "block_table", "cache_seqlens"),
                     arg_shapes[:4])
     ops.require_unsplit("q", (1, 3), {1: "s_q", 3: "head dim"})
-    ops.require_unsplit("k_cache", (1, 2, 3), {1: "page-slot", 2: "KV-head", 3: "head dim"})
+    # A stacked pool (num_layers, num_pages, ...) has its page axis at 1; only the page axis may be split.
+    k_axes = ("layer",) * (len(arg_shapes[1].shape) == 5) + ("page", "page-slot", "KV-head", "head dim")
+    page_axis = k_axes.index("page")
+    ops.require_unsplit("k_cache", [a for a in range(len(k_axes)) if a != page_axis], dict(enumerate(k_axes)))
     ops.require_unsplit("block_table", (1,), {1: "max_pages_per_seq"})
     batch = ops.agree("batch", (("q", 0), ("block_table", 0), ("cache_seqlens", 0)))
-    pool = ops.axes["k_cache"][0]
+    pool = ops.axes["k_cache"][page_axis]
     if pool and pool != batch:
         if batch:
             ops.fail("k_cache", f"splits its page axis over {pool} while the batch is split over {batch} "
@@ -143,12 +148,12 @@ def decode_layout(mesh, arg_shapes) -> DecodeLayout:
     heads = ops.axes["q"][2]
     if heads and set(heads) & set(batch):
         ops.fail("q", f"splits heads over {heads}, which overlap the batch axes {batch}")
-    if heads and arg_shapes[1].shape[2] != 1:
-        ops.fail("q", f"splits its heads over {heads} but k_cache has h_kv = {arg_shapes[1].shape[2]} "
+    if heads and arg_shapes[1].shape[-2] != 1:
+        ops.fail("q", f"splits its heads over {heads} but k_cache has h_kv = {arg_shapes[1].shape[-2]} "
                  "(a head split needs h_kv == 1, the latent shared by all heads)")
     ops.divisible("q", 0, batch, mesh, "batch size")
     ops.divisible("q", 2, heads, mesh, "head count")
-    ops.divisible("k_cache", 0, pool, mesh, "page count")
+    ops.divisible("k_cache", page_axis, pool, mesh, "page count")
     return DecodeLayout(batch=batch, heads=heads, pool=pool)
 
 
@@ -222,36 +227,39 @@ def _named(mesh, *dims) -> NamedSharding:
 
 
 def _decode_global(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, head_dim_v, softmax_scale,
-                   causal, poison_outputs):
+                   causal, layer, poison_outputs):
     out, lse, _, _ = mla_decode_p.bind(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits,
                                        head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal,
-                                       poison_outputs=poison_outputs)
+                                       layer=layer, poison_outputs=poison_outputs)
     return out, lse
 
 
-_decode_partitioned = custom_partitioning(_decode_global, static_argnums=(6, 7, 8, 9))
+# One partitioned function per pool rank: the sharding rule names k_cache's factors (a layer one for stacked).
+_decode_partitioned = custom_partitioning(_decode_global, static_argnums=(6, 7, 8, 9, 10))
+_decode_partitioned_stacked = custom_partitioning(_decode_global, static_argnums=(6, 7, 8, 9, 10))
 
 
-def _decode_partition(head_dim_v, softmax_scale, causal, poison_outputs, mesh, arg_shapes, result_shape):
+def _decode_partition(head_dim_v, softmax_scale, causal, layer, poison_outputs, mesh, arg_shapes, result_shape):
     del result_shape  # the results follow q: whatever was asked of them is resharded by XLA afterwards
     layout = decode_layout(mesh, arg_shapes)
     batch, heads = layout.batch, layout.heads
     spec = functools.partial(_named, mesh)
-    arg_shardings = (spec(batch, (), heads, ()), spec(layout.pool, (), (), ()), spec(batch, ()), spec(batch),
+    pool_spec = spec((), layout.pool, (), (), ()) if layer is not None else spec(layout.pool, (), (), ())
+    arg_shardings = (spec(batch, (), heads, ()), pool_spec, spec(batch, ()), spec(batch),
                      # A schedule we use is needed whole; one we ignore stays where it is (XLA drops it).
                      *(s.sharding if layout.splits_anything else spec(*((),) * len(s.shape)) for s in arg_shapes[4:]))
     result_shardings = (spec(batch, (), heads, ()), spec(batch, heads, ()))
     num_sms = device_num_sms(mesh.devices.flat[0])  # the shard's schedule fills one of the mesh's GPUs
 
     def per_shard(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits):
-        block_table = local_page_ids(block_table, k_cache.shape[0], layout.pool, -1)
+        block_table = local_page_ids(block_table, k_cache.shape[-4], layout.pool, -1)
         if layout.splits_anything:
             _, s_q, h_q, _ = q.shape
-            h_kv = k_cache.shape[2]
+            h_kv = k_cache.shape[-2]
             tile_metadata, num_splits = bind_schedule(cache_seqlens, num_sms=num_sms, num_heads_k=h_kv,
                                                       num_q_tokens_per_head_k=s_q * h_q // h_kv)
         return _decode_global(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, head_dim_v,
-                              softmax_scale, causal, poison_outputs)
+                              softmax_scale, causal, layer, poison_outputs)
 
     return mesh, per_shard, result_shardings, arg_shardings
 
@@ -260,19 +268,23 @@ def _decode_partition(head_dim_v, softmax_scale, causal, poison_outputs, mesh, a
 # width, m/r schedule rows/ints, c num_splits. Only b and h are shared, so propagation splits the results
 # like q and never invents a split of anything else.
 _decode_partitioned.def_partition(_decode_partition, sharding_rule="b s h d, p t k d, b n, b, m r, c -> b s h v, b h s")
+_decode_partitioned_stacked.def_partition(_decode_partition,
+                                          sharding_rule="b s h d, l p t k d, b n, b, m r, c -> b s h v, b h s")
 
 
 # jit: an eager call on sharded arrays then compiles through the partitioning rule too (inside an outer jit
 # this nests and inlines).
-@functools.partial(jax.jit, static_argnames=("head_dim_v", "softmax_scale", "causal", "poison_outputs"))
+@functools.partial(jax.jit, static_argnames=("head_dim_v", "softmax_scale", "causal", "layer", "poison_outputs"))
 def decode(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, *, head_dim_v: int,
-           softmax_scale: float, causal: bool, poison_outputs: bool):
-    """(out, lse) of mla_decode_p, partitioned over the mesh of the operands' shardings (module docstring)."""
-    static = (head_dim_v, softmax_scale, causal, poison_outputs)
+           softmax_scale: float, causal: bool, layer: int | None, poison_outputs: bool):
+    """(out, lse) of mla_decode_p, partitioned over the mesh of the operands' shardings (module docstring).
+    layer: None for a (num_pages, 64, h_kv, d) pool, else the layer of a stacked pool to read."""
+    static = (head_dim_v, softmax_scale, causal, layer, poison_outputs)
+    partitioned = _decode_partitioned if layer is None else _decode_partitioned_stacked
 
     @custom_vmap
     def run(*operands):
-        return _decode_partitioned(*operands, *static)
+        return partitioned(*operands, *static)
 
     @run.def_vmap
     def _vmap_rule(axis_size, in_batched, *operands):

@@ -40,7 +40,31 @@ def check_metadata_args(num_q_tokens_per_head_k, num_heads_k):
             raise ValueError(f"{name} must be a positive Python int, got {value!r}")
 
 
-def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_metadata, num_splits):
+def check_layer(k_cache, layer):
+    """A rank-5 k_cache is a stacked pool (num_layers, num_pages, 64, h_kv, d) and needs the layer to read:
+    a Python int in range, or a traced int32 scalar (read through a slice of the pool)."""
+    if k_cache.ndim != 5:
+        if layer is not None:
+            raise ValueError(f"layer={layer!r} is only for a stacked k_cache of rank 5 (num_layers, num_pages, "
+                             f"{PAGE_SIZE}, h_kv, head_dim), got k_cache with {_describe(k_cache)}")
+        return
+    num_layers = k_cache.shape[0]
+    if layer is None:
+        raise ValueError(f"a k_cache of rank 5 is a stacked pool (num_layers, num_pages, {PAGE_SIZE}, h_kv, "
+                         f"head_dim) and needs layer=, got k_cache with {_describe(k_cache)} and no layer")
+    if isinstance(layer, (bool, np.bool_)):
+        raise TypeError(f"layer must be an int, got {layer!r}")
+    if isinstance(layer, (int, np.integer)):
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"layer must lie in [0, {num_layers}) for k_cache with {_describe(k_cache)}, "
+                             f"got {layer}")
+        return
+    layer_shape, layer_dtype = np.shape(layer), getattr(layer, "dtype", None)
+    if layer_shape != () or layer_dtype is None or not jnp.issubdtype(layer_dtype, jnp.integer):
+        raise TypeError(f"layer must be a Python int or an integer scalar array, got {layer!r}")
+
+
+def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_metadata, num_splits, layer=None):
     _require_rank("q", q, 4, "(batch, s_q, h_q, head_dim)")
     batch, s_q, h_q, head_dim = q.shape
     if q.dtype not in ATTENTION_DTYPES:
@@ -50,16 +74,20 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_m
     if batch == 0 or s_q == 0 or h_q == 0:
         raise ValueError(f"q must have non-empty batch, s_q and h_q, got {_describe(q)}")
 
-    _require_rank("k_cache", k_cache, 4, f"(num_pages, {PAGE_SIZE}, h_kv, head_dim)")
-    num_pages, page_size, h_kv, k_dim = k_cache.shape
+    if k_cache.ndim != 5:
+        _require_rank("k_cache", k_cache, 4, f"(num_pages, {PAGE_SIZE}, h_kv, head_dim) or rank 5 (num_layers, "
+                      f"num_pages, {PAGE_SIZE}, h_kv, head_dim) with layer=")
+    check_layer(k_cache, layer)
+    num_pages, page_size, h_kv, k_dim = k_cache.shape[-4:]
     if k_cache.dtype != q.dtype:
         raise TypeError(f"k_cache must have q's dtype {np.dtype(q.dtype).name}, got {_describe(k_cache)}")
     if page_size != PAGE_SIZE:
-        raise ValueError(f"k_cache pages must hold {PAGE_SIZE} tokens (axis 1), got {_describe(k_cache)}")
+        raise ValueError(f"k_cache pages must hold {PAGE_SIZE} tokens (axis {k_cache.ndim - 3}), got "
+                         f"{_describe(k_cache)}")
     if k_dim != head_dim:
         raise ValueError(f"k_cache's head dim must equal q's ({head_dim}), got {_describe(k_cache)}")
-    if num_pages == 0 or h_kv == 0:
-        raise ValueError(f"k_cache must have at least one page and one KV head, got {_describe(k_cache)}")
+    if num_pages == 0 or h_kv == 0 or k_cache.shape[0] == 0:
+        raise ValueError(f"k_cache must have at least one layer, page and KV head, got {_describe(k_cache)}")
     if h_q % h_kv:
         raise ValueError(f"q's h_q ({h_q}) must be a multiple of k_cache's h_kv ({h_kv})")
 

@@ -1,8 +1,9 @@
 """A few decode problems for compute-sanitizer (memcheck, racecheck), run without pytest.
 
 Covers the scheduler, split-KV decode and combine kernels on: varied lengths with an empty sequence,
-causal s_q > 1, h_kv = 2, head dim 512, and hostile runtime values (lengths past the table, negative
-lengths, out-of-range and negative page ids). Each result is also checked against the reference.
+causal s_q > 1, h_kv = 2, head dim 512, a layer read in place from a stacked pool, and hostile runtime
+values (lengths past the table, negative lengths, out-of-range and negative page ids). Each result is
+also checked against the reference.
 Usage: python scripts/sanitize_cases.py [small]
 """
 
@@ -25,6 +26,7 @@ def main(small: bool):
         cases.test_flashmla_grid(6, 4, 140, 64, 2, True, True, jnp.float16, SEED)
         cases.test_head_dim_512_and_all_empty(jnp.bfloat16, SEED)
         cases.test_metadata_kernel_matches_spec(SEED)
+        cases.test_stacked_pool_reads_its_layer(576, jnp.bfloat16, SEED)
     print("sanitize cases: all results match the reference")
 
 

@@ -93,9 +93,11 @@ def decode_given_schedule(q, k_cache, block_table, cache_seqlens):
 
 
 def decode_step(pages, block_table, seqlens, q, kv):
-    """mla_module's decode: store the new token's latent at seqlens, then attend over seqlens + 1 tokens."""
+    """mla_module's decode: store the new token's latent at seqlens, then attend over seqlens + 1 tokens,
+    reading layer 0 of the stacked pool in place as mla_module does."""
     cache = jfm.PagedKVCache(pages=pages, block_table=block_table, seqlens=seqlens).write(kv)
-    out, lse = decode(q, cache.layer_pages(0), cache.block_table, cache.seqlens + 1)
+    out, lse = jfm.flash_mla_with_kvcache(q, cache.pages, cache.block_table, cache.seqlens + 1, 512, causal=True,
+                                          layer=0)
     return out, lse, cache.pages
 
 

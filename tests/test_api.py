@@ -47,6 +47,49 @@ def test_vmap_with_shared_cache_and_in_axes(rng_seed):
         assert_out_close(out[i], decode(qs[:, :, i], p.k_cache, p.block_table, p.cache_seqlens)[0], jnp.float32)
 
 
+def stacked_problem(rng, num_layers=3):
+    """A problem whose pool is one layer of a stack, every layer with its own fresh keys (NaN where unowned)."""
+    p = small_problem(rng)
+    scales = jnp.asarray(rng.uniform(0.5, 2.0, num_layers), jnp.float32)[:, None, None, None, None]
+    noise = jnp.asarray(rng.standard_normal((num_layers, *p.k_cache.shape)) / 10, jnp.float32)
+    return p, (p.k_cache[None] * scales + noise).astype(p.k_cache.dtype)
+
+
+def test_stacked_pool_equals_its_layer(rng_seed):
+    """k_cache (L, P, 64, h_kv, d) with layer=l is the decode of pool[l]: static, traced (jit, scan) and vmap."""
+    p, pools = stacked_problem(np.random.default_rng(rng_seed))
+    args = (p.block_table, p.cache_seqlens, 512)
+    want = [decode(p.q, pools[layer], p.block_table, p.cache_seqlens) for layer in range(pools.shape[0])]
+    for layer in range(pools.shape[0]):
+        got = jax.jit(lambda q, pools, layer=layer: jfm.flash_mla_with_kvcache(q, pools, *args, causal=True,
+                                                                               layer=layer))(p.q, pools)
+        assert_same_decode(got, want[layer])
+        traced = jax.jit(lambda q, pools, l: jfm.flash_mla_with_kvcache(q, pools, *args, causal=True, layer=l))
+        assert_same_decode(traced(p.q, pools, jnp.int32(layer)), want[layer])
+
+    def over_layers(q, pools):
+        step = lambda _, layer: (None, jfm.flash_mla_with_kvcache(q, pools, *args, causal=True, layer=layer))
+        return jax.lax.scan(step, None, jnp.arange(pools.shape[0], dtype=jnp.int32))[1]
+
+    scanned = jax.jit(over_layers)(p.q, pools)
+    for layer in range(pools.shape[0]):
+        assert_same_decode((scanned[0][layer], scanned[1][layer]), want[layer])
+
+    # vmap over queries with the stack shared, and over stacks of stacks (each read at the same layer).
+    qs = jnp.stack([p.q, -p.q])
+    shared = jax.vmap(lambda q: jfm.flash_mla_with_kvcache(q, pools, *args, causal=True, layer=1))(qs)
+    mapped = jax.vmap(lambda q, pools: jfm.flash_mla_with_kvcache(q, pools, *args, causal=True, layer=1))(
+        qs, jnp.stack([pools, pools[::-1]]))
+    for i, (q, stack) in enumerate(((p.q, pools), (-p.q, pools[::-1]))):
+        assert_same_decode((shared[0][i], shared[1][i]), decode(q, pools[1], p.block_table, p.cache_seqlens))
+        assert_same_decode((mapped[0][i], mapped[1][i]), decode(q, stack[1], p.block_table, p.cache_seqlens))
+
+
+def assert_same_decode(got, want):
+    assert_out_close(got[0], want[0], jnp.float32)
+    assert_lse_close(got[1], want[1])
+
+
 def test_metadata_under_vmap_equals_loop():
     seqlens = jnp.array([[5, 700, 0], [64, 65, 3000]], jnp.int32)
     md, splits = jax.vmap(lambda s: jfm.get_mla_metadata(s, 16, 1))(seqlens)
@@ -89,6 +132,22 @@ def test_cuda_lowering_emits_the_ffi_calls(dtype):
     assert "poison_outputs = false" in decode_call
     # XLA allocates the split-KV partials: (b + num_parts, h_kv, q_rows, 512) and (b + num_parts, h_kv, q_rows).
     assert "tensor<134x1x32x512xf32>" in decode_call and "tensor<134x1x32xf32>" in decode_call
+
+
+@needs_extension
+def test_cuda_lowering_reads_a_stacked_pool_in_place():
+    """With a stacked pool and a static layer the whole pool is the custom call's operand (the handler offsets
+    its pointer): no slice, which XLA would lower to a copy of the layer's pool before every call."""
+    args = (jax.ShapeDtypeStruct((2, 1, 16, 576), jnp.bfloat16), jax.ShapeDtypeStruct((4, 9, 64, 1, 576), jnp.bfloat16),
+            jax.ShapeDtypeStruct((2, 5), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
+    step = lambda q, pools, table, seqlens: jfm.flash_mla_with_kvcache(q, pools, table, seqlens, 512, layer=3)
+    text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    decode_call, = [line for line in text.splitlines() if "custom_call @jax_flashmla_mla_decode" in line]
+    assert "layer = 3 : i64" in decode_call and "tensor<4x9x64x1x576xbf16>" in decode_call
+    assert "slice" not in text and "gather" not in text
+    # A one-layer pool carries layer 0 for the handler.
+    one_layer = jax.jit(decode).trace(args[0], jax.ShapeDtypeStruct((9, 64, 1, 576), jnp.bfloat16), *args[2:])
+    assert "layer = 0 : i64" in one_layer.lower(lowering_platforms=("cuda",)).as_text()
 
 
 @needs_extension

@@ -87,6 +87,23 @@ def test_cpu_run_says_it_is_not_kernel_numbers_and_no_baseline_gives_nulls(tmp_p
     assert r["bytes"] == 2 * (1 * 16 * 576 * 2 + 512 * 1 * 576 * 2 + 1 * 16 * 512 * 2)
 
 
+def test_stacked_pool_rows_time_the_sliced_call_too(tmp_path, capsys):
+    """--layers 3: the decode reads layer 2 of a stacked pool in place; e2e_sliced_ms times pages[2] instead."""
+    assert bench.main([*TINY, "--s-q", "1", "--h-q", "16", "--fixed-lengths", "--layers", "3", "--out",
+                       str(tmp_path)]) == 0
+    assert "sliced e2e ms" in capsys.readouterr().out
+    (r,) = json.loads((tmp_path / "results.json").read_text())
+    assert r["layers"] == 3 and r["e2e_sliced_ms"] > 0 and r["e2e_ms"] > 0
+    assert r["baseline_max_abs_diff"] < 0.05  # the in-place decode and the baseline on pages[2] agree
+    assert r["kv_cache_mb"] == pytest.approx(2 * 512 * 576 * 2 / 1e6)  # one layer: what a decode reads
+
+
+def test_one_layer_rows_have_no_sliced_time(run):
+    for r in json.loads((run / "results.json").read_text()):
+        assert r["layers"] == 1 and r["e2e_sliced_ms"] is None
+    assert "sliced" not in bench.format_table(json.loads((run / "results.json").read_text()))
+
+
 def test_formulas_on_a_hand_computed_example():
     # b 2, s_q 2, h_q 4, h_kv 1, L 10: FLOPs 2*4*2 * (2*576*10 + 2*512*10) = 16 * 21760;
     # bytes 2 * (2*4*576*2 + 10*576*2 + 2*4*512*2) = 2 * (9216 + 11520 + 8192).
@@ -138,7 +155,7 @@ def test_baseline_and_inputs_match_the_reference(causal):
 
 
 @pytest.mark.parametrize("flags", [
-    ["--iters", "1"], ["--baseline-iters", "1"], ["--causal", "maybe"], ["--dtype", "float32"], ["--batch", "0"], ["--seqlen", "12x"],
+    ["--iters", "1"], ["--baseline-iters", "1"], ["--layers", "0"], ["--causal", "maybe"], ["--dtype", "float32"], ["--batch", "0"], ["--seqlen", "12x"],
     ["--h-q", "16", "--h-kv", "3"], ["--s-q", "9", "--seqlen", "4"], ["--peak-gbps", "0"], ["--bogus"],
 ])  # fmt: skip
 def test_cli_rejects_bad_flags(flags):

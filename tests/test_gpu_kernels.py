@@ -95,6 +95,27 @@ def test_hostile_runtime_values_stay_in_bounds(rng_seed):
         check_against_reference(problem, causal, jnp.bfloat16)
 
 
+@pytest.mark.parametrize("head_dim", [576, 512], ids=["hopper_kernel", "portable_kernel"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_stacked_pool_reads_its_layer(head_dim, dtype, rng_seed):
+    """k_cache (L, P, 64, h_kv, d) with layer=l: the kernels read layer l in place. Every other layer is NaN,
+    so a read of the wrong layer (or past the stack's end, for the last layer) cannot pass."""
+    rng = np.random.default_rng([rng_seed, head_dim])
+    seqlens = lengths(rng, 6, 700, True, zero_one=True)
+    p = make_problem(rng, batch=6, s_q=2, h_q=16, h_kv=1, seqlens=seqlens, dtype=dtype, head_dim=head_dim)
+    nan_pool = jnp.full_like(p.k_cache, jnp.nan)
+    ref_out, ref_lse = reference_f32(p.q, p.k_cache, p.block_table, p.cache_seqlens, causal=True,
+                                     softmax_scale=head_dim ** -0.5)
+    call = jax.jit(lambda q, pools, layer: jfm.flash_mla_with_kvcache(
+        q, pools, p.block_table, p.cache_seqlens, 512, causal=True, layer=layer, poison_outputs=True),
+        static_argnums=2)
+    for num_layers, layer in ((3, 1), (2, 0), (2, 1)):
+        pools = jnp.stack([p.k_cache if i == layer else nan_pool for i in range(num_layers)])
+        out, lse = call(p.q, pools, layer)
+        assert_out_close(out, ref_out, dtype, what=f"layer {layer} of {num_layers} out")
+        assert_lse_close(lse, ref_lse, what=f"layer {layer} of {num_layers} lse")
+
+
 def test_metadata_kernel_matches_spec(rng_seed):
     rng = np.random.default_rng(rng_seed)
     for batch in [1, 2, 7, 64, 128, 5000]:

@@ -174,7 +174,7 @@ def test_schedule_is_per_shard():
         ((8, 1, 128, 576), jnp.float32, P("data", None, "model")), ((32, 64, 1, 576), jnp.float32, P("data")),
         ((8, 4), jnp.int32, P("data")), ((8,), jnp.int32, P("data")), ((66, 8), jnp.int32, P()),
         ((9,), jnp.int32, P())]]
-    _, per_shard, _, arg_shardings = sharding._decode_partition(512, 0.04, False, False, mesh, shapes, None)
+    _, per_shard, _, arg_shardings = sharding._decode_partition(512, 0.04, False, None, False, mesh, shapes, None)
     local = [jax.ShapeDtypeStruct(s.shard_shape(a.shape), a.dtype) for s, a in zip(arg_shardings, shapes)]
     jaxpr = jax.make_jaxpr(per_shard, axis_env=list(mesh.shape.items()))(*local).jaxpr
     schedule = [e for e in jaxpr.eqns if e.primitive.name == "jax_flashmla_mla_metadata"]
@@ -207,20 +207,26 @@ def test_cache_write_equals_single_device(layout, rng_seed):
 
 
 @eight_devices
+@pytest.mark.parametrize("pool", ["stacked", "layer_pages"])
 @pytest.mark.parametrize("axis_types", [AxisType.Auto, AxisType.Explicit])
-def test_decode_step_writes_then_attends(axis_types, rng_seed):
-    """mla_module's decode step: write the new latents, attend over the cache, per shard, in place.
+def test_decode_step_writes_then_attends(axis_types, pool, rng_seed):
+    """mla_module's decode step: write the new latents, attend over the cache, per shard, in place. The
+    decode reads the stacked pool with layer= (as mla_module does) or FlashMLA's one-layer pool.
     Under Explicit axes (jax.make_mesh's default) the result types carry the split too."""
     rng = np.random.default_rng(rng_seed)
     lengths = rng.integers(0, 151, 8).astype(np.int32)
     prompts = rng.normal(size=(8, 150, 1, 576)).astype(np.float32) / 10
-    cache = split_cache(rng, 2).write(prompts, layer=0, num_new=lengths).advance(lengths)
+    cache = split_cache(rng, 2).write(prompts, layer=0, num_new=lengths)
+    cache = cache.write(prompts[:, ::-1] * 2, layer=1, num_new=lengths).advance(lengths)
     q = jnp.asarray(rng.normal(size=(8, 1, 8, 576)).astype(np.float32) / 10)
     kv = jnp.asarray(rng.normal(size=(8, 1, 1, 576)).astype(np.float32) / 10)
 
     def step(cache, q, kv, sharded=True):
-        cache = cache.write(kv, layer=0)
-        out, lse = jfm.flash_mla_with_kvcache(q, cache.layer_pages(0), cache.block_table, cache.seqlens + 1, 512)
+        cache = cache.write(kv, layer=1)
+        if pool == "stacked":
+            out, lse = jfm.flash_mla_with_kvcache(q, cache.pages, cache.block_table, cache.seqlens + 1, 512, layer=1)
+        else:
+            out, lse = jfm.flash_mla_with_kvcache(q, cache.layer_pages(1), cache.block_table, cache.seqlens + 1, 512)
         if sharded and axis_types == AxisType.Explicit:
             assert jax.typeof(out).sharding.spec == P("data", None, "model", None)
             assert jax.typeof(cache.pages).sharding.spec == P(None, "data", None, None, None)
@@ -268,12 +274,23 @@ def decode_shapes(q=P("data", None, "model"), k_cache=P("data"), table=P("data")
 
 def test_decode_layout_accepts_the_supported_ones():
     assert sharding.decode_layout(ABSTRACT, decode_shapes()) == sharding.DecodeLayout(("data",), ("model",), ("data",))
+    stacked = decode_shapes()
+    stacked[1] = shaped((3, 32, 64, 1, 576), P(None, "data"))
+    assert sharding.decode_layout(ABSTRACT, stacked) == sharding.DecodeLayout(("data",), ("model",), ("data",))
     assert sharding.decode_layout(ABSTRACT, decode_shapes(k_cache=P())).pool == ()
     only_pool = sharding.decode_layout(ABSTRACT, decode_shapes(q=P(), table=P(), seqlens=P()))
     assert only_pool == sharding.DecodeLayout(("data",), (), ("data",))
     both = sharding.decode_layout(ABSTRACT, decode_shapes(q=P(("data", "model")), k_cache=P(("data", "model")),
                                                           table=P(), seqlens=P()))
     assert both.batch == ("data", "model") and both.heads == ()
+
+
+def test_decode_layout_refuses_a_split_layer_axis():
+    shapes = decode_shapes()
+    shapes[1] = shaped((4, 32, 64, 1, 576), P("data", None))
+    with pytest.raises(ValueError, match=r"k_cache is sharded as P\('data', None, None, None, None\), which "
+                                         "splits its layer axis"):
+        sharding.decode_layout(ABSTRACT, shapes)
 
 
 @pytest.mark.parametrize("overrides,words", [

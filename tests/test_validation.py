@@ -11,12 +11,12 @@ GOOD = dict(q=S((2, 1, 16, 576), jnp.bfloat16), k_cache=S((8, 64, 1, 576), jnp.b
             block_table=S((2, 4), jnp.int32), cache_seqlens=S((2,), jnp.int32))
 
 
-def call(head_dim_v=512, md=None, splits=None, softmax_scale=None, **overrides):
+def call(head_dim_v=512, md=None, splits=None, softmax_scale=None, layer=None, **overrides):
     args = {**GOOD, **overrides}
 
     def f(q, k_cache, block_table, cache_seqlens):
         return jfm.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, md, splits,
-                                          softmax_scale=softmax_scale)
+                                          softmax_scale=softmax_scale, layer=layer)
 
     return jax.eval_shape(f, args["q"], args["k_cache"], args["block_table"], args["cache_seqlens"])
 
@@ -24,6 +24,9 @@ def call(head_dim_v=512, md=None, splits=None, softmax_scale=None, **overrides):
 def test_good_input_passes():
     out, lse = call()
     assert out.shape == (2, 1, 16, 512) and out.dtype == jnp.bfloat16 and lse.shape == (2, 16, 1)
+    for layer in (2, jnp.int32(1)):  # a stacked pool with a static or a traced layer
+        out, lse = call(k_cache=S((3, 8, 64, 1, 576), jnp.bfloat16), layer=layer)
+        assert out.shape == (2, 1, 16, 512) and lse.shape == (2, 16, 1)
 
 
 @pytest.mark.parametrize("overrides,error,words", [
@@ -34,7 +37,18 @@ def test_good_input_passes():
     (dict(k_cache=S((8, 32, 1, 576), jnp.bfloat16)), ValueError, ["pages must hold 64 tokens", "(8, 32, 1, 576)"]),
     (dict(k_cache=S((8, 64, 1, 512), jnp.bfloat16)), ValueError, ["k_cache's head dim must equal q's (576)"]),
     (dict(k_cache=S((8, 64, 3, 576), jnp.bfloat16)), ValueError, ["h_q (16) must be a multiple", "h_kv (3)"]),
-    (dict(k_cache=S((64, 576), jnp.bfloat16)), ValueError, ["k_cache must have rank 4"]),
+    (dict(k_cache=S((64, 576), jnp.bfloat16)), ValueError, ["k_cache must have rank 4", "or rank 5"]),
+    (dict(k_cache=S((3, 8, 64, 1, 576), jnp.bfloat16)), ValueError, ["stacked pool", "needs layer=",
+                                                                    "(3, 8, 64, 1, 576)"]),
+    (dict(k_cache=S((3, 8, 32, 1, 576), jnp.bfloat16), layer=0), ValueError, ["pages must hold 64 tokens (axis 2)"]),
+    (dict(k_cache=S((0, 8, 64, 1, 576), jnp.bfloat16), layer=0), ValueError, ["layer must lie in [0, 0)"]),
+    (dict(k_cache=S((3, 8, 64, 1, 576), jnp.bfloat16), layer=3), ValueError, ["layer must lie in [0, 3)", "got 3"]),
+    (dict(k_cache=S((3, 8, 64, 1, 576), jnp.bfloat16), layer=-1), ValueError, ["layer must lie in [0, 3)"]),
+    (dict(k_cache=S((3, 8, 64, 1, 576), jnp.bfloat16), layer=True), TypeError, ["layer must be an int"]),
+    (dict(k_cache=S((3, 8, 64, 1, 576), jnp.bfloat16), layer=1.0), TypeError, ["layer must be a Python int"]),
+    (dict(k_cache=S((3, 8, 64, 1, 576), jnp.bfloat16), layer=jnp.zeros(2, jnp.int32)), TypeError,
+     ["integer scalar array"]),
+    (dict(layer=0), ValueError, ["layer=0 is only for a stacked k_cache of rank 5", "(8, 64, 1, 576)"]),
     (dict(block_table=S((2, 4), jnp.int64 if jax.config.jax_enable_x64 else jnp.uint32)), TypeError,
      ["block_table must be int32"]),
     (dict(block_table=S((3, 4), jnp.int32)), ValueError, ["block_table must have shape (2, max_pages_per_seq", "(3, 4)"]),
