@@ -4,7 +4,7 @@ Multi-head latent attention decode over a paged KV cache: Hopper CUDA kernels be
 pure-JAX specification (reference.py) on every other platform.
 """
 
-from ._extension import KernelsUnavailableWarning, kernels_available, why_kernels_unavailable
+from ._extension import KernelsUnavailableWarning, kernels_available, kernels_built, why_kernels_unavailable
 from .api import flash_mla_with_kvcache, get_mla_metadata
 from .cache import PagedKVCache
 from .constants import PAGE_SIZE
@@ -17,6 +17,7 @@ __all__ = [
     "flash_mla_with_kvcache",
     "get_mla_metadata",
     "kernels_available",
+    "kernels_built",
     "mesh_from_flag",
     "shard_cache",
     "why_kernels_unavailable",

@@ -5,9 +5,10 @@ import shutil
 import sys
 
 import jax_flashmla
+from jax_flashmla._extension import kernels_built
 
 if __name__ == "__main__":
-    if jax_flashmla.kernels_available():
+    if kernels_built():
         print("jax_flashmla: CUDA extension built and registered")
     elif shutil.which("nvcc"):
         sys.exit(f"jax_flashmla: nvcc is on PATH but the CUDA extension is unavailable: "

@@ -7,10 +7,14 @@ reference, and says why once.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import jax
 import jaxlib
+
+# CMakeLists.txt builds every kernel for sm_90a alone: they load on compute capability 9.0 GPUs only.
+KERNEL_COMPUTE_CAPABILITY = "9.0"
 
 
 class KernelsUnavailableWarning(UserWarning):
@@ -44,13 +48,39 @@ else:
                   KernelsUnavailableWarning, stacklevel=2)
 
 
-def kernels_available() -> bool:
-    """True when the CUDA kernels are built, loadable, and registered for the `cuda` platform."""
+def unsupported_gpus(devices) -> str | None:
+    """Why the kernels cannot run on these JAX GPU devices, or None. A device that reports no compute
+    capability is given the benefit of the doubt."""
+    others = sorted({str(d.compute_capability) for d in devices if getattr(d, "compute_capability", None)}
+                    - {KERNEL_COMPUTE_CAPABILITY})
+    if not others:
+        return None
+    return (f"the CUDA kernels are built for compute capability {KERNEL_COMPUTE_CAPABILITY} (sm_90a, Hopper) "
+            f"only, and this process's GPUs have {', '.join(others)}; the pure-JAX reference runs there")
+
+
+@functools.lru_cache(maxsize=None)
+def _local_gpu_problem() -> str | None:
+    """unsupported_gpus of this process's GPUs; None without any (lowering for export targets Hopper)."""
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        return None
+    return unsupported_gpus(gpus)
+
+
+def kernels_built() -> bool:
+    """True when the CUDA extension is built, loadable, and registered for the `cuda` platform."""
     return _ext is not None
 
 
+def kernels_available() -> bool:
+    """True when the CUDA kernels are built and this process's GPUs (if any) can run them."""
+    return kernels_built() and _local_gpu_problem() is None
+
+
 def why_kernels_unavailable() -> str | None:
-    return _why_not
+    return _why_not or (_local_gpu_problem() if _ext is not None else None)
 
 
 # FFI target names; src/ffi/module.cc registers the handlers under the same names.

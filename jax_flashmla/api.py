@@ -6,7 +6,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import sharding, validation
 from .constants import DEFAULT_NUM_SMS
@@ -60,9 +59,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         that splits the batch or the heads each shard computes its own schedule and these are ignored.
       softmax_scale: defaults to d ** -0.5.
       causal: with s_q > 1, query token i sees keys [0, L - s_q + i].
-      layer: with a stacked k_cache, a Python int in [0, num_layers) (read in place). A traced integer scalar
-        (e.g. lax.scan over layers) is accepted too but goes through a slice of the pool, which XLA copies,
-        and is clamped into range like any dynamic index.
+      layer: with a stacked k_cache, the layer to read: a Python int in [0, num_layers), or a traced integer
+        scalar (e.g. under lax.scan over layers), which is clamped into range like any dynamic index. Either
+        way the kernels read the layer in place.
       poison_outputs: testing aid; the CUDA path fills every output with NaN before the kernels run.
     Returns:
       out (b, s_q, h_q, head_dim_v) in q's dtype, lse (b, h_q, s_q) float32 (natural log; +inf where a
@@ -75,8 +74,6 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     q, k_cache, block_table, cache_seqlens = map(jnp.asarray, (q, k_cache, block_table, cache_seqlens))
     validation.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                                  num_splits, layer)
-    if layer is not None and not isinstance(layer, (int, np.integer)):  # traced: no static pointer offset
-        k_cache, layer = jax.lax.dynamic_index_in_dim(k_cache, jnp.asarray(layer, jnp.int32), 0, keepdims=False), None
     _, s_q, h_q, head_dim = q.shape
     h_kv = k_cache.shape[-2]
     if tile_scheduler_metadata is None:
@@ -85,6 +82,6 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         softmax_scale = head_dim ** -0.5
     validation.check_softmax_scale(softmax_scale)
     return sharding.decode(
-        q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits, head_dim_v=int(head_dim_v),
-        softmax_scale=float(softmax_scale), causal=bool(causal) and s_q > 1,
-        layer=None if layer is None else int(layer), poison_outputs=bool(poison_outputs))
+        q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+        jnp.asarray(0 if layer is None else layer, jnp.int32), head_dim_v=int(head_dim_v),
+        softmax_scale=float(softmax_scale), causal=bool(causal) and s_q > 1, poison_outputs=bool(poison_outputs))

@@ -10,8 +10,10 @@ metadata once from the new lengths and hands it to every layer.
 
 Layers run as a Python loop, unrolled inside the jitted step, rather than under lax.scan: each layer then
 writes its cache entries at a static layer index, which XLA lowers to an in-place update of the donated
-pool, and the layers stay plain NNX submodules. The cost is compile time linear in depth, which is small
-for the few layers a demo has; a deep model would stack the layer params and scan, carrying the pool.
+pool, and reads its layer of the stacked pool in place (flash_mla_with_kvcache's layer=), and the layers
+stay plain NNX submodules. The cost is compile time linear in depth, which is small for the few layers a
+demo has; a deep model would stack the layer params and scan, carrying the pool (a traced layer index is
+read in place too).
 
 SPMD: build_model(config, mesh=...) gives a model whose generate() runs on that mesh: the batch is split
 over the mesh axis "data" (the cache placed by sharding.shard_cache, tokens and lengths as P("data")), the

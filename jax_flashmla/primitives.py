@@ -2,16 +2,18 @@
 
 Two primitives, both internal (jax_flashmla.api is the public face):
   mla_metadata_p  cache_seqlens -> (tile_metadata, num_splits)                    param: num_parts
-  mla_decode_p    q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits
+  mla_decode_p    q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer
                   -> (out, lse, o_accum, lse_accum)                               params below
-k_cache is one layer's pool (num_pages, 64, h_kv, d) with layer=None, or a stacked pool (num_layers, num_pages,
-64, h_kv, d) with layer the static index to read (the CUDA handler offsets its pointer: no copy).
+k_cache is one layer's pool (num_pages, 64, h_kv, d), or a stacked pool (num_layers, num_pages, 64, h_kv, d)
+of which the decode reads layer `layer` (an int32 scalar operand, clamped into range like a dynamic index;
+0 for a one-layer pool). The kernels read that layer in place, whether the index is static or traced.
 o_accum/lse_accum are the split-KV partials. They are results of the custom call so that XLA owns their
 memory for as long as the kernels run (FFI scratch memory is released when the handler returns, before
 the kernels on the stream are done); the public function drops them.
 
-Lowering: the `cuda` platform gets the FFI custom calls when the extension is loaded; every other platform
-(and float32 inputs, which the kernels do not take) lowers to the jnp specification in reference.py and
+Lowering: the `cuda` platform gets the FFI custom calls when the extension is loaded and the process's GPUs
+are Hopper (sm_90, what the kernels are built for); every other platform (and float32 inputs, which the
+kernels do not take, and other GPU generations) lowers to the jnp specification in reference.py and
 scheduler.py.
 """
 
@@ -51,7 +53,8 @@ def _metadata_reference(cache_seqlens, *, num_parts):
     return scheduler.schedule(cache_seqlens, num_parts)
 
 
-mlir.register_lowering(mla_metadata_p, mlir.lower_fun(_metadata_reference, multiple_results=True))
+_metadata_reference_lowering = mlir.lower_fun(_metadata_reference, multiple_results=True)
+mlir.register_lowering(mla_metadata_p, _metadata_reference_lowering)
 
 
 def _metadata_batch(args, dims, *, num_parts):
@@ -100,9 +103,9 @@ def _split_like_q(q, dims):
 
 
 @mla_decode_p.def_abstract_eval
-def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, *, head_dim_v,
-                          softmax_scale, causal, layer, poison_outputs):
-    del block_table, cache_seqlens, num_splits, softmax_scale, causal, layer, poison_outputs
+def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer, *, head_dim_v,
+                          softmax_scale, causal, poison_outputs):
+    del block_table, cache_seqlens, num_splits, layer, softmax_scale, causal, poison_outputs
     batch, s_q, h_q, _ = q.shape
     h_kv = k_cache.shape[-2]
     o_shape, l_shape = accum_shapes(batch, tile_metadata.shape[0], h_kv, s_q * h_q // h_kv, head_dim_v)
@@ -111,11 +114,11 @@ def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_metadata,
             ShapedArray(o_shape, jnp.float32), ShapedArray(l_shape, jnp.float32))
 
 
-def _decode_reference(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, *, head_dim_v,
-                      softmax_scale, causal, layer, poison_outputs):
+def _decode_reference(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer, *, head_dim_v,
+                      softmax_scale, causal, poison_outputs):
     del num_splits, poison_outputs
-    if layer is not None:
-        k_cache = k_cache[layer]
+    if k_cache.ndim == 5:
+        k_cache = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False)  # clamps, as the kernels do
     out, lse = mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v=head_dim_v,
                                     softmax_scale=softmax_scale, causal=causal)
     # The partials are scratch with no defined content; zeros that XLA drops once nothing reads them.
@@ -133,10 +136,11 @@ def _decode_batch(args, dims, **params):
     """vmap folds the mapped axis into the batch: one launch over n*b sequences.
 
     A mapped page pool (e.g. one per layer) is concatenated along its page axis and the block tables are
-    rebased onto it; ids that were invalid stay invalid (a mapped stacked pool is first cut to its `layer`).
-    The schedule is recomputed for the folded batch.
+    rebased onto it; ids that were invalid stay invalid. A stacked pool that is mapped, or read at a mapped
+    layer, is first cut to each element's layer (a gather: those cases copy). The schedule is recomputed for
+    the folded batch.
     """
-    q, k_cache, block_table, cache_seqlens, tile_metadata, _ = args
+    q, k_cache, block_table, cache_seqlens, tile_metadata, _, layer = args
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
 
     def front(x, d):
@@ -144,10 +148,16 @@ def _decode_batch(args, dims, **params):
 
     q, block_table, cache_seqlens = (front(x, d) for x, d in zip((q, block_table, cache_seqlens),
                                                                  (dims[0], dims[2], dims[3])))
-    if dims[1] is not None:
-        k_cache = jnp.moveaxis(k_cache, dims[1], 0)
-        if params["layer"] is not None:
-            k_cache, params = k_cache[:, params["layer"]], {**params, "layer": None}
+    pool_dim = dims[1]
+    stacked = k_cache.ndim - (pool_dim is not None) == 5
+    if stacked and (pool_dim is not None or dims[6] is not None):
+        stacks, layers = front(k_cache, pool_dim), front(layer, dims[6])
+        k_cache = jax.vmap(lambda pools, i: jax.lax.dynamic_index_in_dim(pools, i, 0, keepdims=False))(stacks, layers)
+        pool_dim, layer = 0, jnp.int32(0)
+    elif not stacked:
+        layer = jnp.int32(0)  # a one-layer pool: every index clamps to layer 0
+    if pool_dim is not None:
+        k_cache = jnp.moveaxis(k_cache, pool_dim, 0)
         pages_per_pool = k_cache.shape[1]
         valid = (block_table >= 0) & (block_table < pages_per_pool)
         offsets = (jnp.arange(size, dtype=jnp.int32) * pages_per_pool)[:, None, None]
@@ -160,7 +170,7 @@ def _decode_batch(args, dims, **params):
     flat_md, flat_splits = mla_metadata_p.bind(flat_seqlens, num_parts=num_parts)
     out, lse, o_accum, lse_accum = mla_decode_p.bind(
         q.reshape(size * batch, *q.shape[2:]), k_cache, block_table.reshape(size * batch, -1), flat_seqlens,
-        flat_md, flat_splits, **params)
+        flat_md, flat_splits, layer, **params)
     out = out.reshape(size, batch, *out.shape[1:])
     lse = lse.reshape(size, batch, *lse.shape[1:])
     # Partials of a folded launch have no per-element meaning; hand back zeros of the mapped shape.
@@ -179,22 +189,24 @@ def _register_cuda_lowerings():
     metadata_ffi = jax.ffi.ffi_lowering(_extension.METADATA_TARGET)
     decode_ffi = jax.ffi.ffi_lowering(_extension.DECODE_TARGET)
 
+    # On GPUs the kernels were not built for (not sm_90), the cuda platform gets the reference too: a custom
+    # call there would fail to launch.
     def metadata_rule(ctx, cache_seqlens, *, num_parts):
-        del num_parts  # implied by the result shape
+        if not _extension.kernels_available():
+            return _metadata_reference_lowering(ctx, cache_seqlens, num_parts=num_parts)
         return metadata_ffi(ctx, cache_seqlens)
 
-    def decode_rule(ctx, *operands, head_dim_v, softmax_scale, causal, layer, poison_outputs):
-        params = dict(head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal, layer=layer,
+    def decode_rule(ctx, *operands, head_dim_v, softmax_scale, causal, poison_outputs):
+        params = dict(head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal,
                       poison_outputs=poison_outputs)
-        if ctx.avals_in[0].dtype == jnp.float32:  # the kernels take bf16/fp16 only
+        if ctx.avals_in[0].dtype == jnp.float32 or not _extension.kernels_available():  # bf16/fp16 on sm_90 only
             return _decode_reference_lowering(ctx, *operands, **params)
-        # layer: the handler reads layer `layer` of a rank-5 pool in place; 0 for a rank-4 pool.
         return decode_ffi(ctx, *operands, softmax_scale=np.float32(softmax_scale), causal=bool(causal),
-                          layer=np.int64(layer or 0), poison_outputs=bool(poison_outputs))
+                          poison_outputs=bool(poison_outputs))
 
     mlir.register_lowering(mla_metadata_p, metadata_rule, platform="cuda")
     mlir.register_lowering(mla_decode_p, decode_rule, platform="cuda")
 
 
-if _extension.kernels_available():
+if _extension.kernels_built():
     _register_cuda_lowerings()

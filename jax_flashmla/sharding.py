@@ -226,61 +226,64 @@ def _named(mesh, *dims) -> NamedSharding:
 # Decode
 
 
-def _decode_global(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, head_dim_v, softmax_scale,
-                   causal, layer, poison_outputs):
-    out, lse, _, _ = mla_decode_p.bind(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits,
+def _decode_global(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer, head_dim_v,
+                   softmax_scale, causal, poison_outputs):
+    out, lse, _, _ = mla_decode_p.bind(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer,
                                        head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal,
-                                       layer=layer, poison_outputs=poison_outputs)
+                                       poison_outputs=poison_outputs)
     return out, lse
 
 
 # One partitioned function per pool rank: the sharding rule names k_cache's factors (a layer one for stacked).
-_decode_partitioned = custom_partitioning(_decode_global, static_argnums=(6, 7, 8, 9, 10))
-_decode_partitioned_stacked = custom_partitioning(_decode_global, static_argnums=(6, 7, 8, 9, 10))
+_decode_partitioned = custom_partitioning(_decode_global, static_argnums=(7, 8, 9, 10))
+_decode_partitioned_stacked = custom_partitioning(_decode_global, static_argnums=(7, 8, 9, 10))
 
 
-def _decode_partition(head_dim_v, softmax_scale, causal, layer, poison_outputs, mesh, arg_shapes, result_shape):
+def _decode_partition(head_dim_v, softmax_scale, causal, poison_outputs, mesh, arg_shapes, result_shape):
     del result_shape  # the results follow q: whatever was asked of them is resharded by XLA afterwards
     layout = decode_layout(mesh, arg_shapes)
     batch, heads = layout.batch, layout.heads
     spec = functools.partial(_named, mesh)
-    pool_spec = spec((), layout.pool, (), (), ()) if layer is not None else spec(layout.pool, (), (), ())
+    stacked = len(arg_shapes[1].shape) == 5
+    pool_spec = spec((), layout.pool, (), (), ()) if stacked else spec(layout.pool, (), (), ())
     arg_shardings = (spec(batch, (), heads, ()), pool_spec, spec(batch, ()), spec(batch),
                      # A schedule we use is needed whole; one we ignore stays where it is (XLA drops it).
-                     *(s.sharding if layout.splits_anything else spec(*((),) * len(s.shape)) for s in arg_shapes[4:]))
+                     *(s.sharding if layout.splits_anything else spec(*((),) * len(s.shape)) for s in arg_shapes[4:6]),
+                     spec())  # the layer index, on every device
     result_shardings = (spec(batch, (), heads, ()), spec(batch, heads, ()))
     num_sms = device_num_sms(mesh.devices.flat[0])  # the shard's schedule fills one of the mesh's GPUs
 
-    def per_shard(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits):
+    def per_shard(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer):
         block_table = local_page_ids(block_table, k_cache.shape[-4], layout.pool, -1)
         if layout.splits_anything:
             _, s_q, h_q, _ = q.shape
             h_kv = k_cache.shape[-2]
             tile_metadata, num_splits = bind_schedule(cache_seqlens, num_sms=num_sms, num_heads_k=h_kv,
                                                       num_q_tokens_per_head_k=s_q * h_q // h_kv)
-        return _decode_global(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, head_dim_v,
-                              softmax_scale, causal, layer, poison_outputs)
+        return _decode_global(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer, head_dim_v,
+                              softmax_scale, causal, poison_outputs)
 
     return mesh, per_shard, result_shardings, arg_shardings
 
 
-# Factors: b batch, s query tokens, h heads, d head dim, v value dim, p pages, t page slots, k KV heads, n table
-# width, m/r schedule rows/ints, c num_splits. Only b and h are shared, so propagation splits the results
-# like q and never invents a split of anything else.
-_decode_partitioned.def_partition(_decode_partition, sharding_rule="b s h d, p t k d, b n, b, m r, c -> b s h v, b h s")
-_decode_partitioned_stacked.def_partition(_decode_partition,
-                                          sharding_rule="b s h d, l p t k d, b n, b, m r, c -> b s h v, b h s")
+# Factors: b batch, s query tokens, h heads, d head dim, v value dim, l layers, p pages, t page slots, k KV
+# heads, n table width, m/r schedule rows/ints, c num_splits; the layer index is a scalar. Only b and h are
+# shared, so propagation splits the results like q and never invents a split of anything else.
+_decode_partitioned.def_partition(
+    _decode_partition, sharding_rule="b s h d, p t k d, b n, b, m r, c, -> b s h v, b h s")
+_decode_partitioned_stacked.def_partition(
+    _decode_partition, sharding_rule="b s h d, l p t k d, b n, b, m r, c, -> b s h v, b h s")
 
 
 # jit: an eager call on sharded arrays then compiles through the partitioning rule too (inside an outer jit
 # this nests and inlines).
-@functools.partial(jax.jit, static_argnames=("head_dim_v", "softmax_scale", "causal", "layer", "poison_outputs"))
-def decode(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, *, head_dim_v: int,
-           softmax_scale: float, causal: bool, layer: int | None, poison_outputs: bool):
+@functools.partial(jax.jit, static_argnames=("head_dim_v", "softmax_scale", "causal", "poison_outputs"))
+def decode(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer, *, head_dim_v: int,
+           softmax_scale: float, causal: bool, poison_outputs: bool):
     """(out, lse) of mla_decode_p, partitioned over the mesh of the operands' shardings (module docstring).
-    layer: None for a (num_pages, 64, h_kv, d) pool, else the layer of a stacked pool to read."""
-    static = (head_dim_v, softmax_scale, causal, layer, poison_outputs)
-    partitioned = _decode_partitioned if layer is None else _decode_partitioned_stacked
+    layer: () int32, the layer of a stacked (num_layers, num_pages, 64, h_kv, d) pool to read (0 otherwise)."""
+    static = (head_dim_v, softmax_scale, causal, poison_outputs)
+    partitioned = _decode_partitioned_stacked if k_cache.ndim == 5 else _decode_partitioned
 
     @custom_vmap
     def run(*operands):
@@ -294,7 +297,7 @@ def decode(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, *,
         out = jax.vmap(lambda *args: _decode_global(*args, *static), in_axes=in_axes)(*operands)
         return out, (True, True)
 
-    return run(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits)
+    return run(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def check_metadata_args(num_q_tokens_per_head_k, num_heads_k):
 
 def check_layer(k_cache, layer):
     """A rank-5 k_cache is a stacked pool (num_layers, num_pages, 64, h_kv, d) and needs the layer to read:
-    a Python int in range, or a traced int32 scalar (read through a slice of the pool)."""
+    a Python int in range, or a traced integer scalar (clamped into range when the decode runs)."""
     if k_cache.ndim != 5:
         if layer is not None:
             raise ValueError(f"layer={layer!r} is only for a stacked k_cache of rank 5 (num_layers, num_pages, "

@@ -3,7 +3,8 @@
 # Usage: scripts/gpu_check.sh LOG_DIR [quick]
 #   LOG_DIR  where logs go (created); the last lines of each step are printed as a summary.
 #   quick    run a subset of the GPU grid (for iterating on a kernel).
-# Environment: SKIP_BENCH=1 skips the benchmark; BENCH_ARGS replaces its default flags (default --quick; BENCH_ARGS="" runs the full grid).
+# Environment: SKIP_BENCH=1 skips the benchmarks; BENCH_ARGS replaces the first one's flags (default --quick;
+# BENCH_ARGS="" runs the full grid); the second times a stacked two-layer pool (--quick --layers 2).
 # Offline machines: put wheels the image lacks (nvidia-cutlass) in .whl/; they are installed to /tmp/site.
 set -uo pipefail
 LOG_DIR=${1:?usage: scripts/gpu_check.sh LOG_DIR [quick]}
@@ -63,6 +64,8 @@ step demo python3 -m jax_flashmla.demo --no-progress
 
 if [ -z "${SKIP_BENCH:-}" ] && python3 -c "import jax_flashmla.bench" 2>/dev/null; then
   step bench python3 -m jax_flashmla.bench --out "$LOG_DIR/bench" ${BENCH_ARGS---quick}
+  # A two-layer stacked pool read in place, and the same call given the layer sliced out (e2e_sliced_ms).
+  step bench_layers python3 -m jax_flashmla.bench --quick --layers 2 --no-baseline --out "$LOG_DIR/bench_layers"
 fi
 
 echo; echo "== summary ($LOG_DIR)"; cat "$LOG_DIR/gpu.txt"; printf '%s\n' "${summary[@]}"

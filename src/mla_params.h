@@ -4,7 +4,9 @@
 // Data layout shared by the scheduler, the split-KV decode kernel and the combine kernel (the fast Hopper
 // kernel reuses it unchanged):
 //   q        (b, s_q, h_q, d)               h_q = h_kv * g; head-group k holds query heads [k*g, (k+1)*g)
-//   k_cache  (num_pages, 64, h_kv, d)       the values are the first dv dims of each key
+//   k_cache  (num_layers, num_pages, 64, h_kv, d)  the values are the first dv dims of each key; the kernels
+//            read layer *layer_index (a device scalar, clamped into [0, num_layers)); num_layers is 1 for
+//            FlashMLA's one-layer (num_pages, 64, h_kv, d) pool
 //   block_table (b, max_pages) int32        ids outside [0, num_pages) mark tokens the kernels ignore
 //   out      (b, s_q, h_q, dv)              lse (b, h_q, s_q) float32, natural log
 // Inside head-group k the s_q*g query rows are numbered r = s*g + j (s the query token, j the head in group).
@@ -44,6 +46,7 @@ struct SchedulerParams {
 struct DecodeParams {
   const void* q;
   const void* k_cache;
+  const int32_t* layer_index;  // () int32: the layer of k_cache to read
   const int32_t* block_table;
   const int32_t* cache_seqlens;
   const int32_t* tile_metadata;
@@ -54,7 +57,8 @@ struct DecodeParams {
   float* lse_accum;
 
   int batch, s_q, h_q, h_kv, head_dim, head_dim_v;
-  int num_pages, max_pages;  // page pool size and block-table width
+  int num_layers;            // layers of k_cache
+  int num_pages, max_pages;  // pages per layer and block-table width
   int num_parts;             // rows of tile_metadata
   int q_rows;                // s_q * h_q / h_kv: query rows per head group
   float softmax_scale;

@@ -56,7 +56,7 @@ def stacked_problem(rng, num_layers=3):
 
 
 def test_stacked_pool_equals_its_layer(rng_seed):
-    """k_cache (L, P, 64, h_kv, d) with layer=l is the decode of pool[l]: static, traced (jit, scan) and vmap."""
+    """k_cache (L, P, 64, h_kv, d) with layer=l is the decode of pool[l]: static, traced (jit, scan), vmap."""
     p, pools = stacked_problem(np.random.default_rng(rng_seed))
     args = (p.block_table, p.cache_seqlens, 512)
     want = [decode(p.q, pools[layer], p.block_table, p.cache_seqlens) for layer in range(pools.shape[0])]
@@ -83,6 +83,11 @@ def test_stacked_pool_equals_its_layer(rng_seed):
     for i, (q, stack) in enumerate(((p.q, pools), (-p.q, pools[::-1]))):
         assert_same_decode((shared[0][i], shared[1][i]), decode(q, pools[1], p.block_table, p.cache_seqlens))
         assert_same_decode((mapped[0][i], mapped[1][i]), decode(q, stack[1], p.block_table, p.cache_seqlens))
+    # vmap over the layer index itself; out-of-range traced indices clamp, like any dynamic index.
+    indices = jnp.array([2, 0, 7, -3], jnp.int32)
+    by_layer = jax.vmap(lambda i: jfm.flash_mla_with_kvcache(p.q, pools, *args, causal=True, layer=i))(indices)
+    for i, layer in enumerate((2, 0, 2, 0)):
+        assert_same_decode((by_layer[0][i], by_layer[1][i]), want[layer])
 
 
 def assert_same_decode(got, want):
@@ -135,19 +140,26 @@ def test_cuda_lowering_emits_the_ffi_calls(dtype):
 
 
 @needs_extension
-def test_cuda_lowering_reads_a_stacked_pool_in_place():
-    """With a stacked pool and a static layer the whole pool is the custom call's operand (the handler offsets
-    its pointer): no slice, which XLA would lower to a copy of the layer's pool before every call."""
-    args = (jax.ShapeDtypeStruct((2, 1, 16, 576), jnp.bfloat16), jax.ShapeDtypeStruct((4, 9, 64, 1, 576), jnp.bfloat16),
-            jax.ShapeDtypeStruct((2, 5), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
-    step = lambda q, pools, table, seqlens: jfm.flash_mla_with_kvcache(q, pools, table, seqlens, 512, layer=3)
-    text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+@pytest.mark.parametrize("layer", ["static", "traced"])
+def test_cuda_lowering_reads_a_stacked_pool_in_place(layer):
+    """With a stacked pool the whole pool and the layer index (an int32 scalar) are the custom call's operands:
+    no slice, which XLA would lower to a copy of the layer's pool before every call. A traced index (a scan
+    over layers) stays an operand too."""
+    q, pools = jax.ShapeDtypeStruct((2, 1, 16, 576), jnp.bfloat16), jax.ShapeDtypeStruct((4, 9, 64, 1, 576), jnp.bfloat16)
+    table, seqlens = jax.ShapeDtypeStruct((2, 5), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)
+
+    def step(q, pools, table, seqlens):
+        if layer == "static":
+            return jfm.flash_mla_with_kvcache(q, pools, table, seqlens, 512, layer=3)
+        decode_layer = lambda _, i: (None, jfm.flash_mla_with_kvcache(q, pools, table, seqlens, 512, layer=i))
+        return jax.lax.scan(decode_layer, None, jnp.arange(4, dtype=jnp.int32))[1]
+
+    text = jax.jit(step).trace(q, pools, table, seqlens).lower(lowering_platforms=("cuda",)).as_text()
     decode_call, = [line for line in text.splitlines() if "custom_call @jax_flashmla_mla_decode" in line]
-    assert "layer = 3 : i64" in decode_call and "tensor<4x9x64x1x576xbf16>" in decode_call
-    assert "slice" not in text and "gather" not in text
-    # A one-layer pool carries layer 0 for the handler.
-    one_layer = jax.jit(decode).trace(args[0], jax.ShapeDtypeStruct((9, 64, 1, 576), jnp.bfloat16), *args[2:])
-    assert "layer = 0 : i64" in one_layer.lower(lowering_platforms=("cuda",)).as_text()
+    operand_types = decode_call.rsplit(" : (", 1)[1].split(") -> ")[0]
+    assert operand_types.split(", ")[1] == "tensor<4x9x64x1x576xbf16>" and operand_types.endswith(", tensor<i32>")
+    pool_reads = [line for line in text.splitlines() if ("slice" in line or "gather" in line) and "576" in line]
+    assert not pool_reads, pool_reads  # (the scan's own slices move indices and outputs, never the pool)
 
 
 @needs_extension
@@ -156,6 +168,27 @@ def test_cuda_lowering_float32_falls_back_to_reference():
             jax.ShapeDtypeStruct((1, 2), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
     text = jax.jit(decode).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "@jax_flashmla_mla_decode" not in text and "@jax_flashmla_mla_metadata" in text
+
+
+def test_gpus_other_than_hopper_get_the_reference(monkeypatch):
+    from types import SimpleNamespace
+
+    from jax_flashmla import _extension
+
+    hopper, ampere = SimpleNamespace(compute_capability="9.0"), SimpleNamespace(compute_capability="8.0")
+    assert _extension.unsupported_gpus([hopper, hopper]) is None
+    assert _extension.unsupported_gpus([SimpleNamespace()]) is None  # reports nothing: assumed able
+    message = _extension.unsupported_gpus([hopper, ampere])
+    assert "built for compute capability 9.0" in message and "GPUs have 8.0" in message
+    if not jfm.kernels_built():
+        pytest.skip(f"CUDA extension not built: {jfm.why_kernels_unavailable()}")
+    # With such GPUs the cuda lowering emits no custom call: a launch there would fail.
+    monkeypatch.setattr(_extension, "_local_gpu_problem", lambda: message)
+    assert not jfm.kernels_available() and jfm.why_kernels_unavailable() == message
+    args = (jax.ShapeDtypeStruct((1, 1, 4, 576), jnp.bfloat16), jax.ShapeDtypeStruct((2, 64, 1, 576), jnp.bfloat16),
+            jax.ShapeDtypeStruct((1, 2), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    text = jax.jit(decode).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "custom_call @jax_flashmla" not in text
 
 
 def test_cpu_lowering_has_no_custom_call():

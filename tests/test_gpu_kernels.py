@@ -98,22 +98,26 @@ def test_hostile_runtime_values_stay_in_bounds(rng_seed):
 @pytest.mark.parametrize("head_dim", [576, 512], ids=["hopper_kernel", "portable_kernel"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_stacked_pool_reads_its_layer(head_dim, dtype, rng_seed):
-    """k_cache (L, P, 64, h_kv, d) with layer=l: the kernels read layer l in place. Every other layer is NaN,
-    so a read of the wrong layer (or past the stack's end, for the last layer) cannot pass."""
+    """k_cache (L, P, 64, h_kv, d) with layer=l, static or traced: the kernels read layer l in place. Every other
+    layer is NaN, so a read of the wrong layer (or past the stack's end, for the last layer) cannot pass."""
     rng = np.random.default_rng([rng_seed, head_dim])
     seqlens = lengths(rng, 6, 700, True, zero_one=True)
     p = make_problem(rng, batch=6, s_q=2, h_q=16, h_kv=1, seqlens=seqlens, dtype=dtype, head_dim=head_dim)
     nan_pool = jnp.full_like(p.k_cache, jnp.nan)
     ref_out, ref_lse = reference_f32(p.q, p.k_cache, p.block_table, p.cache_seqlens, causal=True,
                                      softmax_scale=head_dim ** -0.5)
-    call = jax.jit(lambda q, pools, layer: jfm.flash_mla_with_kvcache(
-        q, pools, p.block_table, p.cache_seqlens, 512, causal=True, layer=layer, poison_outputs=True),
-        static_argnums=2)
-    for num_layers, layer in ((3, 1), (2, 0), (2, 1)):
+    decode = lambda q, pools, layer: jfm.flash_mla_with_kvcache(q, pools, p.block_table, p.cache_seqlens, 512,
+                                                                causal=True, layer=layer, poison_outputs=True)
+    static, traced = jax.jit(decode, static_argnums=2), jax.jit(decode)
+    # (layers, layer to fill, index passed): a traced index out of range clamps to the first or last layer.
+    for num_layers, layer, index in ((3, 1, 1), (2, 0, 0), (2, 1, 1), (3, 2, 9), (3, 0, -4)):
         pools = jnp.stack([p.k_cache if i == layer else nan_pool for i in range(num_layers)])
-        out, lse = call(p.q, pools, layer)
-        assert_out_close(out, ref_out, dtype, what=f"layer {layer} of {num_layers} out")
-        assert_lse_close(lse, ref_lse, what=f"layer {layer} of {num_layers} lse")
+        calls = [("traced", traced, jnp.int32(index))] + [("static", static, index)] * (index == layer)
+        for how, call, arg in calls:
+            out, lse = call(p.q, pools, arg)
+            what = f"{how} layer {index} of {num_layers}"
+            assert_out_close(out, ref_out, dtype, what=f"{what} out")
+            assert_lse_close(lse, ref_lse, what=f"{what} lse")
 
 
 def test_metadata_kernel_matches_spec(rng_seed):

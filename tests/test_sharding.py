@@ -149,7 +149,8 @@ def test_decode_with_replicated_arguments(layout, rng_seed):
 
 @eight_devices
 def test_eager_call_and_scan_over_layers(rng_seed):
-    """An eager call on sharded arrays partitions too; so does a decode inside lax.scan over stacked pools."""
+    """An eager call on sharded arrays partitions too; so does a decode inside lax.scan over stacked pools,
+    scanning over the pools or over layer indices into one stacked pool."""
     q, k_cache, table, seqlens = split_problem(np.random.default_rng(rng_seed), 4)
     mesh = make_mesh((4, 2))
     args = put(mesh, (q, P("data", None, "model")), (k_cache, P("data")), (table, P("data")), (seqlens, P("data")))
@@ -164,6 +165,13 @@ def test_eager_call_and_scan_over_layers(rng_seed):
     got = run_without_collectives(layers, args[0], *put(mesh, (pools, P(None, "data"))), *args[2:])
     assert_same(got, layers(q, pools, table, seqlens))
 
+    def layers_in_place(q, pools, table, seqlens):  # the stack stays whole; the scan carries only the index
+        step = lambda _, i: (None, jfm.flash_mla_with_kvcache(q, pools, table, seqlens, 512, causal=True, layer=i))
+        return jax.lax.scan(step, None, jnp.arange(pools.shape[0], dtype=jnp.int32))[1]
+
+    got = run_without_collectives(layers_in_place, args[0], *put(mesh, (pools, P(None, "data"))), *args[2:])
+    assert_same(got, layers(q, pools, table, seqlens))
+
 
 @eight_devices
 def test_schedule_is_per_shard():
@@ -173,8 +181,8 @@ def test_schedule_is_per_shard():
     shapes = [jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, spec)) for s, d, spec in [
         ((8, 1, 128, 576), jnp.float32, P("data", None, "model")), ((32, 64, 1, 576), jnp.float32, P("data")),
         ((8, 4), jnp.int32, P("data")), ((8,), jnp.int32, P("data")), ((66, 8), jnp.int32, P()),
-        ((9,), jnp.int32, P())]]
-    _, per_shard, _, arg_shardings = sharding._decode_partition(512, 0.04, False, None, False, mesh, shapes, None)
+        ((9,), jnp.int32, P()), ((), jnp.int32, P())]]
+    _, per_shard, _, arg_shardings = sharding._decode_partition(512, 0.04, False, False, mesh, shapes, None)
     local = [jax.ShapeDtypeStruct(s.shard_shape(a.shape), a.dtype) for s, a in zip(arg_shardings, shapes)]
     jaxpr = jax.make_jaxpr(per_shard, axis_env=list(mesh.shape.items()))(*local).jaxpr
     schedule = [e for e in jaxpr.eqns if e.primitive.name == "jax_flashmla_mla_metadata"]

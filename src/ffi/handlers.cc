@@ -40,32 +40,27 @@ ffi::Error MetadataImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> cache_seqlens
 
 ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache, ffi::Buffer<ffi::S32> block_table,
                       ffi::Buffer<ffi::S32> cache_seqlens, ffi::Buffer<ffi::S32> tile_metadata,
-                      ffi::Buffer<ffi::S32> num_splits, ffi::Result<ffi::AnyBuffer> out,
+                      ffi::Buffer<ffi::S32> num_splits, ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> out,
                       ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> o_accum,
-                      ffi::ResultBuffer<ffi::F32> lse_accum, float softmax_scale, bool causal, int64_t layer,
-                      bool poison_outputs) {
+                      ffi::ResultBuffer<ffi::F32> lse_accum, float softmax_scale, bool causal, bool poison_outputs) {
   const auto qd = q.dimensions(), bd = block_table.dimensions();
   const auto od = out->dimensions(), md = tile_metadata.dimensions();
   // k_cache is one layer's pool (num_pages, 64, h_kv, d), or a stacked pool (num_layers, num_pages, 64, h_kv, d)
-  // of which layer `layer` is read in place: a pointer offset, so XLA never copies the layer out.
+  // whose layer `layer` (a device scalar) the kernels read in place, so XLA never copies a layer out.
   const auto all_kd = k_cache.dimensions();
   if (all_kd.size() != 4 && all_kd.size() != 5)
     return ffi::Error::InvalidArgument("jax_flashmla decode: k_cache must have rank 4 or 5");
-  const bool stacked = all_kd.size() == 5;
-  const int64_t num_layers = stacked ? all_kd[0] : 1;
+  const int64_t num_layers = all_kd.size() == 5 ? all_kd[0] : 1;
   const auto kd = all_kd.last(4);
-  if (qd.size() != 4 || bd.size() != 2 || od.size() != 4 || md.size() != 2)
+  if (qd.size() != 4 || bd.size() != 2 || od.size() != 4 || md.size() != 2 || layer.element_count() != 1)
     return ffi::Error::InvalidArgument("jax_flashmla decode: unexpected ranks");
-  if (layer < 0 || layer >= num_layers)
-    return ffi::Error::InvalidArgument("jax_flashmla decode: layer " + std::to_string(layer) + " outside [0, " +
-                                       std::to_string(num_layers) + ") for k_cache " + dims_to_string(all_kd));
   const int64_t batch = qd[0], s_q = qd[1], h_q = qd[2], head_dim = qd[3];
   const int64_t h_kv = kd[2], head_dim_v = od[3], num_parts = md[0];
   const ffi::DataType type = q.element_type();
   if ((type != ffi::DataType::BF16 && type != ffi::DataType::F16) || k_cache.element_type() != type ||
       out->element_type() != type)
     return ffi::Error::InvalidArgument("jax_flashmla decode: q, k_cache and out must all be bf16 or all fp16");
-  if (kd[1] != kPageSize || kd[3] != head_dim || h_kv < 1 || h_q % h_kv != 0 || bd[0] != batch ||
+  if (num_layers < 1 || kd[1] != kPageSize || kd[3] != head_dim || h_kv < 1 || h_q % h_kv != 0 || bd[0] != batch ||
       cache_seqlens.element_count() != batch || num_splits.element_count() != batch + 1 ||
       md[1] != kMetadataRowInts || od[0] != batch || od[1] != s_q || od[2] != h_q)
     return ffi::Error::InvalidArgument("jax_flashmla decode: inconsistent shapes, q " + dims_to_string(qd) +
@@ -85,8 +80,8 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
 
   DecodeParams p{};
   p.q = q.untyped_data();
-  const size_t layer_bytes = k_cache.size_bytes() / static_cast<size_t>(num_layers);
-  p.k_cache = static_cast<const char*>(k_cache.untyped_data()) + static_cast<size_t>(layer) * layer_bytes;
+  p.k_cache = k_cache.untyped_data();
+  p.layer_index = layer.typed_data();
   p.block_table = block_table.typed_data();
   p.cache_seqlens = cache_seqlens.typed_data();
   p.tile_metadata = tile_metadata.typed_data();
@@ -101,6 +96,7 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   p.h_kv = static_cast<int>(h_kv);
   p.head_dim = static_cast<int>(head_dim);
   p.head_dim_v = static_cast<int>(head_dim_v);
+  p.num_layers = static_cast<int>(num_layers);
   p.num_pages = static_cast<int>(kd[0]);
   p.max_pages = static_cast<int>(bd[1]);
   p.num_parts = static_cast<int>(num_parts);
@@ -132,12 +128,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashmlaDecode, jax_flashmla::DecodeImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // cache_seqlens
                                   .Arg<ffi::Buffer<ffi::S32>>()   // tile_metadata
                                   .Arg<ffi::Buffer<ffi::S32>>()   // num_splits
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // layer: () int32, the layer of k_cache to read
                                   .Ret<ffi::AnyBuffer>()          // out
                                   .Ret<ffi::Buffer<ffi::F32>>()   // lse
                                   .Ret<ffi::Buffer<ffi::F32>>()   // o_accum
                                   .Ret<ffi::Buffer<ffi::F32>>()   // lse_accum
                                   .Attr<float>("softmax_scale")
                                   .Attr<bool>("causal")
-                                  .Attr<int64_t>("layer")
                                   .Attr<bool>("poison_outputs"),
                               {ffi::Traits::kCmdBufferCompatible});

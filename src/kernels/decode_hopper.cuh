@@ -110,7 +110,7 @@ __device__ __forceinline__ int valid_tokens(const DecodeParams& p, const Chunk& 
 // Producer: one thread streams pages into the ring.
 __device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s,
                                         uint64_t cache_hint) {
-  const int head_kv = blockIdx.y;
+  const int head_kv = blockIdx.y, layer = pool_layer(p);
   int tile = 0;
   const PartWalk walk(p);
   for (int seq = walk.first; seq <= walk.last; ++seq) {
@@ -124,9 +124,9 @@ __device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap
         set_barrier_transaction_bytes(s.full[stage], kPageBytes);
 #pragma unroll
         for (int chunk = 0; chunk < kNumChunks; ++chunk)
-          SM90_TMA_LOAD_3D::copy(kv_map, &s.full[stage], cache_hint,
+          SM90_TMA_LOAD_4D::copy(kv_map, &s.full[stage], cache_hint,
                                  reinterpret_cast<char*>(s.kv[stage]) + chunk * kChunkBytes, chunk * kChunkCols,
-                                 head_kv, page * kPageSize);
+                                 head_kv, page * kPageSize, layer);
       } else {
         arrive_barrier(s.full[stage]);  // nothing to load: the consumers zero the stage
       }

@@ -45,7 +45,8 @@ constexpr ElementType element_type_of() {
 template <typename T>
 cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream) {
   if (p.head_dim % 8 != 0 || p.head_dim > simt::kMaxHeadDim || p.head_dim_v != simt::kHeadDimV ||
-      p.h_kv < 1 || p.h_q % p.h_kv != 0 || p.num_parts < 1 || p.max_pages < 1 || p.q_rows < 1)
+      p.h_kv < 1 || p.h_q % p.h_kv != 0 || p.num_parts < 1 || p.max_pages < 1 || p.q_rows < 1 || p.num_layers < 1 ||
+      p.layer_index == nullptr)
     return cudaErrorInvalidValue;
   int device = 0;
   if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;

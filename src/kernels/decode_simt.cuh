@@ -55,8 +55,10 @@ __device__ void load_q_tile(const DecodeParams& p, SharedStorage& s, int seq, in
 
 // Loads the 64 tokens of block `block` of sequence `seq`, zero-filling what must not be read; returns
 // whether the block's page id is valid (tokens on an invalid page are masked out of S too).
+// `pool` is the first element of the layer being read.
 template <typename T>
-__device__ bool load_kv_tile(const DecodeParams& p, SharedStorage& s, int seq, int head_kv, int block, int length) {
+__device__ bool load_kv_tile(const DecodeParams& p, const T* pool, SharedStorage& s, int seq, int head_kv, int block,
+                             int length) {
   const int vecs_per_row = p.head_dim / 8;
   const int page = page_of(p, seq, block);
   const bool page_ok = page_in_pool(p, page);
@@ -65,7 +67,7 @@ __device__ bool load_kv_tile(const DecodeParams& p, SharedStorage& s, int seq, i
     uint4 value = make_uint4(0, 0, 0, 0);
     if (page_ok && block * kBlockN + t < length) {
       const size_t offset = ((static_cast<size_t>(page) * kPageSize + t) * p.h_kv + head_kv) * p.head_dim + v * 8;
-      value = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.k_cache) + offset);
+      value = *reinterpret_cast<const uint4*>(pool + offset);
     }
     *reinterpret_cast<uint4*>(&s.k[t * kRowStride + v * 8]) = value;
   }
@@ -86,6 +88,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   const int tx = tid % 16, ty = tid / 16;
   // PV-phase mapping: rows warp*8 + r, columns lane*8 + c and 256 + lane*8 + c.
   const int warp = tid / 32, lane = tid % 32;
+  const T* pool = static_cast<const T*>(p.k_cache) +
+                  static_cast<size_t>(pool_layer(p)) * p.num_pages * kPageSize * p.h_kv * p.head_dim;
 
   const PartWalk walk(p);
   for (int seq = walk.first; seq <= walk.last; ++seq) {
@@ -114,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
 
     for (int block = c.block_begin; block < c.block_end; ++block) {
       __syncthreads();  // previous tile's P V is done with s.k and s.p
-      const bool page_ok = load_kv_tile<T>(p, s, seq, head_kv, block, c.length);
+      const bool page_ok = load_kv_tile<T>(p, pool, s, seq, head_kv, block, c.length);
       __syncthreads();
 
       // S = Q K^T for rows ty*4+i, columns tx+16j.

@@ -25,13 +25,15 @@ cudaError_t make_kv_tensor_map(CUtensorMap* map, const DecodeParams& p, ElementT
   const auto encode = encoder();
   if (encode == nullptr) return cudaErrorNotSupported;
   constexpr cuuint64_t kElementBytes = 2;
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(p.h_kv),
-                              static_cast<cuuint64_t>(p.num_pages) * kPageSize};
-  const cuuint64_t strides[2] = {p.head_dim * kElementBytes, p.h_kv * p.head_dim * kElementBytes};
-  const cuuint32_t box[3] = {64, 1, kPageSize};
-  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const cuuint64_t tokens = static_cast<cuuint64_t>(p.num_pages) * kPageSize;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(p.h_kv), tokens,
+                              static_cast<cuuint64_t>(p.num_layers)};
+  const cuuint64_t token_bytes = static_cast<cuuint64_t>(p.h_kv) * p.head_dim * kElementBytes;
+  const cuuint64_t strides[3] = {p.head_dim * kElementBytes, token_bytes, tokens * token_bytes};
+  const cuuint32_t box[4] = {64, 1, kPageSize, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   const CUresult result =
-      encode(map, type == ElementType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
+      encode(map, type == ElementType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
              const_cast<void*>(p.k_cache), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;

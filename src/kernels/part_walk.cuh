@@ -1,6 +1,6 @@
 // The walk over one part of the split-KV schedule (mla_params.h documents the metadata), shared by the
 // decode kernels: which sequences the CTA blockIdx.x serves, which blocks and output slot of each, and the
-// pages behind the blocks.
+// pages (and layer) behind the blocks.
 #pragma once
 
 #include "mla_params.h"
@@ -48,6 +48,12 @@ struct PartWalk {
 
 __device__ __forceinline__ int page_of(const DecodeParams& p, int seq, int block) {
   return p.block_table[static_cast<size_t>(seq) * p.max_pages + block];
+}
+
+// The layer of k_cache to read. It lives on the device (a traced index under lax.scan may name it) and is
+// clamped into range like a JAX dynamic index, so no value can address memory outside the pool.
+__device__ __forceinline__ int pool_layer(const DecodeParams& p) {
+  return min(max(*p.layer_index, 0), p.num_layers - 1);
 }
 
 // Ids outside the pool mark tokens the kernels ignore: never loaded, masked out of S.
