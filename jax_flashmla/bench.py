@@ -399,10 +399,8 @@ def _decode_with_metadata(q, k_cache, table, seqlens, tile_metadata, num_splits,
 
 
 def _decode_end_to_end(q, k_cache, table, seqlens, *, causal, layer=None):
-    _, s_q, h_q, _ = q.shape
-    h_kv = k_cache.shape[-2]
-    metadata = get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)
-    return flash_mla_with_kvcache(q, k_cache, table, seqlens, HEAD_DIM_V, *metadata, causal=causal, layer=layer)
+    # Without metadata, flash_mla_with_kvcache computes it inside the call, as a one-off caller would.
+    return flash_mla_with_kvcache(q, k_cache, table, seqlens, HEAD_DIM_V, causal=causal, layer=layer)
 
 
 def _baseline_decode(q, k_cache, table, seqlens, *, causal, layer):
