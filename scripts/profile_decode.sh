@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of the split-KV decode kernel on one memory-bound and one compute-bound bench row.
 # Usage: scripts/profile_decode.sh LOG_DIR   (after the package is built, e.g. by scripts/gpu_check.sh)
-# Writes LOG_DIR/ncu_<row>.txt (details: throughput, tensor-pipe use, warp stalls) and .ncu-rep files.
+# Writes LOG_DIR/ncu_<row>.txt (all sections: throughput, pipes, shared memory, warp stalls), ncu_<row>.sass.csv
+# (stall samples per SASS instruction; scripts/stall_hotspots.py ranks them) and .ncu-rep files.
 set -uo pipefail
 LOG_DIR=${1:?usage: scripts/profile_decode.sh LOG_DIR}
 mkdir -p "$LOG_DIR"
@@ -12,14 +13,16 @@ profile() {  # profile NAME BENCH_FLAGS...
   local name=$1; shift
   # Skip the warm-up launches; profile one decode launch of the timed loop.
   ncu --kernel-name decode_kernel --launch-skip 3 --launch-count 1 \
-      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-      --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+      --set full --import-source yes \
       --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__cycles_elapsed.avg.per_second \
       -o "$LOG_DIR/ncu_$name" -f \
       python3 -m jax_flashmla.bench --no-baseline --warmup 1 --iters 3 --repeats 1 --causal off --out "$LOG_DIR/bench_$name" "$@" \
       >"$LOG_DIR/ncu_$name.log" 2>&1
   ncu --import "$LOG_DIR/ncu_$name.ncu-rep" --print-details all >"$LOG_DIR/ncu_$name.txt" 2>&1
-  echo "== $name"; grep -E "Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|hmma|Registers Per|Stall|Issue Slots Busy|L2 Hit" "$LOG_DIR/ncu_$name.txt" | head -30
+  ncu --import "$LOG_DIR/ncu_$name.ncu-rep" --page source --print-source sass --csv >"$LOG_DIR/ncu_$name.sass.csv" 2>&1
+  echo "== $name"; grep -E "Shared|Duration|DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|hmma|Registers Per|Stall|Issue Slots Busy|L2 Hit" "$LOG_DIR/ncu_$name.txt" \
+    | grep -vE "Roofline|Achieved Value" | head -30
+  python3 scripts/stall_hotspots.py "$LOG_DIR/ncu_$name.sass.csv" --top 15
 }
 profile memory_bound --seqlen 4096 --s-q 1 --h-q 16
 profile compute_bound --seqlen 4096 --s-q 2 --h-q 128

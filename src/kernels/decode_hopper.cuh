@@ -147,8 +147,10 @@ __device__ __forceinline__ void zero_rows(uint16_t* stage, int first_row, int th
   }
 }
 
-// Q rows of this CTA into s.q (swizzled like the pages); rows past q_rows are zero. One warp per row at a
-// time, so the row's address arithmetic is done once per row.
+// Q rows of this CTA into s.q (swizzled like the pages); rows past q_rows are zero-filled. cp.async copies
+// global to shared memory without registers, so all of a thread's 16-byte copies are in flight at once (a
+// load-then-store loop waited one memory latency per row: about 13% of consumer 1's time per chunk). One
+// warp per row at a time, so the row's address arithmetic is done once per row.
 template <typename T>
 __device__ __forceinline__ void load_q(const DecodeParams& p, SharedStorage& s, int seq, int thread) {
   const int head_kv = blockIdx.y, row0 = blockIdx.z * kBlockM;
@@ -156,18 +158,22 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, SharedStorage& s, 
   const int warp = thread / 32, lane = thread % 32;
   char* base = reinterpret_cast<char*>(s.q);
   constexpr int kVecsPerRow = kHeadDim / 8;
+#pragma unroll 4
   for (int r = warp; r < kBlockM; r += 4) {
     const int row = row0 + r;
     const bool real = row < p.q_rows;
     const int s_idx = row / group, head = head_kv * group + row % group;
-    const uint4* src = reinterpret_cast<const uint4*>(
-        static_cast<const T*>(p.q) + ((static_cast<size_t>(seq) * p.s_q + s_idx) * p.h_q + head) * kHeadDim);
+    const T* src = real ? static_cast<const T*>(p.q) + ((static_cast<size_t>(seq) * p.s_q + s_idx) * p.h_q + head) * kHeadDim
+                        : static_cast<const T*>(p.q);  // not read: a source size of 0 zero-fills
 #pragma unroll
     for (int v = lane; v < kVecsPerRow; v += 32) {
-      const uint4 value = real ? __ldg(src + v) : make_uint4(0, 0, 0, 0);
-      *reinterpret_cast<uint4*>(base + swizzled_offset(r, v * 8)) = value;
+      const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(base + swizzled_offset(r, v * 8)));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src + (real ? v * 8 : 0)),
+                   "r"(real ? 16 : 0)
+                   : "memory");
     }
   }
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 template <bool kZeroInit, typename Mma, typename FragA, typename FragB, typename FragC>
@@ -288,7 +294,22 @@ __device__ __forceinline__ void consume_scores(const DecodeParams& p, SharedStor
       const bool last = i + 1 == n_tiles;
       // The next page's block-table entry, loaded now so its latency hides behind the softmax.
       const int next_valid = last ? 0 : valid_tokens(p, c, block + 1);
-      // Online softmax on S (rows 16*warp + lane/4 + 8h, columns 8*(v/4) + 2*(lane%4) + v%2).
+      // Online softmax on S (rows 16*warp + lane/4 + 8h, columns 8*(v/4) + 2*(lane%4) + v%2), in base 2 with
+      // the scale folded into one FFMA per score (softmax_scale > 0, so the raw maximum is the scaled one).
+      // Keys at columns >= visible[h] are masked: one compare and one select per score, against a per-row
+      // limit computed once per page.
+      int visible[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) visible[h] = min(valid, limit[h] - block * kBlockN) - 2 * (lane % 4);
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int g = 0; g < kBlockN / 8; ++g)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int v = 4 * g + 2 * h + e;
+            tSrS(v) = 8 * g + e < visible[h] ? tSrS(v) : -INFINITY;
+          }
       float scale[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -296,15 +317,10 @@ __device__ __forceinline__ void consume_scores(const DecodeParams& p, SharedStor
 #pragma unroll
         for (int g = 0; g < kBlockN / 8; ++g)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int v = 4 * g + 2 * h + e, col = 8 * g + 2 * (lane % 4) + e;
-            const bool visible = col < valid && block * kBlockN + col < limit[h];
-            tSrS(v) = visible ? tSrS(v) * scale_log2 : -INFINITY;
-            tile_max = fmaxf(tile_max, tSrS(v));
-          }
+          for (int e = 0; e < 2; ++e) tile_max = fmaxf(tile_max, tSrS(4 * g + 2 * h + e));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-        const float m_new = fmaxf(row_max[h], tile_max);
+        const float m_new = fmaxf(row_max[h], tile_max * scale_log2);
         // While a row has seen no key, m_new is -inf: keep its probabilities 0 instead of NaN.
         const float m_use = m_new == -INFINITY ? 0.f : m_new;
         scale[h] = exp2f(row_max[h] - m_use);
@@ -314,7 +330,7 @@ __device__ __forceinline__ void consume_scores(const DecodeParams& p, SharedStor
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int v = 4 * g + 2 * h + e;
-            tSrS(v) = exp2f(tSrS(v) - m_use);
+            tSrS(v) = exp2f(fmaf(tSrS(v), scale_log2, -m_use));
             tile_sum += tSrS(v);
           }
         row_sum[h] = row_sum[h] * scale[h] + tile_sum;
@@ -355,9 +371,12 @@ __device__ __forceinline__ void consume_scores(const DecodeParams& p, SharedStor
       fence_async_shared();
       arrive_barrier(s.p_full);
 
-      // O_left = scale * O_left + P V_left.
+      // O_left = scale * O_left + P V_left. Once the running maxima settle, every factor is 1: skip the
+      // 128 multiplies per thread when all of the warp's rows keep their maximum.
+      if (!__all_sync(0xffffffffu, scale[0] == 1.f && scale[1] == 1.f)) {
 #pragma unroll
-      for (int v = 0; v < size(tOrO); ++v) tOrO(v) *= scale[(v / 2) % 2];
+        for (int v = 0; v < size(tOrO); ++v) tOrO(v) *= scale[(v / 2) % 2];
+      }
       Tensor tOrV = thr_pv.partition_fragment_B(stage_v(stage));
       warpgroup_fence_operand(tOrP_words);
       issue_gemm<false>(mma_pv, tOrP, tOrV, tOrO);
@@ -439,8 +458,10 @@ __device__ __forceinline__ void consume_values(const DecodeParams& p, SharedStor
         scale[h] = s.row_scale[row];
         if (i + 1 == n_tiles) row_sum[h] = s.row_sum[row];
       }
+      if (!__all_sync(0xffffffffu, scale[0] == 1.f && scale[1] == 1.f)) {  // as in consumer 1
 #pragma unroll
-      for (int v = 0; v < size(tOrO); ++v) tOrO(v) *= scale[(v / 2) % 2];
+        for (int v = 0; v < size(tOrO); ++v) tOrO(v) *= scale[(v / 2) % 2];
+      }
       Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.kv[stage]) + kHalfV * kBlockN),
                               typename Layouts<E>::VHalf{});
       Tensor tOrV = thr_pv.partition_fragment_B(sV);
