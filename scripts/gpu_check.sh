@@ -5,6 +5,7 @@
 #   quick    run a subset of the GPU grid (for iterating on a kernel).
 # Environment: SKIP_BENCH=1 skips the benchmarks; BENCH_ARGS replaces the first one's flags (default --quick;
 # BENCH_ARGS="" runs the full grid); the second times a stacked two-layer pool (--quick --layers 2).
+# SKIP_SEESAW=1 skips the steps of the experimental seesaw kernel.
 # Offline machines: put wheels the image lacks (nvidia-cutlass) in .whl/; they are installed to /tmp/site.
 set -uo pipefail
 LOG_DIR=${1:?usage: scripts/gpu_check.sh LOG_DIR [quick]}
@@ -66,6 +67,21 @@ if [ -z "${SKIP_BENCH:-}" ] && python3 -c "import jax_flashmla.bench" 2>/dev/nul
   step bench python3 -m jax_flashmla.bench --out "$LOG_DIR/bench" ${BENCH_ARGS---quick}
   # A two-layer stacked pool read in place, and the same call given the layer sliced out (e2e_sliced_ms).
   step bench_layers python3 -m jax_flashmla.bench --quick --layers 2 --no-baseline --out "$LOG_DIR/bench_layers"
+fi
+
+# The experimental seesaw schedule (src/kernels/decode_seesaw.cuh), selected by its environment switch: the
+# quick test subset, both sanitizers and the quick bench, each under a timeout (a schedule bug may deadlock).
+# SKIP_SEESAW=1 leaves it out.
+if [ -z "${SKIP_SEESAW:-}" ]; then
+  export JAX_FLASHMLA_DECODE_KERNEL=seesaw
+  step seesaw_tests timeout 300 python3 -m pytest -q -m gpu -x -n 4 tests/test_gpu_kernels.py \
+    -k "not grid or (64-4-4096 or 6-2-140 or 2-1-20)"
+  step seesaw_memcheck timeout 300 bash -c "$(declare -f sanitize); sanitize memcheck"
+  step seesaw_racecheck timeout 300 bash -c "$(declare -f sanitize); sanitize racecheck small"
+  if [ -z "${SKIP_BENCH:-}" ]; then
+    step seesaw_bench timeout 200 python3 -m jax_flashmla.bench --quick --no-baseline --out "$LOG_DIR/seesaw_bench"
+  fi
+  unset JAX_FLASHMLA_DECODE_KERNEL
 fi
 
 echo; echo "== summary ($LOG_DIR)"; cat "$LOG_DIR/gpu.txt"; printf '%s\n' "${summary[@]}"

@@ -150,9 +150,10 @@ __device__ __forceinline__ void zero_rows(uint16_t* stage, int first_row, int th
 // Q rows of this CTA into s.q (swizzled like the pages); rows past q_rows are zero-filled. cp.async copies
 // global to shared memory without registers, so all of a thread's 16-byte copies are in flight at once (a
 // load-then-store loop waited one memory latency per row: about 13% of consumer 1's time per chunk). One
-// warp per row at a time, so the row's address arithmetic is done once per row.
-template <typename T>
-__device__ __forceinline__ void load_q(const DecodeParams& p, SharedStorage& s, int seq, int thread) {
+// warp per row at a time, so the row's address arithmetic is done once per row. Storage: any shared storage
+// with this kernel's `q` (the seesaw kernel's too).
+template <typename T, typename Storage>
+__device__ __forceinline__ void load_q(const DecodeParams& p, Storage& s, int seq, int thread) {
   const int head_kv = blockIdx.y, row0 = blockIdx.z * kBlockM;
   const int group = p.h_q / p.h_kv;
   const int warp = thread / 32, lane = thread % 32;
@@ -215,6 +216,30 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const Chunk&
       if (real && c.final_output)
         *reinterpret_cast<typename Element<T>::Pair*>(out + col) = Element<T>::from_float2(a, b);
       if (real && !c.final_output) *reinterpret_cast<float2*>(partial + col) = make_float2(a, b);
+    }
+  }
+}
+
+// Writes the LSE of a thread's two rows (lane % 4 == 0 writes for its quad): the natural log of the row's sum
+// of exp(scaled score), from its maximum m (base 2, scaled) and its sum. FlashMLA's +inf for a query that saw
+// nothing; -inf in a split's partial, where it means "adds nothing".
+__device__ __forceinline__ void store_lse(const DecodeParams& p, const Chunk& c, const float m[2], const float sum[2],
+                                          int row0, int group, int warp, int lane) {
+  if (lane % 4 == 0) {
+    const int head_kv = blockIdx.y;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + warp * 16 + lane / 4 + 8 * h;
+      if (row >= p.q_rows) continue;
+      const bool seen = sum[h] > 0.f;
+      const float lse = seen ? (m[h] + log2f(sum[h])) * 0.6931471805599453f : INFINITY;
+      if (c.final_output) {
+        const int s_idx = row / group, head = head_kv * group + row % group;
+        p.lse[(static_cast<size_t>(c.seq) * p.h_q + head) * p.s_q + s_idx] = lse;
+      } else {
+        const size_t slot = (static_cast<size_t>(c.split) * p.h_kv + head_kv) * p.q_rows + row;
+        p.lse_accum[slot] = seen ? lse : -INFINITY;
+      }
     }
   }
 }
@@ -403,24 +428,7 @@ __device__ __forceinline__ void consume_scores(const DecodeParams& p, SharedStor
 #pragma unroll
     for (int h = 0; h < 2; ++h) inv_sum[h] = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
     store_output<T>(p, c, tOrO, 0, inv_sum, thread);
-    if (lane % 4 == 0) {
-      const int head_kv = blockIdx.y;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = row0 + warp * 16 + lane / 4 + 8 * h;
-        if (row >= p.q_rows) continue;
-        const bool seen = row_sum[h] > 0.f;
-        // Natural-log LSE of the scaled scores; FlashMLA's +inf for a query that saw nothing.
-        const float lse = seen ? (row_max[h] + log2f(row_sum[h])) * 0.6931471805599453f : INFINITY;
-        if (c.final_output) {
-          const int s_idx = row / group, head = head_kv * group + row % group;
-          p.lse[(static_cast<size_t>(c.seq) * p.h_q + head) * p.s_q + s_idx] = lse;
-        } else {
-          const size_t slot = (static_cast<size_t>(c.split) * p.h_kv + head_kv) * p.q_rows + row;
-          p.lse_accum[slot] = seen ? lse : -INFINITY;  // -inf: this split adds nothing
-        }
-      }
-    }
+    store_lse(p, c, row_max, row_sum, row0, group, warp, lane);
   }
 }
 
@@ -477,12 +485,23 @@ __device__ __forceinline__ void consume_values(const DecodeParams& p, SharedStor
   }
 }
 
+// The dynamic shared memory as Storage, aligned to 1024 bytes (the 128-byte swizzle's repeat).
+template <typename Storage>
+__device__ __forceinline__ Storage& aligned_shared_storage(char* raw) {
+  return *reinterpret_cast<Storage*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
+}
+
+// This thread's warpgroup, broadcast from lane 0 so the compiler knows the role is warp-uniform (else it
+// serializes the wgmmas).
+__device__ __forceinline__ int warp_uniform_warpgroup() {
+  return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap kv_map) {
   extern __shared__ char smem_raw[];
-  SharedStorage& s = *reinterpret_cast<SharedStorage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  // Broadcast from lane 0 so the compiler knows the role is warp-uniform (else it serializes the wgmmas).
-  const int warpgroup = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
+  SharedStorage& s = aligned_shared_storage<SharedStorage>(smem_raw);
+  const int warpgroup = warp_uniform_warpgroup();
 
   if (threadIdx.x == 0) {
 #pragma unroll

@@ -4,9 +4,12 @@
 #pragma once
 
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 #include "kernels/decode_hopper.cuh"
+#include "kernels/decode_seesaw.cuh"
 #include "kernels/decode_simt.cuh"
 #include "kernels/kv_tensor_map.h"
 
@@ -37,6 +40,13 @@ inline bool device_is_hopper(int device) {
   return hopper[device];
 }
 
+// JAX_FLASHMLA_DECODE_KERNEL=seesaw selects the experimental seesaw schedule (decode_seesaw.cuh) on Hopper.
+// Read at every launch, so a test can switch it; under CUDA graphs the captured choice stays.
+inline bool seesaw_selected() {
+  const char* choice = std::getenv("JAX_FLASHMLA_DECODE_KERNEL");
+  return choice != nullptr && std::strcmp(choice, "seesaw") == 0;
+}
+
 template <typename T>
 constexpr ElementType element_type_of() {
   return std::is_same_v<T, __nv_bfloat16> ? ElementType::kBF16 : ElementType::kFP16;
@@ -59,6 +69,13 @@ cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream) {
   if (hopper_shape && device_is_hopper(device)) {
     CUtensorMap kv_map;
     if (cudaError_t err = make_kv_tensor_map(&kv_map, p, element_type_of<T>()); err != cudaSuccess) return err;
+    if (seesaw_selected()) {
+      if (cudaError_t err = raise_smem_limit_once<seesaw::decode_kernel<T>, seesaw::kSmemBytes>(device);
+          err != cudaSuccess)
+        return err;
+      seesaw::decode_kernel<T><<<grid, seesaw::kThreads, seesaw::kSmemBytes, stream>>>(p, kv_map);
+      return cudaGetLastError();
+    }
     if (cudaError_t err = raise_smem_limit_once<hopper::decode_kernel<T>, hopper::kSmemBytes>(device);
         err != cudaSuccess)
       return err;

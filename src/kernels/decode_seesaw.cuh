@@ -1,0 +1,525 @@
+// Split-KV MLA decode, Hopper (sm_90a), d = 576, dv = 512: the "seesaw" schedule. EXPERIMENTAL: opt-in
+// (JAX_FLASHMLA_DECODE_KERNEL=seesaw, see decode_launch.cuh) until it has passed the GPU tests.
+//
+// Why: in decode_hopper.cuh one warpgroup computes every S = Q K^T and its softmax, so the tensor cores idle
+// during each softmax (benchmarks/NOTES.md). Here the two warpgroups take pages in pairs (K0, K1):
+//   A (threads 0-127)   S0 = Q K0^T, softmax of S0, owns O[:, 0:256]
+//   B (threads 128-255) S1 = Q K1^T, softmax of S1, owns O[:, 256:512]
+// and each warpgroup's softmax runs while the other's GEMMs keep the tensor cores busy. Per pair, with m the
+// running row maximum (base 2, scaled), shared through s.row_max:
+//   A: m0 = max(m, rowmax S0), P0 = 2^(S0 - m0), O_A = O_A 2^(m - m0) + P0 V0_left          (P0 from registers)
+//   B: m1 = max(m0, rowmax S1), P1 = 2^(S1 - m1), O_B = O_B 2^(m - m1) + P1 V1_right         (P1 from registers)
+//   A: hands B P0' = P0 2^(m0 - m1) in shared memory;  B: O_B += P0' V0_right
+//   B: hands A P1 in shared memory;                    A: O_A = O_A 2^(m0 - m1) + P1 V1_left
+// Then A computes S of the next pair's K0 and B of its K1, overlapping the other's P V.
+//
+// Shared memory: Q (72 KiB), two page stages (K0, K1: 72 KiB each), P0 (8 KiB): 224 KiB. P1 has no room of its
+// own: it lives in Q's rope tile (columns 512-575), which both warpgroups copy to registers when Q arrives;
+// the rope part of S is a register-A wgmma. There is no producer warpgroup (it would cap the consumers'
+// registers): the warpgroup that last reads a 64-column tile of a stage issues the TMA load that refills it
+// with the page two tiles ahead, one mbarrier per tile. Hand-offs between the warpgroups are mbarriers
+// (arrive releases, wait acquires), which compute-sanitizer's racecheck models.
+#pragma once
+
+#include "kernels/decode_hopper.cuh"
+
+namespace jax_flashmla {
+namespace seesaw {
+
+using namespace cute;
+using hopper::CuteType;
+using hopper::kBlockM;
+using hopper::kBlockN;
+using hopper::kChunkBytes;
+using hopper::kChunkCols;
+using hopper::kHalfV;
+using hopper::kHeadDim;
+using hopper::kHeadDimV;
+using hopper::kNumChunks;
+using hopper::swizzled_offset;
+using hopper::aligned_shared_storage;
+using hopper::valid_tokens;
+using hopper::warp_uniform_warpgroup;
+
+constexpr int kThreads = 256;
+constexpr int kTileElems = kBlockN * kChunkCols;  // one 64x64 tile
+constexpr int kRopeTile = kNumChunks - 1;         // Q/K tile 8: the rope dims
+constexpr int kBarA = 1, kBarB = 2;               // named barriers of one warpgroup (128 threads)
+
+template <typename E>
+struct Layouts {
+  using Latent = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kBlockM>, Int<kHeadDimV>>{}));
+  using Tile = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  using VHalf = typename hopper::Layouts<E>::VHalf;
+};
+
+struct alignas(1024) SharedStorage {
+  uint16_t q[kBlockM * kHeadDim];  // tile 8 holds P1 once the rope dims are in registers
+  uint16_t kv[2][kBlockN * kHeadDim];
+  uint16_t p0[kTileElems];
+  float row_max[kBlockM];  // running maximum, written by A (m0) then B (m1) each pair
+  float scale0[kBlockM];   // 2^(m - m0)
+  float scale1[kBlockM];   // 2^(m0 - m1)
+  float sum_a[kBlockM];    // epilogue: each warpgroup's row sums
+  float sum_b[kBlockM];
+  uint64_t full[2][kNumChunks];  // a stage's tile landed (or was skipped: invalid page)
+  uint64_t scale0_ready;         // A -> B: row_max = m0, scale0
+  uint64_t scale1_ready;         // B -> A: row_max = m1, scale1
+  uint64_t p0_ready;             // A -> B: P0' in p0
+  uint64_t p1_ready;             // B -> A: P1 in Q's rope tile
+};
+constexpr int kSmemBytes = sizeof(SharedStorage) + 1024;
+static_assert(kSmemBytes <= 227 * 1024, "seesaw shared storage exceeds a block's 227 KiB");
+
+__device__ __forceinline__ uint16_t* p1_tile(SharedStorage& s) { return s.q + kRopeTile * kTileElems; }
+
+// Loads tiles [first, last] of page `page` into a stage; an invalid page completes the barriers with no bytes
+// (the S owner then zeroes the stage). One thread.
+__device__ __forceinline__ void load_tiles(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s,
+                                           int stage, int page, int first, int last) {
+  const int head_kv = blockIdx.y, layer = pool_layer(p);
+  // A page read by several CTAs (row blocks of the same part) should stay in L2 for the others.
+  const uint64_t hint = gridDim.z > 1 ? static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL)
+                                      : static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_FIRST);
+  for (int t = first; t <= last; ++t) {
+    if (page_in_pool(p, page)) {
+      set_barrier_transaction_bytes(s.full[stage][t], kChunkBytes);
+      SM90_TMA_LOAD_4D::copy(kv_map, &s.full[stage][t], hint,
+                             reinterpret_cast<char*>(s.kv[stage]) + t * kChunkBytes, t * kChunkCols, head_kv,
+                             page * kPageSize, layer);
+    } else {
+      arrive_barrier(s.full[stage][t]);
+    }
+  }
+}
+
+// Hand-offs between the warpgroups. The mbarrier arrive releases and the wait acquires, for the hardware; the
+// empty asm with a memory clobber keeps the compiler from moving shared-memory accesses across them.
+__device__ __forceinline__ void release(uint64_t& barrier) {
+  asm volatile("" ::: "memory");
+  arrive_barrier(barrier);
+}
+__device__ __forceinline__ void acquire(uint64_t& barrier, int phase) {
+  wait_barrier(barrier, phase);
+  asm volatile("" ::: "memory");
+}
+
+// The 16 32-bit words of a 64x64 16-bit tile that a thread holds as a wgmma A fragment (or converts from a C
+// fragment): word j is (row 16*warp + lane/4 + 8*(j%2), columns 8*(j/2) + 2*(lane%4) + {0, 1}).
+__device__ __forceinline__ int fragment_word_offset(int j, int thread) {
+  const int warp = thread / 32, lane = thread % 32;
+  return swizzled_offset(warp * 16 + lane / 4 + 8 * (j % 2), 8 * (j / 2) + 2 * (lane % 4));
+}
+
+template <typename Words>
+__device__ __forceinline__ void store_tile_words(uint16_t* tile, const Words& words, int thread) {
+  char* base = reinterpret_cast<char*>(tile);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) *reinterpret_cast<uint32_t*>(base + fragment_word_offset(j, thread)) = words(j);
+}
+
+template <typename T, typename Acc, typename Words>
+__device__ __forceinline__ void pack_words(const Acc& acc, Words& words) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const auto pair = Element<T>::from_float2(acc(2 * j), acc(2 * j + 1));
+    words(j) = reinterpret_cast<const uint32_t&>(pair);
+  }
+}
+
+// Everything one warpgroup needs: its role, MMAs, fragments.
+template <typename T, bool kIsA>
+struct Warpgroup {
+  using E = typename CuteType<T>::type;
+  static constexpr int kStage = kIsA ? 0 : 1;  // the stage whose S this warpgroup computes
+  static constexpr int kBar = kIsA ? kBarA : kBarB;
+
+  const DecodeParams& p;
+  const CUtensorMap* kv_map;
+  SharedStorage& s;
+  const int thread;  // 0..127 within the warpgroup
+
+  __device__ Warpgroup(const DecodeParams& p_, const CUtensorMap* map, SharedStorage& s_)
+      : p(p_), kv_map(map), s(s_), thread(threadIdx.x % 128) {}
+
+  __device__ auto mma_s_latent() const {
+    return make_tiled_mma(GMMA::ss_op_selector<E, E, float, Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDimV>>>());
+  }
+  __device__ auto mma_s_rope() const {
+    return make_tiled_mma(GMMA::rs_op_selector<E, E, float, Shape<Int<kBlockM>, Int<kBlockN>, Int<kChunkCols>>>());
+  }
+  __device__ auto mma_pv_rs() const {
+    return make_tiled_mma(GMMA::rs_op_selector<E, E, float, Shape<Int<kBlockM>, Int<kHalfV>, Int<kBlockN>>,
+                                               GMMA::Major::K, GMMA::Major::MN>());
+  }
+  __device__ auto mma_pv_ss() const {
+    return make_tiled_mma(GMMA::ss_op_selector<E, E, float, Shape<Int<kBlockM>, Int<kHalfV>, Int<kBlockN>>,
+                                               GMMA::Major::K, GMMA::Major::MN>());
+  }
+  __device__ auto v_half(int stage) const {  // this warpgroup's half of V^T in a stage
+    return make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.kv[stage]) + (kIsA ? 0 : kHalfV * kBlockN)),
+                       typename Layouts<E>::VHalf{});
+  }
+
+  // Issues S = Q K^T over tiles [first, end) of the page in this warpgroup's stage, as one commit group: the
+  // latent tiles as they land, then (end == 9) the rope tile with Q from registers. The call with first == 0
+  // starts S from zero, after zeroing the page's rows past `valid` (they may hold NaN).
+  template <typename AccS, typename Q8>
+  __device__ __forceinline__ void issue_scores(AccS& acc, const Q8& q8, int phase, int valid, int first, int end) {
+    if (first == 0 && valid < kBlockN) {
+      for (int t = 0; t < kNumChunks; ++t) wait_barrier(s.full[kStage][t], phase);
+      hopper::zero_rows(s.kv[kStage], valid, thread);
+      hopper::fence_async_shared();
+      hopper::named_sync(kBar, 128);
+    }
+    auto mma_l = mma_s_latent();
+    auto mma_r = mma_s_rope();
+    auto thr_l = mma_l.get_thread_slice(thread);
+    auto thr_r = mma_r.get_thread_slice(thread);
+    Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.q)), typename Layouts<E>::Latent{});
+    Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.kv[kStage])), typename Layouts<E>::Latent{});
+    Tensor sK8 = make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.kv[kStage]) + kRopeTile * kTileElems),
+                             typename Layouts<E>::Tile{});
+    Tensor tQ = thr_l.partition_fragment_A(sQ);
+    Tensor tK = thr_l.partition_fragment_B(sK);
+    Tensor tK8 = thr_r.partition_fragment_B(sK8);
+    static_assert(decltype(size<2>(tQ))::value == 4 * (kNumChunks - 1));
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    mma_l.accumulate_ = first == 0 ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+    CUTE_UNROLL
+    for (int t = 0; t < kNumChunks - 1; ++t) {
+      if (t < first || t >= end) continue;
+      wait_barrier(s.full[kStage][t], phase);
+      CUTE_UNROLL
+      for (int k = 0; k < 4; ++k) {
+        cute::gemm(mma_l, tQ(_, _, 4 * t + k), tK(_, _, 4 * t + k), acc);
+        mma_l.accumulate_ = GMMA::ScaleOut::One;
+      }
+    }
+    if (end == kNumChunks) {
+      wait_barrier(s.full[kStage][kRopeTile], phase);
+      mma_r.accumulate_ = GMMA::ScaleOut::One;
+      CUTE_UNROLL
+      for (int k = 0; k < 4; ++k) cute::gemm(mma_r, q8(_, _, k), tK8(_, _, k), acc);
+    }
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(acc);
+  }
+
+  // Waits until tiles [first, end) of a stage hold the current page. The other warpgroup's stage is read for
+  // its V half only after that warpgroup's P hand-off, which already implies this; waiting here keeps the
+  // dependence on the copy explicit, as the hand-off alone would make it transitive.
+  __device__ __forceinline__ void wait_tiles(int stage, int phase, int first, int end) const {
+    for (int t = first; t < end; ++t) wait_barrier(s.full[stage][t], phase);
+  }
+};
+
+// Masks S (columns >= visible), folds in the scale, and computes P = 2^(S scale - m_new) in place. m: in, the
+// running row maximum; out, the new one. tile_sum: this thread's part of each row's sum of P.
+template <typename AccS>
+__device__ __forceinline__ void softmax_tile(AccS& acc, const int visible[2], float scale_log2, float m[2],
+                                             float tile_sum[2]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int limit = visible[h] - 2 * (lane % 4);
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int g = 0; g < kBlockN / 8; ++g)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int v = 4 * g + 2 * h + e;
+        acc(v) = 8 * g + e < limit ? acc(v) : -INFINITY;
+        tile_max = fmaxf(tile_max, acc(v));
+      }
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    m[h] = fmaxf(m[h], tile_max * scale_log2);
+    const float m_use = m[h] == -INFINITY ? 0.f : m[h];  // a row with no key yet keeps P = 0, not NaN
+    tile_sum[h] = 0.f;
+#pragma unroll
+    for (int g = 0; g < kBlockN / 8; ++g)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int v = 4 * g + 2 * h + e;
+        acc(v) = exp2f(fmaf(acc(v), scale_log2, -m_use));
+        tile_sum[h] += acc(v);
+      }
+  }
+}
+
+__device__ __forceinline__ float rescale_factor(float m_old, float m_new) {
+  return exp2f(m_old - (m_new == -INFINITY ? 0.f : m_new));
+}
+
+template <typename Acc>
+__device__ __forceinline__ void rescale_rows(Acc& acc, const float factor[2]) {
+  if (__all_sync(0xffffffffu, factor[0] == 1.f && factor[1] == 1.f)) return;
+#pragma unroll
+  for (int v = 0; v < size(acc); ++v) acc(v) *= factor[(v / 2) % 2];
+}
+
+__device__ __forceinline__ int thread_row(int thread, int h) { return (thread / 32) * 16 + (thread % 32) / 4 + 8 * h; }
+
+// One thread per row (lane % 4 == 0) publishes the row's new maximum and a rescale factor for the other
+// warpgroup (before a release).
+__device__ __forceinline__ void publish_rows(SharedStorage& s, float* factors, const float m[2], const float f[2],
+                                             int thread) {
+  if (thread % 4 != 0) return;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    s.row_max[thread_row(thread, h)] = m[h];
+    factors[thread_row(thread, h)] = f[h];
+  }
+}
+
+template <typename T, bool kIsA>
+__device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s) {
+  using WG = Warpgroup<T, kIsA>;
+  using E = typename WG::E;
+  WG wg(p, kv_map, s);
+  const int thread = wg.thread, lane = thread % 32;
+  const bool leader = thread == 0;
+  const int row0 = blockIdx.z * kBlockM, group = p.h_q / p.h_kv;
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+
+  auto mma_pv_rs = wg.mma_pv_rs();
+  auto mma_pv_ss = wg.mma_pv_ss();
+  auto thr_rs = mma_pv_rs.get_thread_slice(thread);
+  auto thr_ss = mma_pv_ss.get_thread_slice(thread);
+  auto mma_rope = wg.mma_s_rope();
+  Tensor sTile = make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.p0)), typename Layouts<E>::Tile{});
+  Tensor tQ8 = mma_rope.get_thread_slice(thread).partition_fragment_A(sTile);  // Q's rope tile, registers
+  Tensor tQ8_words = recast<uint32_t>(tQ8);
+  Tensor tS = partition_fragment_C(wg.mma_s_latent(), Shape<Int<kBlockM>, Int<kBlockN>>{});
+  Tensor tO = partition_fragment_C(mma_pv_rs, Shape<Int<kBlockM>, Int<kHalfV>>{});
+  Tensor tP = thr_rs.partition_fragment_A(sTile);  // own P as the A operand
+  Tensor tP_words = recast<uint32_t>(tP);
+  // The other warpgroup's P, read from shared memory: P1 (A reads Q's rope tile) or P0' (B reads p0).
+  Tensor sOtherP = make_tensor(make_smem_ptr(reinterpret_cast<E*>(kIsA ? p1_tile(s) : s.p0)),
+                               typename Layouts<E>::Tile{});
+  Tensor tOtherP = thr_ss.partition_fragment_A(sOtherP);
+  static_assert(decltype(size(tS))::value == 32 && decltype(size(tP_words))::value == 16 &&
+                decltype(size(tQ8_words))::value == 16);
+
+  int pairs_done = 0;      // pairs this CTA finished: the phase of the four hand-off barriers
+  int pages[2] = {0, 0};   // pages each stage has held so far: the phase of its full barriers
+  const PartWalk walk(p);
+  for (int seq = walk.first; seq <= walk.last; ++seq) {
+    const Chunk c = walk.chunk(p, seq);
+    if (c.skip) continue;
+    const int n_tiles = c.block_end - c.block_begin;
+    int limit[2];  // visible keys of this thread's rows: [0, limit)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + thread_row(thread, h);
+      limit[h] = row >= p.q_rows ? 0 : (p.causal ? c.length - p.s_q + row / group + 1 : c.length);
+    }
+
+    // Every earlier read of Q, the stages and P is complete: the previous chunk ended with __syncthreads.
+    if (kIsA) {
+      if (leader && n_tiles > 0)
+        load_tiles(p, kv_map, s, 0, page_of(p, c.seq, c.block_begin), 0, kNumChunks - 1);
+      if (leader && n_tiles > 1)
+        load_tiles(p, kv_map, s, 1, page_of(p, c.seq, c.block_begin + 1), 0, kNumChunks - 1);
+      hopper::load_q<T>(p, s, c.seq, thread);
+      hopper::fence_async_shared();
+    }
+    __syncthreads();
+    const char* q_rope = reinterpret_cast<const char*>(s.q) + kRopeTile * kChunkBytes;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+      tQ8_words(j) = *reinterpret_cast<const uint32_t*>(q_rope + fragment_word_offset(j, thread));
+    // B overwrites the rope tile with P1 only after every thread of both warpgroups has its copy: A's through
+    // its release of scale0_ready, B's through this barrier.
+    hopper::named_sync(WG::kBar, 128);
+
+    float m[2] = {-INFINITY, -INFINITY}, sum[2] = {0.f, 0.f};
+    clear(tO);
+    // This warpgroup's first page: K0 for A, K1 for B.
+    int valid = 0;
+    if (kIsA ? n_tiles > 0 : n_tiles > 1) {
+      valid = valid_tokens(p, c, c.block_begin + (kIsA ? 0 : 1));
+      wg.issue_scores(tS, tQ8, pages[WG::kStage] & 1, valid, 0, kNumChunks);
+      warpgroup_wait<0>();
+    }
+
+    for (int i = 0; i < n_tiles; i += 2) {
+      const bool has_k1 = i + 1 < n_tiles;
+      const bool next_k0 = i + 2 < n_tiles, next_k1 = i + 3 < n_tiles;
+      const int block0 = c.block_begin + i;
+      const int hand_off_phase = pairs_done & 1;
+      if constexpr (kIsA) {
+        // m0 = max(m, rowmax S0); O_A and the row sums move to m0; P0 = 2^(S0 - m0).
+        int visible[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) visible[h] = min(valid, limit[h] - block0 * kBlockN);
+        float m0[2] = {m[0], m[1]}, tile_sum[2], scale0[2];
+        softmax_tile(tS, visible, scale_log2, m0, tile_sum);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          scale0[h] = rescale_factor(m[h], m0[h]);
+          sum[h] = sum[h] * scale0[h] + tile_sum[h];
+        }
+        rescale_rows(tO, scale0);
+        publish_rows(s, s.scale0, m0, scale0, thread);
+        release(s.scale0_ready);
+
+        // O_A += P0 V0_left, P0 from registers. Then this warpgroup is done with K0's tiles 0-3 and 8.
+        pack_words<T>(tS, tP_words);
+        warpgroup_fence_operand(tP_words);
+        hopper::issue_gemm<false>(mma_pv_rs, tP, thr_rs.partition_fragment_B(wg.v_half(0)), tO);
+        warpgroup_fence_operand(tP_words);
+        warpgroup_wait<0>();
+        if (leader && next_k0) {
+          const int page = page_of(p, c.seq, block0 + 2);
+          load_tiles(p, kv_map, s, 0, page, 0, 3);
+          load_tiles(p, kv_map, s, 0, page, kRopeTile, kRopeTile);
+        }
+
+        // B's m1: hand B P0' = P0 2^(m0 - m1), and move O_A and the sums to m1.
+        acquire(s.scale1_ready, hand_off_phase);
+        float scale1[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          scale1[h] = s.scale1[thread_row(thread, h)];
+          m[h] = s.row_max[thread_row(thread, h)];
+          sum[h] *= scale1[h];
+        }
+#pragma unroll
+        for (int v = 0; v < size(tS); ++v) tS(v) *= scale1[(v / 2) % 2];
+        pack_words<T>(tS, tP_words);
+        store_tile_words(s.p0, tP_words, thread);
+        hopper::fence_async_shared();
+        release(s.p0_ready);
+        rescale_rows(tO, scale1);
+
+        // O_A += P1 V1_left (both from shared memory), with S of the next K0 issued behind it in two parts: the
+        // tiles 0-3 this warpgroup refilled, then (once P1 V1_left is done and K1's tiles 0-3 are refilled for
+        // B) tiles 4-8, which B refills.
+        acquire(s.p1_ready, hand_off_phase);
+        if (has_k1) {
+          wg.wait_tiles(1, pages[1] & 1, 0, 4);
+          hopper::issue_gemm<false>(mma_pv_ss, tOtherP, thr_ss.partition_fragment_B(wg.v_half(1)), tO);
+        }
+        if (next_k0) {
+          valid = valid_tokens(p, c, block0 + 2);
+          wg.issue_scores(tS, tQ8, (pages[0] + 1) & 1, valid, 0, 4);
+        }
+        if (has_k1) {
+          if (next_k0)
+            warpgroup_wait<1>();
+          else
+            warpgroup_wait<0>();
+          if (leader && next_k1) load_tiles(p, kv_map, s, 1, page_of(p, c.seq, block0 + 3), 0, 3);
+        }
+        if (next_k0) wg.issue_scores(tS, tQ8, (pages[0] + 1) & 1, valid, 4, kNumChunks);
+        warpgroup_wait<0>();
+      } else {
+        // m1 = max(m0, rowmax S1); O_B and the sums move from m to m1; P1 = 2^(S1 - m1).
+        acquire(s.scale0_ready, hand_off_phase);
+        float m1[2], scale0[2], scale1[2] = {1.f, 1.f}, tile_sum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          m1[h] = s.row_max[thread_row(thread, h)];
+          scale0[h] = s.scale0[thread_row(thread, h)];
+        }
+        if (has_k1) {
+          const float m0[2] = {m1[0], m1[1]};
+          int visible[2];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) visible[h] = min(valid, limit[h] - (block0 + 1) * kBlockN);
+          softmax_tile(tS, visible, scale_log2, m1, tile_sum);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) scale1[h] = rescale_factor(m0[h], m1[h]);
+        }
+        float factor[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          factor[h] = scale0[h] * scale1[h];
+          sum[h] = sum[h] * factor[h] + tile_sum[h];
+          m[h] = m1[h];
+        }
+        rescale_rows(tO, factor);
+        publish_rows(s, s.scale1, m1, scale1, thread);
+        release(s.scale1_ready);
+
+        // Hand A P1 (in Q's rope tile) and O_B += P1 V1_right, P1 from registers.
+        if (has_k1) {
+          pack_words<T>(tS, tP_words);
+          store_tile_words(p1_tile(s), tP_words, thread);
+          warpgroup_fence_operand(tP_words);
+          hopper::issue_gemm<false>(mma_pv_rs, tP, thr_rs.partition_fragment_B(wg.v_half(1)), tO);
+          warpgroup_fence_operand(tP_words);
+          hopper::fence_async_shared();
+        }
+        release(s.p1_ready);
+
+        // O_B += P0' V0_right, both from shared memory. Then B is done with K0's tiles 4-7 and all of K1's but 0-3.
+        acquire(s.p0_ready, hand_off_phase);
+        wg.wait_tiles(0, pages[0] & 1, 4, 8);
+        hopper::issue_gemm<false>(mma_pv_ss, tOtherP, thr_ss.partition_fragment_B(wg.v_half(0)), tO);
+        warpgroup_wait<0>();
+        if (leader && next_k0) load_tiles(p, kv_map, s, 0, page_of(p, c.seq, block0 + 2), 4, 7);
+        if (leader && next_k1) load_tiles(p, kv_map, s, 1, page_of(p, c.seq, block0 + 3), 4, kRopeTile);
+
+        if (next_k1) {
+          valid = valid_tokens(p, c, block0 + 3);
+          wg.issue_scores(tS, tQ8, (pages[1] + 1) & 1, valid, 0, kNumChunks);
+          warpgroup_wait<0>();
+        }
+      }
+      ++pairs_done;
+      ++pages[0];
+      if (has_k1) ++pages[1];
+    }
+
+    // Epilogue: both halves share the row sums; O is normalised and written, A writes the LSE.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 1);
+      sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 2);
+    }
+    if (lane % 4 == 0) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) (kIsA ? s.sum_a : s.sum_b)[thread_row(thread, h)] = sum[h];
+    }
+    __syncthreads();
+    float total[2], inv_sum[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      total[h] = s.sum_a[thread_row(thread, h)] + s.sum_b[thread_row(thread, h)];
+      inv_sum[h] = total[h] > 0.f ? 1.f / total[h] : 0.f;
+    }
+    hopper::store_output<T>(p, c, tO, kIsA ? 0 : kHalfV, inv_sum, thread);
+    if (kIsA) hopper::store_lse(p, c, m, total, row0, group, thread / 32, lane);
+    __syncthreads();  // the next chunk overwrites Q, the stages and the sums
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap kv_map) {
+  extern __shared__ char smem_raw[];
+  SharedStorage& s = aligned_shared_storage<SharedStorage>(smem_raw);
+  const int warpgroup = warp_uniform_warpgroup();
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int stage = 0; stage < 2; ++stage)
+#pragma unroll
+      for (int t = 0; t < kNumChunks; ++t) initialize_barrier(s.full[stage][t], 1);
+    initialize_barrier(s.scale0_ready, 128);
+    initialize_barrier(s.scale1_ready, 128);
+    initialize_barrier(s.p0_ready, 128);
+    initialize_barrier(s.p1_ready, 128);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (warpgroup == 0)
+    run_warpgroup<T, true>(p, &kv_map, s);
+  else
+    run_warpgroup<T, false>(p, &kv_map, s);
+}
+
+}  // namespace seesaw
+}  // namespace jax_flashmla
