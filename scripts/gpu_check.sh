@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The whole GPU run in one command, for the lent H100: build, GPU tests, compute-sanitizer, benchmark.
-# Usage: scripts/gpu_check.sh LOG_DIR [quick]
+# Usage: scripts/gpu_check.sh LOG_DIR [quick|seesaw]
 #   LOG_DIR  where logs go (created); the last lines of each step are printed as a summary.
 #   quick    run a subset of the GPU grid (for iterating on a kernel).
+#   seesaw   only the experimental seesaw kernel (src/kernels/decode_seesaw.cuh), selected by its environment
+#            switch: the quick test subset, then (if they pass) memcheck, racecheck and the quick bench, each
+#            under a timeout because a schedule bug may deadlock. About 3 minutes when it works.
 # Environment: SKIP_BENCH=1 skips the benchmarks; BENCH_ARGS replaces the first one's flags (default --quick;
 # BENCH_ARGS="" runs the full grid); the second times a stacked two-layer pool (--quick --layers 2).
-# SKIP_SEESAW=1 skips the steps of the experimental seesaw kernel.
 # Offline machines: put wheels the image lacks (nvidia-cutlass) in .whl/; they are installed to /tmp/site.
 set -uo pipefail
-LOG_DIR=${1:?usage: scripts/gpu_check.sh LOG_DIR [quick]}
+LOG_DIR=${1:?usage: scripts/gpu_check.sh LOG_DIR [quick|seesaw]}
 MODE=${2:-full}
 mkdir -p "$LOG_DIR"
 cd "$(dirname "$0")/.."
@@ -36,12 +38,6 @@ python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib._
 step build python3 -m pip install -v --no-build-isolation --no-deps . || { printf '%s\n' "${summary[@]}"; exit 1; }
 python3 -c "import jax_flashmla as j; assert j.kernels_available(), j.why_kernels_unavailable(); print('kernels ok')"
 
-if [ "$MODE" = quick ]; then
-  step gpu_tests python3 -m pytest -q -m gpu -x -n 4 --durations=10 tests/test_gpu_kernels.py -k "not grid or (64-4-4096 or 6-2-140 or 2-1-20)"
-else
-  step gpu_tests python3 -m pytest -q -m gpu -n 8 --durations=10 --continue-on-collection-errors tests/
-fi
-
 # compute-sanitizer over a few problems (scheduler, decode and combine kernels, hostile runtime values).
 # Only our kernels are instrumented (--kernel-name filter): we vouch for ours.
 # compute-sanitizer itself sometimes segfaults while the JAX process starts (rc 139, before any kernel ran;
@@ -57,6 +53,25 @@ sanitize() {
   done
   return $rc
 }
+summarize() { echo; echo "== summary ($LOG_DIR)"; cat "$LOG_DIR/gpu.txt"; printf '%s\n' "${summary[@]}"; }
+
+if [ "$MODE" = seesaw ]; then
+  export JAX_FLASHMLA_DECODE_KERNEL=seesaw
+  step seesaw_tests timeout 240 python3 -m pytest -q -m gpu -x -n 4 tests/test_gpu_kernels.py \
+    -k "not grid or (64-4-4096 or 6-2-140 or 2-1-20)" &&
+    step seesaw_memcheck timeout 150 bash -c "$(declare -f sanitize); sanitize memcheck" &&
+    step seesaw_racecheck timeout 120 bash -c "$(declare -f sanitize); sanitize racecheck small" &&
+    step seesaw_bench timeout 120 python3 -m jax_flashmla.bench --quick --no-baseline --out "$LOG_DIR/seesaw_bench"
+  summarize
+  exit 0
+fi
+
+if [ "$MODE" = quick ]; then
+  step gpu_tests python3 -m pytest -q -m gpu -x -n 4 --durations=10 tests/test_gpu_kernels.py -k "not grid or (64-4-4096 or 6-2-140 or 2-1-20)"
+else
+  step gpu_tests python3 -m pytest -q -m gpu -n 8 --durations=10 --continue-on-collection-errors tests/
+fi
+
 step memcheck sanitize memcheck
 step racecheck sanitize racecheck small
 
@@ -69,19 +84,4 @@ if [ -z "${SKIP_BENCH:-}" ] && python3 -c "import jax_flashmla.bench" 2>/dev/nul
   step bench_layers python3 -m jax_flashmla.bench --quick --layers 2 --no-baseline --out "$LOG_DIR/bench_layers"
 fi
 
-# The experimental seesaw schedule (src/kernels/decode_seesaw.cuh), selected by its environment switch: the
-# quick test subset, both sanitizers and the quick bench, each under a timeout (a schedule bug may deadlock).
-# SKIP_SEESAW=1 leaves it out.
-if [ -z "${SKIP_SEESAW:-}" ]; then
-  export JAX_FLASHMLA_DECODE_KERNEL=seesaw
-  step seesaw_tests timeout 300 python3 -m pytest -q -m gpu -x -n 4 tests/test_gpu_kernels.py \
-    -k "not grid or (64-4-4096 or 6-2-140 or 2-1-20)"
-  step seesaw_memcheck timeout 300 bash -c "$(declare -f sanitize); sanitize memcheck"
-  step seesaw_racecheck timeout 300 bash -c "$(declare -f sanitize); sanitize racecheck small"
-  if [ -z "${SKIP_BENCH:-}" ]; then
-    step seesaw_bench timeout 200 python3 -m jax_flashmla.bench --quick --no-baseline --out "$LOG_DIR/seesaw_bench"
-  fi
-  unset JAX_FLASHMLA_DECODE_KERNEL
-fi
-
-echo; echo "== summary ($LOG_DIR)"; cat "$LOG_DIR/gpu.txt"; printf '%s\n' "${summary[@]}"
+summarize
