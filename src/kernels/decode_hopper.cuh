@@ -177,6 +177,38 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, Storage& s, int se
   asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
+// The 16 32-bit words of a 64x64 16-bit tile that a thread holds as a wgmma A fragment (or converts from a C
+// fragment): word j is (row 16*warp + lane/4 + 8*(j%2), columns 8*(j/2) + 2*(lane%4) + {0, 1}).
+__device__ __forceinline__ int fragment_word_offset(int j, int thread) {
+  const int warp = thread / 32, lane = thread % 32;
+  return swizzled_offset(warp * 16 + lane / 4 + 8 * (j % 2), 8 * (j / 2) + 2 * (lane % 4));
+}
+
+template <typename Words>
+__device__ __forceinline__ void store_tile_words(uint16_t* tile, const Words& words, int thread) {
+  char* base = reinterpret_cast<char*>(tile);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) *reinterpret_cast<uint32_t*>(base + fragment_word_offset(j, thread)) = words(j);
+}
+
+template <typename T, typename Acc, typename Words>
+__device__ __forceinline__ void pack_words(const Acc& acc, Words& words) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const auto pair = Element<T>::from_float2(acc(2 * j), acc(2 * j + 1));
+    words(j) = reinterpret_cast<const uint32_t&>(pair);
+  }
+}
+
+// acc *= factor per row (C fragment: value v belongs to row half (v / 2) % 2). Once the running maxima settle
+// every factor is 1: the 128 multiplies per thread are skipped when they are for all of the warp's rows.
+template <typename Acc>
+__device__ __forceinline__ void rescale_rows(Acc& acc, const float factor[2]) {
+  if (__all_sync(0xffffffffu, factor[0] == 1.f && factor[1] == 1.f)) return;
+#pragma unroll
+  for (int v = 0; v < size(acc); ++v) acc(v) *= factor[(v / 2) % 2];
+}
+
 template <bool kZeroInit, typename Mma, typename FragA, typename FragB, typename FragC>
 __device__ __forceinline__ void issue_gemm(Mma& mma, const FragA& a, const FragB& b, FragC& c) {
   warpgroup_fence_operand(c);
@@ -370,21 +402,11 @@ __device__ __forceinline__ void consume_scores(const DecodeParams& p, SharedStor
       }
       // P in registers: the C layout of two adjacent 8-column groups is the A layout of a 16-deep slice,
       // so value v of S is value v of P. Pairs (v, v+1) are adjacent columns: one 32-bit word.
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const auto pair = Element<T>::from_float2(tSrS(2 * j), tSrS(2 * j + 1));
-        tOrP_words(j) = reinterpret_cast<const uint32_t&>(pair);
-      }
+      pack_words<T>(tSrS, tOrP_words);
 
       // Hand P and the factors to consumer 2, once its previous P V is done reading s.p (phase tile - 1).
       if (tile > 0) wait_barrier(s.p_empty, (tile - 1) & 1);
-      char* p_base = reinterpret_cast<char*>(s.p);
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const int row = warp * 16 + lane / 4 + 8 * (j % 2);
-        const int col = 8 * (j / 2) + 2 * (lane % 4);
-        *reinterpret_cast<uint32_t*>(p_base + swizzled_offset(row, col)) = tOrP_words(j);
-      }
+      store_tile_words(s.p, tOrP_words, thread);
       if (lane % 4 == 0) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -396,12 +418,8 @@ __device__ __forceinline__ void consume_scores(const DecodeParams& p, SharedStor
       fence_async_shared();
       arrive_barrier(s.p_full);
 
-      // O_left = scale * O_left + P V_left. Once the running maxima settle, every factor is 1: skip the
-      // 128 multiplies per thread when all of the warp's rows keep their maximum.
-      if (!__all_sync(0xffffffffu, scale[0] == 1.f && scale[1] == 1.f)) {
-#pragma unroll
-        for (int v = 0; v < size(tOrO); ++v) tOrO(v) *= scale[(v / 2) % 2];
-      }
+      // O_left = scale * O_left + P V_left.
+      rescale_rows(tOrO, scale);
       Tensor tOrV = thr_pv.partition_fragment_B(stage_v(stage));
       warpgroup_fence_operand(tOrP_words);
       issue_gemm<false>(mma_pv, tOrP, tOrV, tOrO);
@@ -466,10 +484,7 @@ __device__ __forceinline__ void consume_values(const DecodeParams& p, SharedStor
         scale[h] = s.row_scale[row];
         if (i + 1 == n_tiles) row_sum[h] = s.row_sum[row];
       }
-      if (!__all_sync(0xffffffffu, scale[0] == 1.f && scale[1] == 1.f)) {  // as in consumer 1
-#pragma unroll
-        for (int v = 0; v < size(tOrO); ++v) tOrO(v) *= scale[(v / 2) % 2];
-      }
+      rescale_rows(tOrO, scale);
       Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.kv[stage]) + kHalfV * kBlockN),
                               typename Layouts<E>::VHalf{});
       Tensor tOrV = thr_pv.partition_fragment_B(sV);

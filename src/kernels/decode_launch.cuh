@@ -61,7 +61,8 @@ cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream) {
   int device = 0;
   if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
   if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
-  const dim3 grid(p.num_parts, p.h_kv, (p.q_rows + 63) / 64);
+  static_assert(simt::kBlockM == hopper::kBlockM, "the kernels share one grid: 64 query rows per CTA");
+  const dim3 grid(p.num_parts, p.h_kv, (p.q_rows + hopper::kBlockM - 1) / hopper::kBlockM);
 
   // TMA coordinates are int32: the pool's token count must fit (it always does for real pools).
   const bool hopper_shape = p.head_dim == hopper::kHeadDim && p.head_dim_v == hopper::kHeadDimV && p.num_pages >= 1 &&

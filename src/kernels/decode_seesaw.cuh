@@ -38,6 +38,10 @@ using hopper::kHeadDimV;
 using hopper::kNumChunks;
 using hopper::swizzled_offset;
 using hopper::aligned_shared_storage;
+using hopper::fragment_word_offset;
+using hopper::pack_words;
+using hopper::rescale_rows;
+using hopper::store_tile_words;
 using hopper::valid_tokens;
 using hopper::warp_uniform_warpgroup;
 
@@ -104,29 +108,6 @@ __device__ __forceinline__ void acquire(uint64_t& barrier, int phase) {
   asm volatile("" ::: "memory");
 }
 
-// The 16 32-bit words of a 64x64 16-bit tile that a thread holds as a wgmma A fragment (or converts from a C
-// fragment): word j is (row 16*warp + lane/4 + 8*(j%2), columns 8*(j/2) + 2*(lane%4) + {0, 1}).
-__device__ __forceinline__ int fragment_word_offset(int j, int thread) {
-  const int warp = thread / 32, lane = thread % 32;
-  return swizzled_offset(warp * 16 + lane / 4 + 8 * (j % 2), 8 * (j / 2) + 2 * (lane % 4));
-}
-
-template <typename Words>
-__device__ __forceinline__ void store_tile_words(uint16_t* tile, const Words& words, int thread) {
-  char* base = reinterpret_cast<char*>(tile);
-#pragma unroll
-  for (int j = 0; j < 16; ++j) *reinterpret_cast<uint32_t*>(base + fragment_word_offset(j, thread)) = words(j);
-}
-
-template <typename T, typename Acc, typename Words>
-__device__ __forceinline__ void pack_words(const Acc& acc, Words& words) {
-#pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    const auto pair = Element<T>::from_float2(acc(2 * j), acc(2 * j + 1));
-    words(j) = reinterpret_cast<const uint32_t&>(pair);
-  }
-}
-
 // Everything one warpgroup needs: its role, MMAs, fragments.
 template <typename T, bool kIsA>
 struct Warpgroup {
@@ -134,13 +115,10 @@ struct Warpgroup {
   static constexpr int kStage = kIsA ? 0 : 1;  // the stage whose S this warpgroup computes
   static constexpr int kBar = kIsA ? kBarA : kBarB;
 
-  const DecodeParams& p;
-  const CUtensorMap* kv_map;
   SharedStorage& s;
   const int thread;  // 0..127 within the warpgroup
 
-  __device__ Warpgroup(const DecodeParams& p_, const CUtensorMap* map, SharedStorage& s_)
-      : p(p_), kv_map(map), s(s_), thread(threadIdx.x % 128) {}
+  __device__ explicit Warpgroup(SharedStorage& s_) : s(s_), thread(threadIdx.x % 128) {}
 
   __device__ auto mma_s_latent() const {
     return make_tiled_mma(GMMA::ss_op_selector<E, E, float, Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDimV>>>());
@@ -253,13 +231,6 @@ __device__ __forceinline__ float rescale_factor(float m_old, float m_new) {
   return exp2f(m_old - (m_new == -INFINITY ? 0.f : m_new));
 }
 
-template <typename Acc>
-__device__ __forceinline__ void rescale_rows(Acc& acc, const float factor[2]) {
-  if (__all_sync(0xffffffffu, factor[0] == 1.f && factor[1] == 1.f)) return;
-#pragma unroll
-  for (int v = 0; v < size(acc); ++v) acc(v) *= factor[(v / 2) % 2];
-}
-
 __device__ __forceinline__ int thread_row(int thread, int h) { return (thread / 32) * 16 + (thread % 32) / 4 + 8 * h; }
 
 // One thread per row (lane % 4 == 0) publishes the row's new maximum and a rescale factor for the other
@@ -278,7 +249,7 @@ template <typename T, bool kIsA>
 __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s) {
   using WG = Warpgroup<T, kIsA>;
   using E = typename WG::E;
-  WG wg(p, kv_map, s);
+  WG wg(s);
   const int thread = wg.thread, lane = thread % 32;
   const bool leader = thread == 0;
   const int row0 = blockIdx.z * kBlockM, group = p.h_q / p.h_kv;
