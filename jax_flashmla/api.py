@@ -50,8 +50,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       q: (b, s_q, h_q, d) bfloat16 or float16 (float32 runs the reference); d is 576 or 512.
       k_cache: (num_pages, 64, h_kv, d), q's dtype. The values are the first head_dim_v dims of each key.
         Or a stacked pool of all layers, (num_layers, num_pages, 64, h_kv, d), with `layer` naming the one to
-        read: the kernels then read that layer in place, where passing `pool[layer]` would make XLA copy the
-        layer's whole pool before every call.
+        read: the kernels then read that layer in place. (Passing `pool[layer]` costs no copy either with
+        jax 0.11 on an H100, whose dynamic-slice fusion hands the kernel an offset into the pool; `layer`
+        does not rely on that.)
       block_table: (b, max_pages_per_seq) int32 page ids; ids outside [0, num_pages) are ignored.
       cache_seqlens: (b,) int32 KV lengths, clipped to [0, 64 * max_pages_per_seq].
       head_dim_v: value dim, 512.

@@ -25,7 +25,7 @@ How each row is timed (wall clock around calls ended by block_until_ready):
 With --layers N > 1 the KV pool is a stack of N layers, as a model keeps it (PagedKVCache.pages), and every
 decode reads the last layer in place (flash_mla_with_kvcache(..., layer=N-1)); the row then also has
   e2e_sliced_ms  e2e_ms of the same call given the layer sliced out, pages[N-1], FlashMLA's one-layer
-               k_cache: what XLA's copy of that layer's pool adds to a call.
+               k_cache: what slicing adds to a call, if XLA copies the slice (jax 0.11 does not).
 Throughput uses FlashMLA's formulas with L the mean length: FLOPs = b h_q s_q (2 d L + 2 dv L),
 bytes = b (s_q h_q d + L h_kv d + s_q h_q dv) * 2 (bytes per element). "% roofline" is the time floor
 max(FLOPs / peak FLOP/s, bytes / peak bytes/s) over kernel_ms, with H100 SXM datasheet peaks by default.

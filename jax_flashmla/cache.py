@@ -62,8 +62,8 @@ class PagedKVCache:
         return self.pages.shape[0]
 
     def layer_pages(self, layer) -> jax.Array:
-        """The page pool of one layer, (num_pages, 64, h_kv, d), FlashMLA's k_cache. Inside jit this slice is a
-        copy of the layer's pool: pass `pages` and layer= to flash_mla_with_kvcache to read it in place."""
+        """The page pool of one layer, (num_pages, 64, h_kv, d), FlashMLA's k_cache. flash_mla_with_kvcache
+        also takes `pages` with layer=, which the kernels read in place whatever XLA does with a slice."""
         return self.pages[layer]
 
     def write(self, kv, *, layer=0, num_new=None) -> "PagedKVCache":

@@ -288,7 +288,7 @@ class MultiHeadLatentAttention(nnx.Module):
             q = jax.lax.with_sharding_constraint(q, decode_query_sharding(self.mesh))
         out_latent, _ = flash_mla_with_kvcache(
             q,
-            cache.pages,  # the stacked pool: layer `layer` is read in place, not sliced out (a copy)
+            cache.pages,  # the stacked pool: the kernels read layer `layer` in place
             cache.block_table,
             cache.seqlens + s_q,
             c.kv_lora_rank,

@@ -48,7 +48,7 @@ def test_vmap_with_shared_cache_and_in_axes(rng_seed):
 
 
 def stacked_problem(rng, num_layers=3):
-    """A problem whose pool is one layer of a stack, every layer with its own fresh keys (NaN where unowned)."""
+    """A problem and a stack of pools made from its pool, each layer rescaled and with its own fresh noise."""
     p = small_problem(rng)
     scales = jnp.asarray(rng.uniform(0.5, 2.0, num_layers), jnp.float32)[:, None, None, None, None]
     noise = jnp.asarray(rng.standard_normal((num_layers, *p.k_cache.shape)) / 10, jnp.float32)
@@ -143,8 +143,8 @@ def test_cuda_lowering_emits_the_ffi_calls(dtype):
 @pytest.mark.parametrize("layer", ["static", "traced"])
 def test_cuda_lowering_reads_a_stacked_pool_in_place(layer):
     """With a stacked pool the whole pool and the layer index (an int32 scalar) are the custom call's operands:
-    no slice, which XLA would lower to a copy of the layer's pool before every call. A traced index (a scan
-    over layers) stays an operand too."""
+    no slice of the pool, so nothing depends on XLA passing a slice without copying it. A traced index (a
+    scan over layers) stays an operand too."""
     q, pools = jax.ShapeDtypeStruct((2, 1, 16, 576), jnp.bfloat16), jax.ShapeDtypeStruct((4, 9, 64, 1, 576), jnp.bfloat16)
     table, seqlens = jax.ShapeDtypeStruct((2, 5), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)
 

@@ -46,7 +46,7 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   const auto qd = q.dimensions(), bd = block_table.dimensions();
   const auto od = out->dimensions(), md = tile_metadata.dimensions();
   // k_cache is one layer's pool (num_pages, 64, h_kv, d), or a stacked pool (num_layers, num_pages, 64, h_kv, d)
-  // whose layer `layer` (a device scalar) the kernels read in place, so XLA never copies a layer out.
+  // whose layer `layer` (a device scalar) the kernels read in place, with no slice for XLA to copy.
   const auto all_kd = k_cache.dimensions();
   if (all_kd.size() != 4 && all_kd.size() != 5)
     return ffi::Error::InvalidArgument("jax_flashmla decode: k_cache must have rank 4 or 5");
