@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of the split-KV decode kernel on one memory-bound and one compute-bound bench row.
 # Usage: scripts/profile_decode.sh LOG_DIR   (after the package is built, e.g. by scripts/gpu_check.sh)
+#        JAX_FLASHMLA_DECODE_KERNEL=seesaw scripts/profile_decode.sh LOG_DIR   profiles the experimental kernel
 # Writes LOG_DIR/ncu_<row>.txt (all sections: throughput, pipes, shared memory, warp stalls), ncu_<row>.sass.csv
 # (stall samples per SASS instruction; scripts/stall_hotspots.py ranks them) and .ncu-rep files.
 set -uo pipefail

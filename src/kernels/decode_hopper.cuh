@@ -501,9 +501,12 @@ __device__ __forceinline__ void consume_values(const DecodeParams& p, SharedStor
 }
 
 // The dynamic shared memory as Storage, aligned to 1024 bytes (the 128-byte swizzle's repeat).
+// The pointer stays `raw` plus an offset: rounding the address as an integer would hide that it points into
+// shared memory, and every access through it would compile to a slower generic LD/ST instead of LDS/STS.
 template <typename Storage>
 __device__ __forceinline__ Storage& aligned_shared_storage(char* raw) {
-  return *reinterpret_cast<Storage*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~uintptr_t(1023));
+  const uint32_t misalignment = static_cast<uint32_t>(__cvta_generic_to_shared(raw)) % 1024;
+  return *reinterpret_cast<Storage*>(raw + (1024 - misalignment) % 1024);
 }
 
 // This thread's warpgroup, broadcast from lane 0 so the compiler knows the role is warp-uniform (else it
