@@ -25,8 +25,8 @@ def main(small: bool):
     cases.test_hostile_runtime_values_stay_in_bounds(SEED)
     print("case: grid b2 s_q2 s_k140 h_q16 causal bf16", flush=True)
     cases.test_flashmla_grid(2, 2, 140, 16, 1, True, True, jnp.bfloat16, SEED)
-    print("case: the rest (not small)", flush=True)
     if not small:
+        print("case: the rest", flush=True)
         cases.test_flashmla_grid(6, 4, 140, 64, 2, True, True, jnp.float16, SEED)
         cases.test_head_dim_512_and_all_empty(jnp.bfloat16, SEED)
         cases.test_metadata_kernel_matches_spec(SEED)

@@ -28,6 +28,14 @@ cudaError_t raise_smem_limit_once(int device) {
   return status[device];
 }
 
+// Launches Kernel with kSmemBytes of dynamic shared memory, having raised its limit on this device.
+template <auto Kernel, int kThreads, int kSmemBytes, typename... Args>
+cudaError_t launch_with_smem(int device, dim3 grid, cudaStream_t stream, const Args&... args) {
+  if (cudaError_t err = raise_smem_limit_once<Kernel, kSmemBytes>(device); err != cudaSuccess) return err;
+  Kernel<<<grid, kThreads, kSmemBytes, stream>>>(args...);
+  return cudaGetLastError();
+}
+
 inline bool device_is_hopper(int device) {
   static std::once_flag flags[kMaxDevices];
   static bool hopper[kMaxDevices];
@@ -70,24 +78,13 @@ cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream) {
   if (hopper_shape && device_is_hopper(device)) {
     CUtensorMap kv_map;
     if (cudaError_t err = make_kv_tensor_map(&kv_map, p, element_type_of<T>()); err != cudaSuccess) return err;
-    if (seesaw_selected()) {
-      if (cudaError_t err = raise_smem_limit_once<seesaw::decode_kernel<T>, seesaw::kSmemBytes>(device);
-          err != cudaSuccess)
-        return err;
-      seesaw::decode_kernel<T><<<grid, seesaw::kThreads, seesaw::kSmemBytes, stream>>>(p, kv_map);
-      return cudaGetLastError();
-    }
-    if (cudaError_t err = raise_smem_limit_once<hopper::decode_kernel<T>, hopper::kSmemBytes>(device);
-        err != cudaSuccess)
-      return err;
-    hopper::decode_kernel<T><<<grid, hopper::kThreads, hopper::kSmemBytes, stream>>>(p, kv_map);
-    return cudaGetLastError();
+    if (seesaw_selected())
+      return launch_with_smem<seesaw::decode_kernel<T>, seesaw::kThreads, seesaw::kSmemBytes>(device, grid, stream, p,
+                                                                                             kv_map);
+    return launch_with_smem<hopper::decode_kernel<T>, hopper::kThreads, hopper::kSmemBytes>(device, grid, stream, p,
+                                                                                           kv_map);
   }
-
-  constexpr int kSmem = sizeof(simt::SharedStorage);
-  if (cudaError_t err = raise_smem_limit_once<simt::decode_kernel<T>, kSmem>(device); err != cudaSuccess) return err;
-  simt::decode_kernel<T><<<grid, simt::kThreads, kSmem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_with_smem<simt::decode_kernel<T>, simt::kThreads, sizeof(simt::SharedStorage)>(device, grid, stream, p);
 }
 
 }  // namespace jax_flashmla
