@@ -3,10 +3,10 @@
 # Usage: scripts/gpu_check.sh LOG_DIR [quick|seesaw]
 #   LOG_DIR  where logs go (created); the last lines of each step are printed as a summary.
 #   quick    run a subset of the GPU grid (for iterating on a kernel).
-#   seesaw   only the experimental seesaw kernel (src/kernels/decode_seesaw.cuh), selected by its environment
-#            switch: the quick test subset, then (if they pass) memcheck, racecheck and the quick bench, each
-#            under a timeout because a schedule bug may deadlock; then the default kernel's quick bench for
-#            comparison. About 3 minutes when it works.
+#   seesaw   for work on the seesaw kernel (src/kernels/decode_seesaw.cuh, the default on Hopper): the quick
+#            test subset, then (if they pass) memcheck, racecheck and the quick bench, each under a timeout
+#            because a schedule bug may deadlock; then the single-softmax kernel's quick bench
+#            (JAX_FLASHMLA_DECODE_KERNEL=hopper) for comparison. About 3 minutes when it works.
 # Environment: SKIP_BENCH=1 skips the benchmarks; BENCH_ARGS replaces the first one's flags (default --quick;
 # BENCH_ARGS="" runs the full grid); the second times a stacked two-layer pool (--quick --layers 2).
 # Offline machines: put wheels the image lacks (nvidia-cutlass) in .whl/; they are installed to /tmp/site.
@@ -65,8 +65,8 @@ if [ "$MODE" = seesaw ]; then
     # Timed even when a sanitizer complains (the results matched): the numbers decide whether to go on.
     step seesaw_bench timeout 120 python3 -m jax_flashmla.bench --quick --no-baseline --out "$LOG_DIR/seesaw_bench"
   fi
-  # The default kernel on the same machine, minutes apart: the comparison the seesaw has to win.
-  JAX_FLASHMLA_DECODE_KERNEL= step hopper_bench timeout 120 python3 -m jax_flashmla.bench --quick --no-baseline \
+  # The single-softmax kernel on the same machine, minutes apart: the comparison the seesaw has to win.
+  JAX_FLASHMLA_DECODE_KERNEL=hopper step hopper_bench timeout 120 python3 -m jax_flashmla.bench --quick --no-baseline \
     --out "$LOG_DIR/hopper_bench"
   summarize
   exit 0

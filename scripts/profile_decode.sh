@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of the split-KV decode kernel on one memory-bound and one compute-bound bench row.
 # Usage: scripts/profile_decode.sh LOG_DIR   (after the package is built, e.g. by scripts/gpu_check.sh)
-#        JAX_FLASHMLA_DECODE_KERNEL=seesaw scripts/profile_decode.sh LOG_DIR   profiles the experimental kernel
+#        JAX_FLASHMLA_DECODE_KERNEL=hopper scripts/profile_decode.sh LOG_DIR   the single-softmax kernel
+#        PROFILE_ROWS=compute_bound scripts/profile_decode.sh LOG_DIR          one row only
 # Writes LOG_DIR/ncu_<row>.txt (all sections: throughput, pipes, shared memory, warp stalls), ncu_<row>.sass.csv
-# (stall samples per SASS instruction; scripts/stall_hotspots.py ranks them) and .ncu-rep files.
+# (stall samples per SASS instruction; scripts/stall_hotspots.py ranks them, scripts/stall_by_line.py sums them
+# per kernel source line) and .ncu-rep files.
 set -uo pipefail
 LOG_DIR=${1:?usage: scripts/profile_decode.sh LOG_DIR}
 mkdir -p "$LOG_DIR"
@@ -25,5 +27,11 @@ profile() {  # profile NAME BENCH_FLAGS...
     | grep -vE "Roofline|Achieved Value" | head -30
   python3 scripts/stall_hotspots.py "$LOG_DIR/ncu_$name.sass.csv" --top 15
 }
-profile memory_bound --seqlen 4096 --s-q 1 --h-q 16
-profile compute_bound --seqlen 4096 --s-q 2 --h-q 128
+# PROFILE_ROWS picks rows (default both), e.g. PROFILE_ROWS=compute_bound.
+for row in ${PROFILE_ROWS:-memory_bound compute_bound}; do
+  case $row in
+    memory_bound) profile memory_bound --seqlen 4096 --s-q 1 --h-q 16 ;;
+    compute_bound) profile compute_bound --seqlen 4096 --s-q 2 --h-q 128 ;;
+    *) echo "unknown row $row (memory_bound, compute_bound)"; exit 2 ;;
+  esac
+done

@@ -1,5 +1,6 @@
-// Launches the split-KV decode for one element type: the Hopper kernel where it applies (sm_90, d = 576,
-// dv = 512), the portable kernel otherwise. Included once per type by decode_<type>.cu so the
+// Launches the split-KV decode for one element type: a Hopper kernel where it applies (sm_90, d = 576,
+// dv = 512; the seesaw schedule unless the environment picks the single-softmax one), the portable kernel
+// otherwise. Included once per type by decode_<type>.cu so the
 // instantiations compile in parallel.
 #pragma once
 
@@ -48,11 +49,12 @@ inline bool device_is_hopper(int device) {
   return hopper[device];
 }
 
-// JAX_FLASHMLA_DECODE_KERNEL=seesaw selects the experimental seesaw schedule (decode_seesaw.cuh) on Hopper.
-// Read at every launch, so a test can switch it; under CUDA graphs the captured choice stays.
-inline bool seesaw_selected() {
+// On Hopper the seesaw schedule (decode_seesaw.cuh) runs; JAX_FLASHMLA_DECODE_KERNEL=hopper selects the older
+// single-softmax kernel (decode_hopper.cuh), kept to compare against. Read at every launch, so a test can switch
+// it; under CUDA graphs the captured choice stays.
+inline bool single_softmax_selected() {
   const char* choice = std::getenv("JAX_FLASHMLA_DECODE_KERNEL");
-  return choice != nullptr && std::strcmp(choice, "seesaw") == 0;
+  return choice != nullptr && std::strcmp(choice, "hopper") == 0;
 }
 
 template <typename T>
@@ -78,10 +80,10 @@ cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream) {
   if (hopper_shape && device_is_hopper(device)) {
     CUtensorMap kv_map;
     if (cudaError_t err = make_kv_tensor_map(&kv_map, p, element_type_of<T>()); err != cudaSuccess) return err;
-    if (seesaw_selected())
-      return launch_with_smem<seesaw::decode_kernel<T>, seesaw::kThreads, seesaw::kSmemBytes>(device, grid, stream, p,
+    if (single_softmax_selected())
+      return launch_with_smem<hopper::decode_kernel<T>, hopper::kThreads, hopper::kSmemBytes>(device, grid, stream, p,
                                                                                              kv_map);
-    return launch_with_smem<hopper::decode_kernel<T>, hopper::kThreads, hopper::kSmemBytes>(device, grid, stream, p,
+    return launch_with_smem<seesaw::decode_kernel<T>, seesaw::kThreads, seesaw::kSmemBytes>(device, grid, stream, p,
                                                                                            kv_map);
   }
   return launch_with_smem<simt::decode_kernel<T>, simt::kThreads, sizeof(simt::SharedStorage)>(device, grid, stream, p);

@@ -1,6 +1,5 @@
-// Split-KV MLA decode, Hopper (sm_90a), d = 576, dv = 512: the "seesaw" schedule. EXPERIMENTAL: opt-in
-// (JAX_FLASHMLA_DECODE_KERNEL=seesaw, see decode_launch.cuh). It passes the quick GPU tests and memcheck, but
-// racecheck reports a hazard on the epilogue's row sums that is not explained yet (benchmarks/NOTES.md).
+// Split-KV MLA decode, Hopper (sm_90a), d = 576, dv = 512: the "seesaw" schedule, the default decode kernel on
+// Hopper (decode_launch.cuh; JAX_FLASHMLA_DECODE_KERNEL=hopper selects decode_hopper.cuh instead).
 //
 // Why: in decode_hopper.cuh one warpgroup computes every S = Q K^T and its softmax, so the tensor cores idle
 // during each softmax (benchmarks/NOTES.md). Here the two warpgroups take pages in pairs (K0, K1):
@@ -18,8 +17,8 @@
 // own: it lives in Q's rope tile (columns 512-575), which both warpgroups copy to registers when Q arrives;
 // the rope part of S is a register-A wgmma. There is no producer warpgroup (it would cap the consumers'
 // registers): the warpgroup that last reads a 64-column tile of a stage issues the TMA load that refills it
-// with the page two tiles ahead, one mbarrier per tile. Hand-offs between the warpgroups are mbarriers
-// (arrive releases, wait acquires), which compute-sanitizer's racecheck models.
+// with the page two tiles ahead, one mbarrier per tile. Hand-offs between the warpgroups, the epilogue's row
+// sums included, are mbarriers (arrive releases, wait acquires), which compute-sanitizer's racecheck models.
 #pragma once
 
 #include "kernels/decode_hopper.cuh"
@@ -65,13 +64,14 @@ struct alignas(1024) SharedStorage {
   float row_max[kBlockM];  // running maximum, written by A (m0) then B (m1) each pair
   float scale0[kBlockM];   // 2^(m - m0)
   float scale1[kBlockM];   // 2^(m0 - m1)
-  float sum_a[kBlockM];    // epilogue: each warpgroup's row sums
-  float sum_b[kBlockM];
+  float sum_a[2][kBlockM];  // epilogue: each warpgroup's row sums, double-buffered by chunk parity
+  float sum_b[2][kBlockM];
   uint64_t full[2][kNumChunks];  // a stage's tile landed (or was skipped: invalid page)
   uint64_t scale0_ready;         // A -> B: row_max = m0, scale0
   uint64_t scale1_ready;         // B -> A: row_max = m1, scale1
   uint64_t p0_ready;             // A -> B: P0' in p0
   uint64_t p1_ready;             // B -> A: P1 in Q's rope tile
+  uint64_t sums_ready;           // both ways, once per chunk: sum_a and sum_b hold the row sums
 };
 constexpr int kSmemBytes = sizeof(SharedStorage) + 1024;
 static_assert(kSmemBytes <= 227 * 1024, "seesaw shared storage exceeds a block's 227 KiB");
@@ -145,11 +145,13 @@ struct Warpgroup {
   }
 
   // Issues S = Q K^T over tiles [first, end) of the page in this warpgroup's stage, as one commit group: the
-  // latent tiles as they land, then (end == 9) the rope tile with Q from registers. The call with first == 0
-  // starts S from zero, after zeroing the page's rows past `valid` (they may hold NaN).
+  // latent tiles as they land, then (end == 9) the rope tile with Q from registers. `start`: this call begins
+  // S (from zero), after zeroing the page's rows past `valid` (they may hold NaN). A page's S may be issued in
+  // two calls, in the order its tiles are refilled, so the tiles refilled last are waited for last.
   template <typename AccS, typename Q8>
-  __device__ __forceinline__ void issue_scores(AccS& acc, const Q8& q8, int phase, int valid, int first, int end) {
-    if (first == 0 && valid < kBlockN) {
+  __device__ __forceinline__ void issue_scores(AccS& acc, const Q8& q8, int phase, int valid, bool start, int first,
+                                               int end) {
+    if (start && valid < kBlockN) {
       for (int t = 0; t < kNumChunks; ++t) wait_barrier(s.full[kStage][t], phase);
       hopper::zero_rows(s.kv[kStage], valid, thread);
       hopper::fence_async_shared();
@@ -169,7 +171,7 @@ struct Warpgroup {
     static_assert(decltype(size<2>(tQ))::value == 4 * (kNumChunks - 1));
     warpgroup_fence_operand(acc);
     warpgroup_arrive();
-    mma_l.accumulate_ = first == 0 ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
+    mma_l.accumulate_ = start ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
     CUTE_UNROLL
     for (int t = 0; t < kNumChunks - 1; ++t) {
       if (t < first || t >= end) continue;
@@ -182,7 +184,7 @@ struct Warpgroup {
     }
     if (end == kNumChunks) {
       wait_barrier(s.full[kStage][kRopeTile], phase);
-      mma_r.accumulate_ = GMMA::ScaleOut::One;
+      mma_r.accumulate_ = start && first == kRopeTile ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
       CUTE_UNROLL
       for (int k = 0; k < 4; ++k) cute::gemm(mma_r, q8(_, _, k), tK8(_, _, k), acc);
     }
@@ -198,11 +200,11 @@ struct Warpgroup {
   }
 };
 
-// Masks S (columns >= visible), folds in the scale, and computes P = 2^(S scale - m_new) in place. m: in, the
-// running row maximum; out, the new one. tile_sum: this thread's part of each row's sum of P.
+// The softmax of a tile in two steps, so that a warpgroup can hand the other its new row maximum (all the
+// other needs) before the exponentials, which then overlap the other's softmax.
+// Step 1: masks S (columns >= visible) and raises m, the running row maximum (base 2, scaled), to the tile's.
 template <typename AccS>
-__device__ __forceinline__ void softmax_tile(AccS& acc, const int visible[2], float scale_log2, float m[2],
-                                             float tile_sum[2]) {
+__device__ __forceinline__ void raise_row_max(AccS& acc, const int visible[2], float scale_log2, float m[2]) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -219,6 +221,14 @@ __device__ __forceinline__ void softmax_tile(AccS& acc, const int visible[2], fl
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
     tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
     m[h] = fmaxf(m[h], tile_max * scale_log2);
+  }
+}
+
+// Step 2: P = 2^(S scale - m) in place. tile_sum: this thread's part of each row's sum of P.
+template <typename AccS>
+__device__ __forceinline__ void exponentiate(AccS& acc, float scale_log2, const float m[2], float tile_sum[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
     const float m_use = m[h] == -INFINITY ? 0.f : m[h];  // a row with no key yet keeps P = 0, not NaN
     tile_sum[h] = 0.f;
 #pragma unroll
@@ -280,6 +290,7 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
   static_assert(decltype(size(tS))::value == 32 && decltype(size(tP_words))::value == 16 &&
                 decltype(size(tQ8_words))::value == 16);
 
+  int chunks_done = 0;     // chunks this CTA finished: the phase of sums_ready, the sums' buffer
   int pairs_done = 0;      // pairs this CTA finished: the phase of the four hand-off barriers
   int pages[2] = {0, 0};   // pages each stage has held so far: the phase of its full barriers
   const PartWalk walk(p);
@@ -318,7 +329,7 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
     int valid = 0;
     if (kIsA ? n_tiles > 0 : n_tiles > 1) {
       valid = valid_tokens(p, c, c.block_begin + (kIsA ? 0 : 1));
-      wg.issue_scores(tS, tQ8, pages[WG::kStage] & 1, valid, 0, kNumChunks);
+      wg.issue_scores(tS, tQ8, pages[WG::kStage] & 1, valid, true, 0, kNumChunks);
       warpgroup_wait<0>();
     }
 
@@ -333,15 +344,15 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
 #pragma unroll
         for (int h = 0; h < 2; ++h) visible[h] = min(valid, limit[h] - block0 * kBlockN);
         float m0[2] = {m[0], m[1]}, tile_sum[2], scale0[2];
-        softmax_tile(tS, visible, scale_log2, m0, tile_sum);
+        raise_row_max(tS, visible, scale_log2, m0);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          scale0[h] = rescale_factor(m[h], m0[h]);
-          sum[h] = sum[h] * scale0[h] + tile_sum[h];
-        }
-        rescale_rows(tO, scale0);
+        for (int h = 0; h < 2; ++h) scale0[h] = rescale_factor(m[h], m0[h]);
         publish_rows(s, s.scale0, m0, scale0, thread);
         release(s.scale0_ready);
+        exponentiate(tS, scale_log2, m0, tile_sum);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) sum[h] = sum[h] * scale0[h] + tile_sum[h];
+        rescale_rows(tO, scale0);
 
         // O_A += P0 V0_left, P0 from registers. Then this warpgroup is done with K0's tiles 0-3 and 8.
         pack_words<T>(tS, tP_words);
@@ -382,7 +393,7 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
         }
         if (next_k0) {
           valid = valid_tokens(p, c, block0 + 2);
-          wg.issue_scores(tS, tQ8, (pages[0] + 1) & 1, valid, 0, 4);
+          wg.issue_scores(tS, tQ8, (pages[0] + 1) & 1, valid, true, 0, 4);
         }
         if (has_k1) {
           if (next_k0)
@@ -391,7 +402,7 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
             warpgroup_wait<0>();
           if (leader && next_k1) load_tiles(p, kv_map, s, 1, page_of(p, c.seq, block0 + 3), 0, 3);
         }
-        if (next_k0) wg.issue_scores(tS, tQ8, (pages[0] + 1) & 1, valid, 4, kNumChunks);
+        if (next_k0) wg.issue_scores(tS, tQ8, (pages[0] + 1) & 1, valid, false, 4, kNumChunks);
         warpgroup_wait<0>();
       } else {
         // m1 = max(m0, rowmax S1); O_B and the sums move from m to m1; P1 = 2^(S1 - m1).
@@ -407,10 +418,13 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
           int visible[2];
 #pragma unroll
           for (int h = 0; h < 2; ++h) visible[h] = min(valid, limit[h] - (block0 + 1) * kBlockN);
-          softmax_tile(tS, visible, scale_log2, m1, tile_sum);
+          raise_row_max(tS, visible, scale_log2, m1);
 #pragma unroll
           for (int h = 0; h < 2; ++h) scale1[h] = rescale_factor(m0[h], m1[h]);
         }
+        publish_rows(s, s.scale1, m1, scale1, thread);
+        release(s.scale1_ready);
+        if (has_k1) exponentiate(tS, scale_log2, m1, tile_sum);
         float factor[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -419,8 +433,6 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
           m[h] = m1[h];
         }
         rescale_rows(tO, factor);
-        publish_rows(s, s.scale1, m1, scale1, thread);
-        release(s.scale1_ready);
 
         // Hand A P1 (in Q's rope tile) and O_B += P1 V1_right, P1 from registers.
         if (has_k1) {
@@ -433,17 +445,25 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
         }
         release(s.p1_ready);
 
-        // O_B += P0' V0_right, both from shared memory. Then B is done with K0's tiles 4-7 and all of K1's but 0-3.
+        // O_B += P0' V0_right, both from shared memory. Each stage's tiles are refilled as soon as their last
+        // reader is done: K1's 4-8 once P1 V1_right is (the wait leaves P0' V0_right in flight), K0's 4-7 after
+        // P0' V0_right. K1's tiles 0-3 are refilled by A after its P1 V1_left, the last P V of the pair, so the
+        // next S1 takes its tiles in refill order: 4-8 first, 0-3 last.
         acquire(s.p0_ready, hand_off_phase);
         wg.wait_tiles(0, pages[0] & 1, 4, 8);
         hopper::issue_gemm<false>(mma_pv_ss, tOtherP, thr_ss.partition_fragment_B(wg.v_half(0)), tO);
+        if (next_k1) {
+          warpgroup_wait<1>();
+          if (leader) load_tiles(p, kv_map, s, 1, page_of(p, c.seq, block0 + 3), 4, kRopeTile);
+        }
         warpgroup_wait<0>();
         if (leader && next_k0) load_tiles(p, kv_map, s, 0, page_of(p, c.seq, block0 + 2), 4, 7);
-        if (leader && next_k1) load_tiles(p, kv_map, s, 1, page_of(p, c.seq, block0 + 3), 4, kRopeTile);
 
         if (next_k1) {
           valid = valid_tokens(p, c, block0 + 3);
-          wg.issue_scores(tS, tQ8, (pages[1] + 1) & 1, valid, 0, kNumChunks);
+          const int phase = (pages[1] + 1) & 1;
+          wg.issue_scores(tS, tQ8, phase, valid, true, 4, kNumChunks);
+          wg.issue_scores(tS, tQ8, phase, valid, false, 0, 4);
           warpgroup_wait<0>();
         }
       }
@@ -458,20 +478,25 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
       sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 1);
       sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 2);
     }
+    // The exchange is an mbarrier like the other hand-offs, and the buffers alternate, so the next chunk's
+    // stores never meet this chunk's loads whatever the block barriers in between.
+    const int buf = chunks_done & 1;
     if (lane % 4 == 0) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) (kIsA ? s.sum_a : s.sum_b)[thread_row(thread, h)] = sum[h];
+      for (int h = 0; h < 2; ++h) (kIsA ? s.sum_a : s.sum_b)[buf][thread_row(thread, h)] = sum[h];
     }
-    sync_warpgroups();
+    release(s.sums_ready);
+    acquire(s.sums_ready, chunks_done & 1);
     float total[2], inv_sum[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      total[h] = s.sum_a[thread_row(thread, h)] + s.sum_b[thread_row(thread, h)];
+      total[h] = s.sum_a[buf][thread_row(thread, h)] + s.sum_b[buf][thread_row(thread, h)];
       inv_sum[h] = total[h] > 0.f ? 1.f / total[h] : 0.f;
     }
     hopper::store_output<T>(p, c, tO, kIsA ? 0 : kHalfV, inv_sum, thread);
     if (kIsA) hopper::store_lse(p, c, m, total, row0, group, thread / 32, lane);
-    sync_warpgroups();  // the next chunk overwrites Q, the stages and the sums
+    ++chunks_done;
+    sync_warpgroups();  // the next chunk overwrites Q and the stages
   }
 }
 
@@ -489,6 +514,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
     initialize_barrier(s.scale1_ready, 128);
     initialize_barrier(s.p0_ready, 128);
     initialize_barrier(s.p1_ready, 128);
+    initialize_barrier(s.sums_ready, kThreads);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();

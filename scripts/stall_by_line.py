@@ -1,0 +1,104 @@
+"""Sums a kernel's Nsight Compute warp-stall samples per source line of one function, with the stall reasons.
+
+Usage: python3 scripts/stall_by_line.py NCU_SASS.csv LISTING --kernel NAME --file FILE --lines FIRST-LAST
+  NCU_SASS.csv  `ncu --import REP --page source --print-source sass --csv` (scripts/profile_decode.sh writes it)
+  LISTING       `nvdisasm -gi -c KERNELS.cubin` of the same build: ncu's SASS carries no inlining, so each
+                instruction is mapped to its line through this listing (the script checks that every opcode
+                matches). Build the cubin here with the flags of CMakeLists.txt, e.g.
+                nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr --use_fast_math
+                     -lineinfo -Isrc -I<cutlass include> -cubin -o k.cubin src/kernels/decode_bf16.cu
+  --kernel      a substring of the kernel's mangled name (e.g. seesaw13decode_kernelI13__nv_bfloat16)
+  --file/--lines  the function to attribute to: an instruction counts for the innermost line of FILE in
+                [FIRST, LAST] among its inlining chain (a helper called from that function counts for the call).
+Unlike scripts/stall_hotspots.py (one row per instruction), this says which statement of a warpgroup's loop
+the samples belong to, e.g. how much of a GEMM issue is back-pressure (HGMMA) and how much a TMA wait (BRA).
+"""
+import argparse
+import collections
+import csv
+import re
+
+
+def parse_listing(path, kernel):
+    """Offset -> (opcode, [(file, line), ...] innermost first) for the kernel's function in an nvdisasm listing."""
+    text = open(path).read().split("\n")
+    start = next(i for i, line in enumerate(text) if line.startswith(".text.") and kernel in line and line.endswith(":"))
+    code, pending, last = {}, [], []
+    for line in text[start + 1:]:
+        if line.startswith(".text.") or line.startswith("//-----"):
+            break
+        loc = re.match(r'\s*//## File "([^"]+)", line (\d+)', line)
+        if loc:
+            pending.append((loc.group(1).rsplit("/", 1)[-1], int(loc.group(2))))
+            continue
+        ins = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?(\S+)", line)
+        if ins:
+            last = pending or last
+            code[int(ins.group(1), 16)] = (ins.group(3).rstrip(";"), last)
+            pending = []
+    return code
+
+
+def opcode(source):
+    words = source.strip().split()
+    return words[1] if words[0].startswith("@") else words[0]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("csv_path")
+    parser.add_argument("listing")
+    parser.add_argument("--kernel", required=True)
+    parser.add_argument("--file", required=True)
+    parser.add_argument("--lines", required=True, help="FIRST-LAST")
+    parser.add_argument("--top", type=int, default=30)
+    args = parser.parse_args()
+    first, last = (int(x) for x in args.lines.split("-"))
+    code = parse_listing(args.listing, args.kernel)
+
+    with open(args.csv_path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    header_at = next(i for i, r in enumerate(rows) if "Address" in r and "Source" in r)
+    header, body = rows[header_at], rows[header_at + 1:]
+    col = {name: i for i, name in enumerate(header)}
+    reasons = [n for n in header if n.startswith("stall_") and "(Not Issued)" not in n]
+    base = min(int(r[col["Address"]], 16) for r in body)
+
+    samples, ops, why, executed = (collections.Counter(), collections.defaultdict(collections.Counter),
+                                   collections.defaultdict(collections.Counter), collections.Counter())
+    mismatches = 0
+    for r in body:
+        offset = int(r[col["Address"]], 16) - base
+        op, chain = code.get(offset, ("?", []))
+        mismatches += op != opcode(r[col["Source"]])
+        inside = [line for (name, line) in chain if name == args.file and first <= line <= last]
+        key = inside[0] if inside else "elsewhere"
+        n = int(r[col["Warp Stall Sampling (All Samples)"]] or 0)
+        samples[key] += n
+        ops[key][opcode(r[col["Source"]])] += n
+        executed[key] = max(executed[key], int(r[col["Instructions Executed"]] or 0))
+        for reason in reasons:
+            why[key][reason[len("stall_"):]] += int(r[col[reason]] or 0)
+    if mismatches:
+        print(f"WARNING: {mismatches} of {len(body)} opcodes differ: the listing is not the profiled build")
+    total = sum(samples.values()) or 1
+    source = open(next(p for p in [args.file, f"src/kernels/{args.file}"] if _exists(p))).read().split("\n")
+    print(f"{len(body)} instructions, {total} stall samples")
+    print(f"{'line':>9} {'samples':>8} {'share':>6} {'executed':>9}  statement / top opcodes / top reasons")
+    for key, n in samples.most_common(args.top):
+        text = source[key - 1].strip()[:70] if isinstance(key, int) and key <= len(source) else ""
+        top_ops = ", ".join(f"{o} {c}" for o, c in ops[key].most_common(3))
+        top_why = ", ".join(f"{w} {c}" for w, c in why[key].most_common(3))
+        print(f"{key:>9} {n:>8} {n / total:>6.1%} {executed[key]:>9}  {text}\n{'':>36}{top_ops}\n{'':>36}{top_why}")
+
+
+def _exists(path):
+    try:
+        open(path).close()
+        return True
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
