@@ -1,7 +1,6 @@
 // Launches the split-KV decode for one element type: a Hopper kernel where it applies (sm_90, d = 576,
 // dv = 512; the seesaw schedule unless the environment picks the single-softmax one), the portable kernel
-// otherwise. Included once per type by decode_<type>.cu so the
-// instantiations compile in parallel.
+// otherwise. Included once per type by decode_<type>.cu so the instantiations compile in parallel.
 #pragma once
 
 #include <climits>
