@@ -15,8 +15,10 @@ the samples belong to, e.g. how much of a GEMM issue is back-pressure (HGMMA) an
 """
 import argparse
 import collections
-import csv
+import os
 import re
+
+from stall_hotspots import read_sass_csv
 
 
 def parse_listing(path, kernel):
@@ -56,12 +58,8 @@ def main():
     first, last = (int(x) for x in args.lines.split("-"))
     code = parse_listing(args.listing, args.kernel)
 
-    with open(args.csv_path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r]
-    header_at = next(i for i, r in enumerate(rows) if "Address" in r and "Source" in r)
-    header, body = rows[header_at], rows[header_at + 1:]
-    col = {name: i for i, name in enumerate(header)}
-    reasons = [n for n in header if n.startswith("stall_") and "(Not Issued)" not in n]
+    col, body = read_sass_csv(args.csv_path)
+    reasons = [n for n in col if n.startswith("stall_") and "(Not Issued)" not in n]
     base = min(int(r[col["Address"]], 16) for r in body)
 
     samples, ops, why, executed = (collections.Counter(), collections.defaultdict(collections.Counter),
@@ -82,7 +80,7 @@ def main():
     if mismatches:
         print(f"WARNING: {mismatches} of {len(body)} opcodes differ: the listing is not the profiled build")
     total = sum(samples.values()) or 1
-    source = open(next(p for p in [args.file, f"src/kernels/{args.file}"] if _exists(p))).read().split("\n")
+    source = open(next(p for p in [args.file, f"src/kernels/{args.file}"] if os.path.exists(p))).read().split("\n")
     print(f"{len(body)} instructions, {total} stall samples")
     print(f"{'line':>9} {'samples':>8} {'share':>6} {'executed':>9}  statement / top opcodes / top reasons")
     for key, n in samples.most_common(args.top):
@@ -90,14 +88,6 @@ def main():
         top_ops = ", ".join(f"{o} {c}" for o, c in ops[key].most_common(3))
         top_why = ", ".join(f"{w} {c}" for w, c in why[key].most_common(3))
         print(f"{key:>9} {n:>8} {n / total:>6.1%} {executed[key]:>9}  {text}\n{'':>36}{top_ops}\n{'':>36}{top_why}")
-
-
-def _exists(path):
-    try:
-        open(path).close()
-        return True
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":

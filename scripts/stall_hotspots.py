@@ -10,17 +10,21 @@ import argparse
 import csv
 
 
+def read_sass_csv(path):
+    """The per-instruction table of an ncu source-page CSV: ({column name: index}, rows)."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    header_at = next(i for i, r in enumerate(rows) if "Address" in r and "Source" in r)
+    header = rows[header_at]
+    return {name: i for i, name in enumerate(header)}, rows[header_at + 1:]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv_path")
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args()
-    with open(args.csv_path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r]
-    header_at = next(i for i, r in enumerate(rows) if "Address" in r and "Source" in r)
-    header, body = rows[header_at], rows[header_at + 1:]
-    col = {name: header.index(name) for name in ("Address", "Source", "Warp Stall Sampling (All Samples)",
-                                                 "Instructions Executed")}
+    col, body = read_sass_csv(args.csv_path)
     samples = lambda r: int(r[col["Warp Stall Sampling (All Samples)"]] or 0)  # noqa: E731
     total = sum(samples(r) for r in body) or 1
     print(f"{len(body)} instructions, {total} stall samples")

@@ -108,11 +108,18 @@ __device__ __forceinline__ int valid_tokens(const DecodeParams& p, const Chunk& 
   return min(kBlockN, c.length - block * kBlockN);
 }
 
+// The L2 policy of a KV page load: a page read by several CTAs (row blocks of the same part) should stay in L2
+// for the others; one read by a single CTA need not.
+__device__ __forceinline__ uint64_t kv_cache_hint() {
+  return gridDim.z > 1 ? static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL)
+                       : static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_FIRST);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Producer: one thread streams pages into the ring.
-__device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s,
-                                        uint64_t cache_hint) {
+__device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s) {
   const int head_kv = blockIdx.y, layer = pool_layer(p);
+  const uint64_t cache_hint = kv_cache_hint();
   int tile = 0;
   const PartWalk walk(p);
   for (int seq = walk.first; seq <= walk.last; ++seq) {
@@ -537,12 +544,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
 
   if (warpgroup == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
-    if (threadIdx.x == 0) {
-      // A page read by several CTAs (row blocks of the same part) should stay in L2 for the others.
-      const uint64_t hint = gridDim.z > 1 ? static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL)
-                                          : static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_FIRST);
-      produce(p, &kv_map, s, hint);
-    }
+    if (threadIdx.x == 0) produce(p, &kv_map, s);
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
     if (warpgroup == 1)

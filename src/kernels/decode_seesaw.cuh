@@ -83,9 +83,7 @@ __device__ __forceinline__ uint16_t* p1_tile(SharedStorage& s) { return s.q + kR
 __device__ __forceinline__ void load_tiles(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s,
                                            int stage, int page, int first, int last) {
   const int head_kv = blockIdx.y, layer = pool_layer(p);
-  // A page read by several CTAs (row blocks of the same part) should stay in L2 for the others.
-  const uint64_t hint = gridDim.z > 1 ? static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL)
-                                      : static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_FIRST);
+  const uint64_t hint = hopper::kv_cache_hint();
   for (int t = first; t <= last; ++t) {
     if (page_in_pool(p, page)) {
       set_barrier_transaction_bytes(s.full[stage][t], kChunkBytes);
@@ -152,7 +150,7 @@ struct Warpgroup {
   __device__ __forceinline__ void issue_scores(AccS& acc, const Q8& q8, int phase, int valid, bool start, int first,
                                                int end) {
     if (start && valid < kBlockN) {
-      for (int t = 0; t < kNumChunks; ++t) wait_barrier(s.full[kStage][t], phase);
+      wait_tiles(kStage, phase, 0, kNumChunks);
       hopper::zero_rows(s.kv[kStage], valid, thread);
       hopper::fence_async_shared();
       hopper::named_sync(kBar, 128);
