@@ -3,7 +3,7 @@
 // runs when JAX_FLASHMLA_DECODE_KERNEL=hopper, and its shared helpers (layouts, Q load, epilogue) serve both.
 //
 // One CTA serves 64 query rows of one KV head (rows r = s*g + j, see mla_params.h) and walks the 64-token
-// pages of the part of the schedule its blockIdx.x names (the grid has as many CTAs as SMs: persistent).
+// pages of the part of the schedule its blockIdx.z names (the grid has as many CTAs as SMs: persistent).
 // Three warpgroups share the work:
 //   producer   one thread issues the TMA loads of whole pages (nine 64x64 swizzled boxes) into a two-stage
 //              ring, on mbarriers; KV is read exactly once per CTA.
@@ -102,17 +102,20 @@ __device__ __forceinline__ void fence_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// Tokens of a block that hold data: 0 for an invalid page.
+// Tokens of a block that hold data: 0 for an invalid page. The first form takes the block's page id, already
+// read from the block table.
+__device__ __forceinline__ int valid_tokens(const DecodeParams& p, const Chunk& c, int block, int page) {
+  return page_in_pool(p, page) ? min(kBlockN, c.length - block * kBlockN) : 0;
+}
 __device__ __forceinline__ int valid_tokens(const DecodeParams& p, const Chunk& c, int block) {
-  if (!page_in_pool(p, page_of(p, c.seq, block))) return 0;
-  return min(kBlockN, c.length - block * kBlockN);
+  return valid_tokens(p, c, block, page_of(p, c.seq, block));
 }
 
 // The L2 policy of a KV page load: a page read by several CTAs (row blocks of the same part) should stay in L2
 // for the others; one read by a single CTA need not.
 __device__ __forceinline__ uint64_t kv_cache_hint() {
-  return gridDim.z > 1 ? static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL)
-                       : static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_FIRST);
+  return grid_row_blocks() > 1 ? static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL)
+                               : static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_FIRST);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -163,7 +166,7 @@ __device__ __forceinline__ void zero_rows(uint16_t* stage, int first_row, int th
 // with this kernel's `q` (the seesaw kernel's too).
 template <typename T, typename Storage>
 __device__ __forceinline__ void load_q(const DecodeParams& p, Storage& s, int seq, int thread) {
-  const int head_kv = blockIdx.y, row0 = blockIdx.z * kBlockM;
+  const int head_kv = blockIdx.y, row0 = grid_row_block() * kBlockM;
   const int group = p.h_q / p.h_kv;
   const int warp = thread / 32, lane = thread % 32;
   char* base = reinterpret_cast<char*>(s.q);
@@ -237,7 +240,7 @@ __device__ __forceinline__ void issue_gemm(Mma& mma, const FragA& a, const FragB
 template <typename T, typename Acc>
 __device__ __forceinline__ void store_output(const DecodeParams& p, const Chunk& c, const Acc& acc, int col0,
                                              const float inv_sum[2], int thread) {
-  const int head_kv = blockIdx.y, row0 = blockIdx.z * kBlockM;
+  const int head_kv = blockIdx.y, row0 = grid_row_block() * kBlockM;
   const int group = p.h_q / p.h_kv;
   const int warp = thread / 32, lane = thread % 32;
   // The accumulators are read on every thread and only the stores are predicated: reading wgmma
@@ -292,7 +295,7 @@ __device__ __forceinline__ void consume_scores(const DecodeParams& p, SharedStor
   using E = typename CuteType<T>::type;
   const int thread = threadIdx.x - 128;
   const int warp = thread / 32, lane = thread % 32;
-  const int row0 = blockIdx.z * kBlockM;
+  const int row0 = grid_row_block() * kBlockM;
   const int group = p.h_q / p.h_kv;
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 

@@ -71,7 +71,8 @@ cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream) {
   if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
   if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
   static_assert(simt::kBlockM == hopper::kBlockM, "the kernels share one grid: 64 query rows per CTA");
-  const dim3 grid(p.num_parts, p.h_kv, (p.q_rows + hopper::kBlockM - 1) / hopper::kBlockM);
+  const int row_blocks = (p.q_rows + hopper::kBlockM - 1) / hopper::kBlockM;
+  const dim3 grid(row_blocks, p.h_kv, p.num_parts);  // the order part_walk.cuh's grid_* functions read
 
   // TMA coordinates are int32: the pool's token count must fit (it always does for real pools).
   const bool hopper_shape = p.head_dim == hopper::kHeadDim && p.head_dim_v == hopper::kHeadDimV && p.num_pages >= 1 &&

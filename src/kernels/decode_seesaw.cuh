@@ -81,8 +81,8 @@ __device__ __forceinline__ uint16_t* p1_tile(SharedStorage& s) { return s.q + kR
 // Loads tiles [first, last] of page `page` into a stage; an invalid page completes the barriers with no bytes
 // (the S owner then zeroes the stage). One thread.
 __device__ __forceinline__ void load_tiles(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s,
-                                           int stage, int page, int first, int last) {
-  const int head_kv = blockIdx.y, layer = pool_layer(p);
+                                           int layer, int stage, int page, int first, int last) {
+  const int head_kv = blockIdx.y;
   const uint64_t hint = hopper::kv_cache_hint();
   for (int t = first; t <= last; ++t) {
     if (page_in_pool(p, page)) {
@@ -266,8 +266,9 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
   WG wg(s);
   const int thread = wg.thread, lane = thread % 32;
   const bool leader = thread == 0;
-  const int row0 = blockIdx.z * kBlockM, group = p.h_q / p.h_kv;
+  const int row0 = grid_row_block() * kBlockM, group = p.h_q / p.h_kv;
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  const int layer = pool_layer(p);  // read once: load_tiles runs on the critical path of the refills
 
   auto mma_pv_rs = wg.mma_pv_rs();
   auto mma_pv_ss = wg.mma_pv_ss();
@@ -306,9 +307,9 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
     // Every earlier read of Q, the stages and P is complete: the previous chunk ended with a block barrier.
     if (kIsA) {
       if (leader && n_tiles > 0)
-        load_tiles(p, kv_map, s, 0, page_of(p, c.seq, c.block_begin), 0, kNumChunks - 1);
+        load_tiles(p, kv_map, s, layer, 0, page_of(p, c.seq, c.block_begin), 0, kNumChunks - 1);
       if (leader && n_tiles > 1)
-        load_tiles(p, kv_map, s, 1, page_of(p, c.seq, c.block_begin + 1), 0, kNumChunks - 1);
+        load_tiles(p, kv_map, s, layer, 1, page_of(p, c.seq, c.block_begin + 1), 0, kNumChunks - 1);
       hopper::load_q<T>(p, s, c.seq, thread);
       hopper::fence_async_shared();
     }
@@ -336,6 +337,10 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
       const bool next_k0 = i + 2 < n_tiles, next_k1 = i + 3 < n_tiles;
       const int block0 = c.block_begin + i;
       const int hand_off_phase = pairs_done & 1;
+      // The next pair's page ids, read now: the block-table loads complete behind this pair's softmax instead
+      // of stalling the refills and the next S, which need them.
+      const int next_page0 = next_k0 ? page_of(p, c.seq, block0 + 2) : -1;
+      const int next_page1 = next_k1 ? page_of(p, c.seq, block0 + 3) : -1;
       if constexpr (kIsA) {
         // m0 = max(m, rowmax S0); O_A and the row sums move to m0; P0 = 2^(S0 - m0).
         int visible[2];
@@ -359,9 +364,8 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
         warpgroup_fence_operand(tP_words);
         warpgroup_wait<0>();
         if (leader && next_k0) {
-          const int page = page_of(p, c.seq, block0 + 2);
-          load_tiles(p, kv_map, s, 0, page, 0, 3);
-          load_tiles(p, kv_map, s, 0, page, kRopeTile, kRopeTile);
+          load_tiles(p, kv_map, s, layer, 0, next_page0, 0, 3);
+          load_tiles(p, kv_map, s, layer, 0, next_page0, kRopeTile, kRopeTile);
         }
 
         // B's m1: hand B P0' = P0 2^(m0 - m1), and move O_A and the sums to m1.
@@ -390,7 +394,7 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
           hopper::issue_gemm<false>(mma_pv_ss, tOtherP, thr_ss.partition_fragment_B(wg.v_half(1)), tO);
         }
         if (next_k0) {
-          valid = valid_tokens(p, c, block0 + 2);
+          valid = valid_tokens(p, c, block0 + 2, next_page0);
           wg.issue_scores(tS, tQ8, (pages[0] + 1) & 1, valid, true, 0, 4);
         }
         if (has_k1) {
@@ -398,7 +402,7 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
             warpgroup_wait<1>();
           else
             warpgroup_wait<0>();
-          if (leader && next_k1) load_tiles(p, kv_map, s, 1, page_of(p, c.seq, block0 + 3), 0, 3);
+          if (leader && next_k1) load_tiles(p, kv_map, s, layer, 1, next_page1, 0, 3);
         }
         if (next_k0) wg.issue_scores(tS, tQ8, (pages[0] + 1) & 1, valid, false, 4, kNumChunks);
         warpgroup_wait<0>();
@@ -452,13 +456,13 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
         hopper::issue_gemm<false>(mma_pv_ss, tOtherP, thr_ss.partition_fragment_B(wg.v_half(0)), tO);
         if (next_k1) {
           warpgroup_wait<1>();
-          if (leader) load_tiles(p, kv_map, s, 1, page_of(p, c.seq, block0 + 3), 4, kRopeTile);
+          if (leader) load_tiles(p, kv_map, s, layer, 1, next_page1, 4, kRopeTile);
         }
         warpgroup_wait<0>();
-        if (leader && next_k0) load_tiles(p, kv_map, s, 0, page_of(p, c.seq, block0 + 2), 4, 7);
+        if (leader && next_k0) load_tiles(p, kv_map, s, layer, 0, next_page0, 4, 7);
 
         if (next_k1) {
-          valid = valid_tokens(p, c, block0 + 3);
+          valid = valid_tokens(p, c, block0 + 3, next_page1);
           const int phase = (pages[1] + 1) & 1;
           wg.issue_scores(tS, tQ8, phase, valid, true, 4, kNumChunks);
           wg.issue_scores(tS, tQ8, phase, valid, false, 0, 4);

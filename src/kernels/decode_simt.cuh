@@ -1,7 +1,7 @@
 // Split-KV MLA decode over a paged KV cache: the portable baseline kernel.
 //
 // One CTA serves 64 query rows of one KV head (rows r = s*g + j, see mla_params.h) for the part of the
-// schedule its blockIdx.x names, walking 64-token pages: S = Q K^T in fp32 FMAs from shared memory, an online
+// schedule its blockIdx.z names, walking 64-token pages: S = Q K^T in fp32 FMAs from shared memory, an online
 // softmax in base 2 with the scale folded in, O += P V with V the first 512 dims of the same K tile.
 // Tokens past the sequence's length or on an invalid page are zero-filled in shared memory (pages may hold
 // NaN there) and masked in S, so no stray value reaches the output and no address leaves its buffer.
@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   SharedStorage& s = *reinterpret_cast<SharedStorage*>(smem_raw);
 
-  const int head_kv = blockIdx.y, row0 = blockIdx.z * kBlockM;
+  const int head_kv = blockIdx.y, row0 = grid_row_block() * kBlockM;
   const int tid = threadIdx.x;
   const int group = p.h_q / p.h_kv;
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;

@@ -1,5 +1,5 @@
 // The walk over one part of the split-KV schedule (mla_params.h documents the metadata), shared by the
-// decode kernels: which sequences the CTA blockIdx.x serves, which blocks and output slot of each, and the
+// decode kernels: which sequences the CTA of part grid_part() serves, which blocks and output slot of each, and the
 // pages (and layer) behind the blocks.
 #pragma once
 
@@ -15,6 +15,13 @@ struct Chunk {
   bool skip;          // metadata inconsistent with these lengths: nothing to do
 };
 
+// Where a CTA sits in the decode grid (row blocks of 64 query rows, KV heads, parts). The row blocks come
+// first, so the CTAs that read the same pages have consecutive ids and start side by side. Measured, this is
+// within the run-to-run spread (benchmarks/NOTES.md).
+__device__ __forceinline__ int grid_row_block() { return blockIdx.x; }
+__device__ __forceinline__ int grid_row_blocks() { return gridDim.x; }
+__device__ __forceinline__ int grid_part() { return blockIdx.z; }
+
 // Sequences first..last, one chunk each. Callers write the loop themselves (a callback per chunk was not
 // inlined in the Hopper kernel, and its accumulators went to the stack).
 struct PartWalk {
@@ -22,7 +29,7 @@ struct PartWalk {
   int first, last;
 
   __device__ __forceinline__ explicit PartWalk(const DecodeParams& p) {
-    const int32_t* md = p.tile_metadata + blockIdx.x * kMetadataRowInts;
+    const int32_t* md = p.tile_metadata + grid_part() * kMetadataRowInts;
     batch_begin = md[0], block_begin_first = md[1], batch_end = md[2], block_end_last = md[3];
     split_begin = md[4];
     first = max(batch_begin, 0);

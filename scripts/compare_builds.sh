@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Times several builds of the extension on one GPU, minutes apart: the way to test a kernel change behind a
+# preprocessor macro before it becomes the code (run-to-run spread between machines is about 6%).
+# Usage: scripts/compare_builds.sh LOG_DIR NAME[@SOURCE_DIR]=CUDA_FLAGS ...
+#   e.g. scripts/compare_builds.sh /tmp/cmp head@/tmp/head_src= new= order=-DSEESAW_ORDER
+#   SOURCE_DIR: another checkout to build (default: this one), such as `git archive HEAD` unpacked.
+# All builds run in parallel (own build folder, installed to /tmp/variant_NAME). Then, for each build in turn:
+# a correctness subset of the GPU tests (b 64, s_q 2, s_k 4096, h_q 128 and b 6, s_q 4, s_k 140, h_q 16, both
+# causal settings and dtypes; hostile ids; empty batches; CHECK_TESTS overrides the -k expression; CHECK_TESTS=none, or a NAME that starts with "probe", skips the
+# step: for probes that compute wrong results on purpose) and the quick bench (BENCH_ARGS overrides its flags).
+# LOG_DIR gets one log per step and summary.txt; the step's last line goes to the summary.
+set -uo pipefail
+LOG_DIR=${1:?usage: scripts/compare_builds.sh LOG_DIR NAME=CUDA_FLAGS ...}
+shift
+[ $# -gt 0 ] || { echo "no builds named" >&2; exit 2; }
+mkdir -p "$LOG_DIR"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
+CHECK_TESTS=${CHECK_TESTS:-"64-2-4096-128-1 or 6-4-140-16 or hostile or all_empty"}
+read -r -a BENCH <<<"${BENCH_ARGS:---quick --no-baseline}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+base_path=${PYTHONPATH:-}
+summary="$LOG_DIR/summary.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader >"$summary" 2>&1
+
+names=()
+for spec in "$@"; do
+  name=${spec%%=*} flags=${spec#*=} source=.
+  if [[ $name == *@* ]]; then source=${name#*@} name=${name%%@*}; fi
+  names+=("$name")
+  echo "== build $name from $source: CMAKE_CUDA_FLAGS='$flags'"
+  rm -rf "/tmp/variant_$name"
+  python3 -m pip install -q --no-build-isolation --no-deps --no-compile --target "/tmp/variant_$name" \
+    -C "build-dir=/tmp/variant_build_$name" -C "cmake.define.CMAKE_CUDA_FLAGS=$flags" "$source" \
+    >"$LOG_DIR/build_$name.log" 2>&1 &
+done
+wait
+
+for name in "${names[@]}"; do
+  # Without the extension the package would time its pure-JAX fallback: a failed build must not be timed.
+  if ! compgen -G "/tmp/variant_$name/_jax_flashmla_cuda*" >/dev/null; then
+    printf '%-8s build  failed: %s\n' "$name" "$(tail -n 1 "$LOG_DIR/build_$name.log")" | tee -a "$summary"
+    continue
+  fi
+  export PYTHONPATH=/tmp/variant_$name${base_path:+:$base_path}
+  steps=(check bench)
+  [ "$CHECK_TESTS" = none ] || [[ $name == probe* ]] && steps=(bench)
+  for step in "${steps[@]}"; do
+    log="$LOG_DIR/${step}_$name.log"
+    if [ $step = check ]; then
+      timeout 240 python3 -m pytest -q -m gpu -x -n 4 tests/test_gpu_kernels.py -k "$CHECK_TESTS" >"$log" 2>&1
+    else
+      timeout 240 python3 -m jax_flashmla.bench "${BENCH[@]}" --out "$LOG_DIR/bench_$name" >"$log" 2>&1
+    fi
+    rc=$?
+    printf '%-8s %-6s rc=%-3s %s\n' "$name" "$step" "$rc" "$(tail -n 1 "$log")" | tee -a "$summary"
+    [ $rc -eq 0 ] || break
+  done
+done
