@@ -5,9 +5,10 @@
 #   e.g. scripts/compare_builds.sh /tmp/cmp head@/tmp/head_src= new= order=-DSEESAW_ORDER
 #   SOURCE_DIR: another checkout to build (default: this one), such as `git archive HEAD` unpacked.
 # All builds run in parallel (own build folder, installed to /tmp/variant_NAME). Then, for each build in turn:
-# a correctness subset of the GPU tests (b 64, s_q 2, s_k 4096, h_q 128 and b 6, s_q 4, s_k 140, h_q 16, both
-# causal settings and dtypes; hostile ids; empty batches; CHECK_TESTS overrides the -k expression; CHECK_TESTS=none, or a NAME that starts with "probe", skips the
-# step: for probes that compute wrong results on purpose) and the quick bench (BENCH_ARGS overrides its flags).
+# a correctness subset of the GPU tests, then the quick bench (BENCH_ARGS overrides its flags). The subset: b 64,
+# s_q 2, s_k 4096, h_q 128 and b 6, s_q 4, s_k 140, h_q 16, both causal settings and dtypes; hostile ids; empty
+# batches. CHECK_TESTS overrides its -k expression; CHECK_TESTS=none, or a NAME that starts with "probe", skips
+# it: for probes that compute wrong results on purpose.
 # LOG_DIR gets one log per step and summary.txt; the step's last line goes to the summary.
 set -uo pipefail
 LOG_DIR=${1:?usage: scripts/compare_builds.sh LOG_DIR NAME=CUDA_FLAGS ...}
@@ -15,14 +16,9 @@ shift
 [ $# -gt 0 ] || { echo "no builds named" >&2; exit 2; }
 mkdir -p "$LOG_DIR"
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
+source scripts/gpu_env.sh
 CHECK_TESTS=${CHECK_TESTS:-"64-2-4096-128-1 or 6-4-140-16 or hostile or all_empty"}
 read -r -a BENCH <<<"${BENCH_ARGS:---quick --no-baseline}"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
 base_path=${PYTHONPATH:-}
 summary="$LOG_DIR/summary.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader >"$summary" 2>&1

@@ -9,15 +9,12 @@
 #            (JAX_FLASHMLA_DECODE_KERNEL=hopper) for comparison. About 3 minutes when it works.
 # Environment: SKIP_BENCH=1 skips the benchmarks; BENCH_ARGS replaces the first one's flags (default --quick;
 # BENCH_ARGS="" runs the full grid); the second times a stacked two-layer pool (--quick --layers 2).
-# Offline machines: put wheels the image lacks (nvidia-cutlass) in .whl/; they are installed to /tmp/site.
+# Offline machines: put wheels the image lacks (nvidia-cutlass) in .whl/ (scripts/gpu_env.sh installs them).
 set -uo pipefail
 LOG_DIR=${1:?usage: scripts/gpu_check.sh LOG_DIR [quick|seesaw]}
 MODE=${2:-full}
 mkdir -p "$LOG_DIR"
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-# Each test shape compiles a fresh float32 reference; GEMM autotuning would cost seconds per shape.
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
 summary=()
 step() {  # step NAME COMMAND...: runs, logs to LOG_DIR/NAME.log, records pass/fail and duration
   local name=$1; shift
@@ -29,10 +26,7 @@ step() {  # step NAME COMMAND...: runs, logs to LOG_DIR/NAME.log, records pass/f
   return $rc
 }
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >"$LOG_DIR/gpu.txt" 2>&1
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" >>"$LOG_DIR/gpu.txt" 2>&1
 

@@ -3,7 +3,7 @@
 // runs when JAX_FLASHMLA_DECODE_KERNEL=hopper, and its shared helpers (layouts, Q load, epilogue) serve both.
 //
 // One CTA serves 64 query rows of one KV head (rows r = s*g + j, see mla_params.h) and walks the 64-token
-// pages of the part of the schedule its blockIdx.z names (the grid has as many CTAs as SMs: persistent).
+// pages of the part of the schedule grid_part() names (the grid has as many CTAs as SMs: persistent).
 // Three warpgroups share the work:
 //   producer   one thread issues the TMA loads of whole pages (nine 64x64 swizzled boxes) into a two-stage
 //              ring, on mbarriers; KV is read exactly once per CTA.

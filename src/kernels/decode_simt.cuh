@@ -1,7 +1,7 @@
 // Split-KV MLA decode over a paged KV cache: the portable baseline kernel.
 //
 // One CTA serves 64 query rows of one KV head (rows r = s*g + j, see mla_params.h) for the part of the
-// schedule its blockIdx.z names, walking 64-token pages: S = Q K^T in fp32 FMAs from shared memory, an online
+// schedule grid_part() names, walking 64-token pages: S = Q K^T in fp32 FMAs from shared memory, an online
 // softmax in base 2 with the scale folded in, O += P V with V the first 512 dims of the same K tile.
 // Tokens past the sequence's length or on an invalid page are zero-filled in shared memory (pages may hold
 // NaN there) and masked in S, so no stray value reaches the output and no address leaves its buffer.

@@ -1,6 +1,6 @@
 // The walk over one part of the split-KV schedule (mla_params.h documents the metadata), shared by the
-// decode kernels: which sequences the CTA of part grid_part() serves, which blocks and output slot of each, and the
-// pages (and layer) behind the blocks.
+// decode kernels: which sequences the CTA of part grid_part() serves, which blocks and output slot of each,
+// and the pages (and layer) behind the blocks.
 #pragma once
 
 #include "mla_params.h"
