@@ -20,11 +20,16 @@ namespace {
 constexpr int kCombineWarps = 8;
 constexpr int kHeadDimV = 512;
 
+// The grid is (num_parts, h_kv, row blocks of kCombineWarps): the CTAs of part x combine the sequence whose
+// second split starts that part (tile_metadata split_begin == 1), if any. Every sequence with more than one
+// split has exactly one such part, so there are at most num_parts - 1 busy columns; a grid over the batch
+// spent most of its CTAs finding nothing to do (4096 CTAs for b 128, h_q 128, s_q 2).
 template <typename T>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
-  const int seq = blockIdx.x, head_kv = blockIdx.y;
+  const int32_t* md = p.tile_metadata + static_cast<size_t>(blockIdx.x) * kMetadataRowInts;
+  const int seq = md[0], head_kv = blockIdx.y;
   const int row = blockIdx.z * kCombineWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (row >= p.q_rows) return;
+  if (md[4] != 1 || seq < 0 || seq >= p.batch || row >= p.q_rows) return;
   const int first = p.num_splits[seq];
   const int count = p.num_splits[seq + 1] - first;
   // One split was written straight to out; a range outside the buffers means metadata for other lengths.
@@ -63,8 +68,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
 }  // namespace
 
 cudaError_t launch_combine(const DecodeParams& p, ElementType type, cudaStream_t stream) {
-  if (p.head_dim_v != kHeadDimV || p.q_rows < 1 || p.h_kv < 1) return cudaErrorInvalidValue;
-  const dim3 grid(p.batch, p.h_kv, (p.q_rows + kCombineWarps - 1) / kCombineWarps);
+  if (p.head_dim_v != kHeadDimV || p.q_rows < 1 || p.h_kv < 1 || p.num_parts < 1) return cudaErrorInvalidValue;
+  const dim3 grid(p.num_parts, p.h_kv, (p.q_rows + kCombineWarps - 1) / kCombineWarps);
   if (type == ElementType::kBF16)
     combine_kernel<__nv_bfloat16><<<grid, kCombineWarps * 32, 0, stream>>>(p);
   else

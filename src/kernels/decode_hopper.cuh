@@ -163,9 +163,9 @@ __device__ __forceinline__ void zero_rows(uint16_t* stage, int first_row, int th
 // global to shared memory without registers, so all of a thread's 16-byte copies are in flight at once (a
 // load-then-store loop waited one memory latency per row: about 13% of consumer 1's time per chunk). One
 // warp per row at a time, so the row's address arithmetic is done once per row. Storage: any shared storage
-// with this kernel's `q` (the seesaw kernel's too).
+// with this kernel's `q` (the seesaw kernel's too). The copies complete at the issuing thread's wait_q_load().
 template <typename T, typename Storage>
-__device__ __forceinline__ void load_q(const DecodeParams& p, Storage& s, int seq, int thread) {
+__device__ __forceinline__ void issue_q_load(const DecodeParams& p, Storage& s, int seq, int thread) {
   const int head_kv = blockIdx.y, row0 = grid_row_block() * kBlockM;
   const int group = p.h_q / p.h_kv;
   const int warp = thread / 32, lane = thread % 32;
@@ -186,7 +186,14 @@ __device__ __forceinline__ void load_q(const DecodeParams& p, Storage& s, int se
                    : "memory");
     }
   }
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void wait_q_load() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+template <typename T, typename Storage>
+__device__ __forceinline__ void load_q(const DecodeParams& p, Storage& s, int seq, int thread) {
+  issue_q_load<T>(p, s, seq, thread);
+  wait_q_load();
 }
 
 // The 16 32-bit words of a 64x64 16-bit tile that a thread holds as a wgmma A fragment (or converts from a C

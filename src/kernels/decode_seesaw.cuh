@@ -96,6 +96,41 @@ __device__ __forceinline__ void load_tiles(const DecodeParams& p, const CUtensor
   }
 }
 
+// The loads a chunk starts with: its first two pages, one per stage (thread 0 of A), and Q (A's threads,
+// cp.async, complete at each thread's wait_q_load). Bits of `done` (kPrimedStage0/1, kPrimedQ) name the loads
+// already issued: the last pairs of the previous chunk issue the pages, its epilogue Q.
+constexpr unsigned kPrimedStage0 = 1, kPrimedStage1 = 2, kPrimedQ = 4;
+template <typename T>
+__device__ __forceinline__ void issue_chunk_loads(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s,
+                                                  int layer, const Chunk& c, unsigned done, int thread) {
+  const int n_tiles = c.block_end - c.block_begin;
+#pragma unroll
+  for (int stage = 0; stage < 2; ++stage)
+    if (thread == 0 && n_tiles > stage && !(done & (kPrimedStage0 << stage)))
+      load_tiles(p, kv_map, s, layer, stage, page_of(p, c.seq, c.block_begin + stage), 0, kNumChunks - 1);
+  if (!(done & kPrimedQ)) hopper::issue_q_load<T>(p, s, c.seq, thread);
+}
+
+// The first two pages of the CTA's next chunk (the sequence after `seq`, if this part has it and its metadata is
+// usable): where a stage has no page left in this chunk, its refill takes the next chunk's page of the same
+// parity, so the page stream runs on across chunks instead of draining at each chunk's end.
+struct NextChunkStart {
+  bool has[2];
+  int page[2];
+};
+__device__ __forceinline__ NextChunkStart next_chunk_start(const DecodeParams& p, const PartWalk& walk, int seq) {
+  NextChunkStart n{{false, false}, {0, 0}};
+  if (seq >= walk.last) return n;
+  const Chunk c = walk.chunk(p, seq + 1);
+  if (c.skip) return n;
+#pragma unroll
+  for (int stage = 0; stage < 2; ++stage) {
+    n.has[stage] = c.block_end - c.block_begin > stage;
+    if (n.has[stage]) n.page[stage] = page_of(p, c.seq, c.block_begin + stage);
+  }
+  return n;
+}
+
 // Hand-offs between the warpgroups. The mbarrier arrive releases and the wait acquires, for the hardware; the
 // empty asm with a memory clobber keeps the compiler from moving shared-memory accesses across them.
 __device__ __forceinline__ void release(uint64_t& barrier) {
@@ -292,6 +327,7 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
   int chunks_done = 0;     // chunks this CTA finished: the phase of sums_ready, the sums' buffer
   int pairs_done = 0;      // pairs this CTA finished: the phase of the four hand-off barriers
   int pages[2] = {0, 0};   // pages each stage has held so far: the phase of its full barriers
+  unsigned primed = 0;     // this chunk's loads issued before it began (kPrimed* bits)
   const PartWalk walk(p);
   for (int seq = walk.first; seq <= walk.last; ++seq) {
     const Chunk c = walk.chunk(p, seq);
@@ -304,13 +340,13 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
       limit[h] = row >= p.q_rows ? 0 : (p.causal ? c.length - p.s_q + row / group + 1 : c.length);
     }
 
-    // Every earlier read of Q, the stages and P is complete: the previous chunk ended with a block barrier.
+    // Q and the first two pages: usually already issued, in the previous chunk's epilogue. Every earlier read of
+    // Q, the stages and P is complete either way: the previous chunk's sums_ready exchange follows both
+    // warpgroups' last GEMMs.
     if (kIsA) {
-      if (leader && n_tiles > 0)
-        load_tiles(p, kv_map, s, layer, 0, page_of(p, c.seq, c.block_begin), 0, kNumChunks - 1);
-      if (leader && n_tiles > 1)
-        load_tiles(p, kv_map, s, layer, 1, page_of(p, c.seq, c.block_begin + 1), 0, kNumChunks - 1);
-      hopper::load_q<T>(p, s, c.seq, thread);
+      issue_chunk_loads<T>(p, kv_map, s, layer, c, primed, thread);
+      hopper::wait_q_load();
+      primed = 0;  // from here on, the bits are the next chunk's
       hopper::fence_async_shared();
     }
     sync_warpgroups();
@@ -337,10 +373,18 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
       const bool next_k0 = i + 2 < n_tiles, next_k1 = i + 3 < n_tiles;
       const int block0 = c.block_begin + i;
       const int hand_off_phase = pairs_done & 1;
-      // The next pair's page ids, read now: the block-table loads complete behind this pair's softmax instead
-      // of stalling the refills and the next S, which need them.
-      const int next_page0 = next_k0 ? page_of(p, c.seq, block0 + 2) : -1;
-      const int next_page1 = next_k1 ? page_of(p, c.seq, block0 + 3) : -1;
+      // The pages the stages take next, read now: the block-table loads complete behind this pair's softmax
+      // instead of stalling the refills and the next S, which need them. A stage this pair uses for the last time
+      // in the chunk takes the next chunk's first page of its parity (refill, not S: the next chunk's S needs
+      // its Q).
+      bool refill0 = next_k0, refill1 = next_k1;
+      int next_page0 = next_k0 ? page_of(p, c.seq, block0 + 2) : 0;
+      int next_page1 = next_k1 ? page_of(p, c.seq, block0 + 3) : 0;
+      if (!next_k0 || (has_k1 && !next_k1)) {
+        const NextChunkStart n = next_chunk_start(p, walk, seq);
+        if (!next_k0) refill0 = n.has[0], next_page0 = n.page[0], primed |= n.has[0] ? kPrimedStage0 : 0;
+        if (has_k1 && !next_k1) refill1 = n.has[1], next_page1 = n.page[1], primed |= n.has[1] ? kPrimedStage1 : 0;
+      }
       if constexpr (kIsA) {
         // m0 = max(m, rowmax S0); O_A and the row sums move to m0; P0 = 2^(S0 - m0).
         int visible[2];
@@ -363,7 +407,7 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
         hopper::issue_gemm<false>(mma_pv_rs, tP, thr_rs.partition_fragment_B(wg.v_half(0)), tO);
         warpgroup_fence_operand(tP_words);
         warpgroup_wait<0>();
-        if (leader && next_k0) {
+        if (leader && refill0) {
           load_tiles(p, kv_map, s, layer, 0, next_page0, 0, 3);
           load_tiles(p, kv_map, s, layer, 0, next_page0, kRopeTile, kRopeTile);
         }
@@ -402,7 +446,7 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
             warpgroup_wait<1>();
           else
             warpgroup_wait<0>();
-          if (leader && next_k1) load_tiles(p, kv_map, s, layer, 1, next_page1, 0, 3);
+          if (leader && refill1) load_tiles(p, kv_map, s, layer, 1, next_page1, 0, 3);
         }
         if (next_k0) wg.issue_scores(tS, tQ8, (pages[0] + 1) & 1, valid, false, 4, kNumChunks);
         warpgroup_wait<0>();
@@ -454,12 +498,12 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
         acquire(s.p0_ready, hand_off_phase);
         wg.wait_tiles(0, pages[0] & 1, 4, 8);
         hopper::issue_gemm<false>(mma_pv_ss, tOtherP, thr_ss.partition_fragment_B(wg.v_half(0)), tO);
-        if (next_k1) {
+        if (refill1) {
           warpgroup_wait<1>();
           if (leader) load_tiles(p, kv_map, s, layer, 1, next_page1, 4, kRopeTile);
         }
         warpgroup_wait<0>();
-        if (leader && next_k0) load_tiles(p, kv_map, s, layer, 0, next_page0, 4, 7);
+        if (leader && refill0) load_tiles(p, kv_map, s, layer, 0, next_page0, 4, 7);
 
         if (next_k1) {
           valid = valid_tokens(p, c, block0 + 3, next_page1);
@@ -489,6 +533,18 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
     }
     release(s.sums_ready);
     acquire(s.sums_ready, chunks_done & 1);
+    // Both warpgroups' GEMMs of this chunk are complete, so Q and the stages are free: A issues the next chunk's
+    // Q now (and any first page the last pairs did not), and their latency hides behind the output stores
+    // instead of stalling the next chunk's first S.
+    if constexpr (kIsA) {
+      if (seq < walk.last) {
+        const Chunk next = walk.chunk(p, seq + 1);
+        if (!next.skip) {
+          issue_chunk_loads<T>(p, kv_map, s, layer, next, primed, thread);
+          primed = kPrimedStage0 | kPrimedStage1 | kPrimedQ;
+        }
+      }
+    }
     float total[2], inv_sum[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -498,7 +554,6 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
     hopper::store_output<T>(p, c, tO, kIsA ? 0 : kHalfV, inv_sum, thread);
     if (kIsA) hopper::store_lse(p, c, m, total, row0, group, thread / 32, lane);
     ++chunks_done;
-    sync_warpgroups();  // the next chunk overwrites Q and the stages
   }
 }
 
