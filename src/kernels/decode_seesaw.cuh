@@ -17,8 +17,10 @@
 // own: it lives in Q's rope tile (columns 512-575), which both warpgroups copy to registers when Q arrives;
 // the rope part of S is a register-A wgmma. There is no producer warpgroup (it would cap the consumers'
 // registers): the warpgroup that last reads a 64-column tile of a stage issues the TMA load that refills it
-// with the page two tiles ahead, one mbarrier per tile. Hand-offs between the warpgroups, the epilogue's row
-// sums included, are mbarriers (arrive releases, wait acquires), which compute-sanitizer's racecheck models.
+// with the page two tiles ahead, one mbarrier per tile. The page stream runs on across a CTA's chunks: the last
+// refills of a chunk load the next chunk's first two pages, and its epilogue issues the next Q. Hand-offs
+// between the warpgroups, the epilogue's row sums included, are mbarriers (arrive releases, wait acquires),
+// which compute-sanitizer's racecheck models.
 #pragma once
 
 #include "kernels/decode_hopper.cuh"
@@ -340,9 +342,9 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
       limit[h] = row >= p.q_rows ? 0 : (p.causal ? c.length - p.s_q + row / group + 1 : c.length);
     }
 
-    // Q and the first two pages: usually already issued, in the previous chunk's epilogue. Every earlier read of
-    // Q, the stages and P is complete either way: the previous chunk's sums_ready exchange follows both
-    // warpgroups' last GEMMs.
+    // Q and the first two pages: usually already issued by the previous chunk (the pages by its last pairs, Q by
+    // its epilogue). Every earlier read of Q, the stages and P is complete either way: the previous chunk's
+    // sums_ready exchange follows both warpgroups' last GEMMs.
     if (kIsA) {
       issue_chunk_loads<T>(p, kv_map, s, layer, c, primed, thread);
       hopper::wait_q_load();
