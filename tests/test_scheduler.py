@@ -44,6 +44,20 @@ def test_every_block_once_and_split_counts_agree(trial):
             assert all(end > begin for begin, end, _ in got)
 
 
+@pytest.mark.parametrize("trial", range(20))
+def test_each_split_sequence_has_one_combining_part(trial):
+    """The combine kernel's grid is one column per part: a part combines its first sequence when its
+    split_begin is 1. That must name every sequence with more than one split exactly once, and nothing else."""
+    rng = np.random.default_rng(100 + trial)
+    batch, num_parts = int(rng.integers(1, 60)), int(rng.integers(1, 140))
+    seqlens = rng.integers(-3, 5000, batch).astype(np.int32)
+    seqlens[rng.random(batch) < 0.2] = 0
+    metadata, num_splits = (np.asarray(x) for x in jax.jit(schedule, static_argnums=1)(seqlens, num_parts))
+    combined = sorted(int(md[0]) for md in metadata if md[4] == 1)
+    split = [i for i in range(batch) if num_splits[i + 1] - num_splits[i] > 1]
+    assert combined == split
+
+
 def test_balanced_by_tokens():
     """One long sequence among short ones is cut into many splits; no part gets much more than its share."""
     seqlens = np.array([64 * 1000] + [64] * 31, np.int32)
