@@ -27,7 +27,7 @@ INSERTIONS = [
     ("template <typename T, bool kIsA>\n__device__ void run_warpgroup(",
      "__device__ int g_trace_launches;  // launches of the kernel so far (counted by CTA 0)\n", False),
     ("  for (int seq = walk.first; seq <= walk.last; ++seq) {\n",
-     "  const bool trace = thread == 0 && blockIdx.x == 0 && (blockIdx.z == 0 || blockIdx.z == 16);\n"
+     "  const bool trace = thread == 0 && grid_row_block() == 0 && (grid_part() == 0 || grid_part() == 16);\n"
      "  const int launch = trace ? *(volatile int*)&g_trace_launches : 0;\n"
      "  long long stamps[8][7];\n"
      "  int chunk_pages[8];\n"
@@ -52,12 +52,12 @@ TAIL = """    ++traced;
       const long long* t = stamps[k];
       printf("TRACE %s part %d chunk %d pages %d: top->q %lld, q->barrier %lld, first S %lld, pairs %lld "
              "(%lld a page), sums %lld, epilogue %lld, ->next top %lld\\n",
-             kIsA ? "A" : "B", (int)blockIdx.z, k, chunk_pages[k], t[1] - t[0], t[2] - t[1], t[3] - t[2],
+             kIsA ? "A" : "B", grid_part(), k, chunk_pages[k], t[1] - t[0], t[2] - t[1], t[3] - t[2],
              t[4] - t[3], chunk_pages[k] > 0 ? (t[4] - t[3]) / chunk_pages[k] : 0, t[5] - t[4], t[6] - t[5],
              k + 1 < traced ? stamps[k + 1][0] - t[6] : 0);
     }
   }
-  if (kIsA && thread == 0 && blockIdx.x == 0 && blockIdx.z == 0) atomicAdd(&g_trace_launches, 1);
+  if (kIsA && thread == 0 && grid_row_block() == 0 && grid_part() == 0) atomicAdd(&g_trace_launches, 1);
 }
 """
 

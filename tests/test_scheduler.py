@@ -22,13 +22,20 @@ def coverage(metadata, seqlens):
     return n, chunks
 
 
-@pytest.mark.parametrize("trial", range(40))
-def test_every_block_once_and_split_counts_agree(trial):
-    rng = np.random.default_rng(trial)
+def random_schedule(seed):
+    """(seqlens, num_parts, metadata, num_splits) for a random batch: empty and negative lengths included."""
+    rng = np.random.default_rng(seed)
     batch, num_parts = int(rng.integers(1, 60)), int(rng.integers(1, 140))
     seqlens = rng.integers(-3, 5000, batch).astype(np.int32)
     seqlens[rng.random(batch) < 0.2] = 0
     metadata, num_splits = (np.asarray(x) for x in jax.jit(schedule, static_argnums=1)(seqlens, num_parts))
+    return seqlens, num_parts, metadata, num_splits
+
+
+@pytest.mark.parametrize("trial", range(40))
+def test_every_block_once_and_split_counts_agree(trial):
+    seqlens, num_parts, metadata, num_splits = random_schedule(trial)
+    batch = len(seqlens)
     assert metadata.shape == (num_parts, 8) and num_splits.shape == (batch + 1,)
     assert num_splits[0] == 0 and num_splits[-1] <= batch + num_parts  # fits the partial buffers
     n, chunks = coverage(metadata.tolist(), seqlens)
@@ -48,11 +55,8 @@ def test_every_block_once_and_split_counts_agree(trial):
 def test_each_split_sequence_has_one_combining_part(trial):
     """The combine kernel's grid is one column per part: a part combines its first sequence when its
     split_begin is 1. That must name every sequence with more than one split exactly once, and nothing else."""
-    rng = np.random.default_rng(100 + trial)
-    batch, num_parts = int(rng.integers(1, 60)), int(rng.integers(1, 140))
-    seqlens = rng.integers(-3, 5000, batch).astype(np.int32)
-    seqlens[rng.random(batch) < 0.2] = 0
-    metadata, num_splits = (np.asarray(x) for x in jax.jit(schedule, static_argnums=1)(seqlens, num_parts))
+    seqlens, _, metadata, num_splits = random_schedule(100 + trial)
+    batch = len(seqlens)
     combined = sorted(int(md[0]) for md in metadata if md[4] == 1)
     split = [i for i in range(batch) if num_splits[i + 1] - num_splits[i] > 1]
     assert combined == split
