@@ -8,7 +8,7 @@ Then, on the GPU machine (scripts/gpu_env.sh sourced):
 
 Thread 0 of each warpgroup, in the CTAs of row block 0 and parts 0 and 16, stamps clock64() at six points of
 every chunk (up to 8 chunks) and prints the segments on the fourth launch of the kernel (a warm one):
-loop top -> Q waited -> block barrier -> first S done -> pairs done -> row sums exchanged -> epilogue done.
+loop top -> loads issued -> Q landed -> first S done -> pairs done -> row sums exchanged -> epilogue done.
 benchmarks/NOTES.md ("Version 2.3: the chunk boundaries") reads one such run. The stamps slow the kernel by at
 least 7%: compare segments with each other, not with untraced kernel times.
 
@@ -24,7 +24,7 @@ KERNEL = "src/kernels/decode_seesaw.cuh"
 
 # (anchor, text inserted before it, or after it when the third field is True)
 INSERTIONS = [
-    ("template <typename T, bool kIsA>\n__device__ void run_warpgroup(",
+    ("template <typename T, bool kIsA>\n__device__ __forceinline__ void run_warpgroup(",
      "__device__ int g_trace_launches;  // launches of the kernel so far (counted by CTA 0)\n", False),
     ("  for (int seq = walk.first; seq <= walk.last; ++seq) {\n",
      "  const bool trace = thread == 0 && grid_row_block() == 0 && (grid_part() == 0 || grid_part() == 16);\n"
@@ -34,7 +34,7 @@ INSERTIONS = [
      "  int traced = 0;\n"
      "#define STAMP(k) if (trace && traced < 8) stamps[traced][k] = clock64();\n", False),
     ("    if (c.skip) continue;\n", "    STAMP(0)\n", True),
-    ("    sync_warpgroups();\n    const char* q_rope", "    STAMP(1)\n", False),
+    ("      primed = 0;  // from here on, the bits are the next chunk's\n    }\n", "    STAMP(1)\n", True),
     ("    const char* q_rope", "    STAMP(2)\n", False),
     ("    for (int i = 0; i < n_tiles; i += 2) {\n", "    STAMP(3)\n", False),
     ("    // Epilogue: both halves share the row sums",
@@ -50,7 +50,7 @@ TAIL = """    ++traced;
   if (trace && launch == 3) {
     for (int k = 0; k < traced && k < 8; ++k) {
       const long long* t = stamps[k];
-      printf("TRACE %s part %d chunk %d pages %d: top->q %lld, q->barrier %lld, first S %lld, pairs %lld "
+      printf("TRACE %s part %d chunk %d pages %d: top->issued %lld, Q wait %lld, first S %lld, pairs %lld "
              "(%lld a page), sums %lld, epilogue %lld, ->next top %lld\\n",
              kIsA ? "A" : "B", grid_part(), k, chunk_pages[k], t[1] - t[0], t[2] - t[1], t[3] - t[2],
              t[4] - t[3], chunk_pages[k] > 0 ? (t[4] - t[3]) / chunk_pages[k] : 0, t[5] - t[4], t[6] - t[5],

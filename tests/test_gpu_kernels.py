@@ -38,9 +38,11 @@ def kernel_call(q, k_cache, block_table, cache_seqlens, *, causal):
                                       poison_outputs=True)
 
 
-def check_against_reference(problem, causal, dtype):
+def check_against_reference(problem, causal, dtype, kernel_q=None):
+    """kernel_q: the kernel's q where it differs from the reference's only in rows that must not matter."""
     p = problem
-    out, lse = kernel_call(p.q, p.k_cache, p.block_table, p.cache_seqlens, causal=causal)
+    out, lse = kernel_call(p.q if kernel_q is None else kernel_q, p.k_cache, p.block_table, p.cache_seqlens,
+                           causal=causal)
     # The float32 reference materialises (b, h_q, s_q, T) scores: evaluate it 16 sequences at a time.
     chunks = [reference_f32(p.q[i:i + 16], p.k_cache, p.block_table[i:i + 16], p.cache_seqlens[i:i + 16],
                             causal=causal, softmax_scale=p.q.shape[-1] ** -0.5) for i in range(0, p.q.shape[0], 16)]
@@ -66,6 +68,35 @@ def test_flashmla_grid(b, s_q, s_k, h_q, h_kv, varlen, causal, dtype, rng_seed):
     seqlens = lengths(rng, b, s_k, varlen, zero_one=True)
     problem = make_problem(rng, batch=b, s_q=s_q, h_q=h_q, h_kv=h_kv, seqlens=seqlens, dtype=dtype)
     check_against_reference(problem, causal, dtype)
+
+
+@pytest.mark.parametrize("h_q,h_kv,s_q", [(16, 1, 1), (16, 1, 5), (64, 2, 3), (128, 1, 2), (48, 1, 1),
+                                        (96, 1, 3), (24, 2, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_neighbouring_query_rows_never_leak(h_q, h_kv, s_q, causal, rng_seed):
+    """A CTA's 64-row block of Q may hold fewer real rows than 64 (s_q*h_q/h_kv < 64, or the last block). The
+    Hopper kernel's TMA boxes (head groups that divide 64 or are multiples of it) then also bring rows of the next
+    sequence; groups like 48, 96 or 12 load Q with cp.async and zero-fill. NaN in the Q of every other sequence
+    (a padded batch slot of length 0) must reach neither its neighbours nor its own output."""
+    rng = np.random.default_rng([rng_seed, h_q, h_kv, s_q, causal])
+    seqlens = lengths(rng, 6, 300, True, zero_one=False)
+    seqlens[1::2] = 0
+    p = make_problem(rng, batch=6, s_q=s_q, h_q=h_q, h_kv=h_kv, seqlens=seqlens, dtype=jnp.bfloat16)
+    check_against_reference(p, causal, jnp.bfloat16, kernel_q=p.q.at[1::2].set(jnp.nan))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_single_softmax_kernel(dtype, monkeypatch, rng_seed):
+    """The older Hopper kernel, kept to compare against (JAX_FLASHMLA_DECODE_KERNEL=hopper, read at each launch),
+    shares the Q load and output stores with the default one: it must stay right too. Splits and single-split
+    sequences (float32 partials and direct outputs), causal and not."""
+    monkeypatch.setenv("JAX_FLASHMLA_DECODE_KERNEL", "hopper")
+    rng = np.random.default_rng(rng_seed)
+    for batch, s_k, h_q, s_q in ((8, 2048, 16, 1), (64, 140, 128, 2)):  # mostly split; mostly not
+        seqlens = lengths(rng, batch, s_k, True, zero_one=True)
+        problem = make_problem(rng, batch=batch, s_q=s_q, h_q=h_q, h_kv=1, seqlens=seqlens, dtype=dtype)
+        for causal in (False, True):
+            check_against_reference(problem, causal, dtype)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

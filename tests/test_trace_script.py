@@ -20,6 +20,6 @@ def test_every_stamp_lands_once_in_the_kernel():
     for k in range(7):
         assert traced.count(f"    STAMP({k})\n") == 1
     assert traced.count("printf(\"TRACE") == 1 and traced.count("atomicAdd(&g_trace_launches, 1)") == 1
-    # The stamps follow the chunk's order: loop top, Q, barrier, first S, pairs, sums, epilogue.
+    # The stamps follow the chunk's order: loop top, loads issued, Q landed, first S, pairs, sums, epilogue.
     positions = [traced.index(f"    STAMP({k})\n") for k in range(7)]
     assert positions == sorted(positions)

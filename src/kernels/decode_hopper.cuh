@@ -242,8 +242,32 @@ __device__ __forceinline__ void issue_gemm(Mma& mma, const FragA& a, const FragB
   warpgroup_fence_operand(c);
 }
 
+// Transposes the 4x4 matrix of words the lanes of a quad hold (lane q: row q, w[j] = element (q, j)): afterwards
+// lane q holds column q (w[i] = element (i, q)). Two butterfly steps; in each a lane keeps the half of its words
+// whose index agrees with its own lane bit and trades the other half with its partner.
+__device__ __forceinline__ void transpose_quad(uint32_t (&w)[4]) {
+  const int quad_lane = threadIdx.x % 4;
+#pragma unroll
+  for (int step = 0; step < 2; ++step) {
+    const int bit = 1 << step;
+    const bool upper = quad_lane & bit;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (j & bit) continue;
+      const uint32_t traded = __shfl_xor_sync(0xffffffffu, upper ? w[j] : w[j | bit], bit);
+      if (upper)
+        w[j] = traded;
+      else
+        w[j | bit] = traded;
+    }
+  }
+}
+
 // Writes this warpgroup's half of the output rows: out/lse directly, or the split's partial.
-// acc holds the C fragment of a 64x256 tile (value v: column 8*(v/4) + 2*(lane%4) + v%2, row + 8*((v/2)%2)).
+// acc holds the C fragment of a 64x256 tile (value v: column 8*(v/4) + 2*(lane%4) + v%2, row + 8*((v/2)%2)), so
+// a lane holds 2 adjacent columns of each 8-column group. A transpose in each quad gives each lane all 8 columns
+// of one group in four: one 16-byte store for out (64 STG.32 per thread become 16), two for the float32 partial
+// (64 STG.64 become 32), each covering whole 32-byte sectors.
 template <typename T, typename Acc>
 __device__ __forceinline__ void store_output(const DecodeParams& p, const Chunk& c, const Acc& acc, int col0,
                                              const float inv_sum[2], int thread) {
@@ -261,16 +285,35 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const Chunk&
     T* out = static_cast<T*>(p.out) + ((static_cast<size_t>(c.seq) * p.s_q + s_idx) * p.h_q + head) * kHeadDimV;
     float* partial = p.o_accum + ((static_cast<size_t>(c.split) * p.h_kv + head_kv) * p.q_rows + safe_row) * kHeadDimV;
 #pragma unroll
-    for (int g = 0; g < kHalfV / 8; ++g) {
-      const int v = g * 4 + 2 * h, col = col0 + g * 8 + 2 * (lane % 4);
-      const float a = acc(v) * inv_sum[h], b = acc(v + 1) * inv_sum[h];
-      if (real && c.final_output)
-        *reinterpret_cast<typename Element<T>::Pair*>(out + col) = Element<T>::from_float2(a, b);
-      if (real && !c.final_output) *reinterpret_cast<float2*>(partial + col) = make_float2(a, b);
+    for (int quad_group = 0; quad_group < kHalfV / 32; ++quad_group) {
+      // Groups 4*quad_group + j; afterwards this lane's is 4*quad_group + lane % 4, columns 2i and 2i+1 in
+      // even[i], odd[i].
+      uint32_t even[4], odd[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int v = (4 * quad_group + j) * 4 + 2 * h;
+        even[j] = __float_as_uint(acc(v) * inv_sum[h]);
+        odd[j] = __float_as_uint(acc(v + 1) * inv_sum[h]);
+      }
+      transpose_quad(even);
+      transpose_quad(odd);
+      const int col = col0 + 8 * (4 * quad_group + lane % 4);
+      if (real && c.final_output) {
+        uint32_t packed[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const auto pair = Element<T>::from_float2(__uint_as_float(even[i]), __uint_as_float(odd[i]));
+          packed[i] = reinterpret_cast<const uint32_t&>(pair);
+        }
+        *reinterpret_cast<uint4*>(out + col) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      }
+      if (real && !c.final_output) {
+        *reinterpret_cast<uint4*>(partial + col) = make_uint4(even[0], odd[0], even[1], odd[1]);
+        *reinterpret_cast<uint4*>(partial + col + 4) = make_uint4(even[2], odd[2], even[3], odd[3]);
+      }
     }
   }
 }
-
 // Writes the LSE of a thread's two rows (lane % 4 == 0 writes for its quad): the natural log of the row's sum
 // of exp(scaled score), from its maximum m (base 2, scaled) and its sum. FlashMLA's +inf for a query that saw
 // nothing; -inf in a split's partial, where it means "adds nothing".

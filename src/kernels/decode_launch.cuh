@@ -11,7 +11,7 @@
 #include "kernels/decode_hopper.cuh"
 #include "kernels/decode_seesaw.cuh"
 #include "kernels/decode_simt.cuh"
-#include "kernels/kv_tensor_map.h"
+#include "kernels/tensor_maps.h"
 
 namespace jax_flashmla {
 
@@ -83,8 +83,12 @@ cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream) {
     if (single_softmax_selected())
       return launch_with_smem<hopper::decode_kernel<T>, hopper::kThreads, hopper::kSmemBytes>(device, grid, stream, p,
                                                                                              kv_map);
+    CUtensorMap q_map{};  // unused where q_box_bytes is 0
+    int q_box_bytes = 0;
+    if (cudaError_t err = make_q_tensor_map(&q_map, p, element_type_of<T>(), &q_box_bytes); err != cudaSuccess)
+      return err;
     return launch_with_smem<seesaw::decode_kernel<T>, seesaw::kThreads, seesaw::kSmemBytes>(device, grid, stream, p,
-                                                                                           kv_map);
+                                                                                           kv_map, q_map, q_box_bytes);
   }
   return launch_with_smem<simt::decode_kernel<T>, simt::kThreads, sizeof(simt::SharedStorage)>(device, grid, stream, p);
 }

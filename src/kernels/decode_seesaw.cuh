@@ -18,7 +18,8 @@
 // the rope part of S is a register-A wgmma. There is no producer warpgroup (it would cap the consumers'
 // registers): the warpgroup that last reads a 64-column tile of a stage issues the TMA load that refills it
 // with the page two tiles ahead, one mbarrier per tile. The page stream runs on across a CTA's chunks: the last
-// refills of a chunk load the next chunk's first two pages, and its epilogue issues the next Q. Hand-offs
+// refills of a chunk load the next chunk's first two pages, and its epilogue issues the next Q (by TMA, one
+// thread, where the head group allows: tensor_maps.h). Hand-offs
 // between the warpgroups, the epilogue's row sums included, are mbarriers (arrive releases, wait acquires),
 // which compute-sanitizer's racecheck models.
 #pragma once
@@ -74,6 +75,7 @@ struct alignas(1024) SharedStorage {
   uint64_t p0_ready;             // A -> B: P0' in p0
   uint64_t p1_ready;             // B -> A: P1 in Q's rope tile
   uint64_t sums_ready;           // both ways, once per chunk: sum_a and sum_b hold the row sums
+  uint64_t q_full;               // Q landed (when it comes by TMA), once per chunk
 };
 constexpr int kSmemBytes = sizeof(SharedStorage) + 1024;
 static_assert(kSmemBytes <= 227 * 1024, "seesaw shared storage exceeds a block's 227 KiB");
@@ -98,19 +100,43 @@ __device__ __forceinline__ void load_tiles(const DecodeParams& p, const CUtensor
   }
 }
 
-// The loads a chunk starts with: its first two pages, one per stage (thread 0 of A), and Q (A's threads,
-// cp.async, complete at each thread's wait_q_load). Bits of `done` (kPrimedStage0/1, kPrimedQ) name the loads
-// already issued: the last pairs of the previous chunk issue the pages, its epilogue Q.
+// How Q reaches shared memory. Where a 64-row block of Q is one box of make_q_tensor_map's descriptor
+// (box_bytes > 0), one thread issues nine boxes, one per 64-dim tile, that complete on s.q_full: the other
+// threads' load/store units stay free for the epilogue's stores it overlaps. Otherwise A's threads copy it
+// with cp.async, complete at each thread's wait_q_load.
+struct QSource {
+  const CUtensorMap* map;
+  int box_bytes;
+};
+
+__device__ __forceinline__ void issue_q_boxes(const DecodeParams& p, const QSource& q, SharedStorage& s, int seq) {
+  const int head_kv = blockIdx.y, row0 = grid_row_block() * kBlockM, group = p.h_q / p.h_kv;
+  set_barrier_transaction_bytes(s.q_full, kNumChunks * q.box_bytes);
+#pragma unroll
+  for (int t = 0; t < kNumChunks; ++t)
+    SM90_TMA_LOAD_4D::copy(q.map, &s.q_full, static_cast<uint64_t>(TMA::CacheHintSm90::EVICT_NORMAL),
+                           reinterpret_cast<char*>(s.q) + t * kChunkBytes, t * kChunkCols, row0 % group, head_kv,
+                           seq * p.s_q + row0 / group);
+}
+
+// The loads a chunk starts with: its first two pages, one per stage (thread 0 of A), and Q. Bits of `done`
+// (kPrimedStage0/1, kPrimedQ) name the loads already issued: the last pairs of the previous chunk issue the
+// pages, its epilogue Q.
 constexpr unsigned kPrimedStage0 = 1, kPrimedStage1 = 2, kPrimedQ = 4;
 template <typename T>
-__device__ __forceinline__ void issue_chunk_loads(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s,
-                                                  int layer, const Chunk& c, unsigned done, int thread) {
+__device__ __forceinline__ void issue_chunk_loads(const DecodeParams& p, const CUtensorMap* kv_map, const QSource& q,
+                                                  SharedStorage& s, int layer, const Chunk& c, unsigned done,
+                                                  int thread) {
   const int n_tiles = c.block_end - c.block_begin;
 #pragma unroll
   for (int stage = 0; stage < 2; ++stage)
     if (thread == 0 && n_tiles > stage && !(done & (kPrimedStage0 << stage)))
       load_tiles(p, kv_map, s, layer, stage, page_of(p, c.seq, c.block_begin + stage), 0, kNumChunks - 1);
-  if (!(done & kPrimedQ)) hopper::issue_q_load<T>(p, s, c.seq, thread);
+  if (done & kPrimedQ) return;
+  if (q.box_bytes == 0)
+    hopper::issue_q_load<T>(p, s, c.seq, thread);
+  else if (thread == 0)
+    issue_q_boxes(p, q, s, c.seq);
 }
 
 // The first two pages of the CTA's next chunk (the sequence after `seq`, if this part has it and its metadata is
@@ -296,8 +322,11 @@ __device__ __forceinline__ void publish_rows(SharedStorage& s, float* factors, c
   }
 }
 
+// Forced inline: left to itself nvcc compiled A's instantiation as a called function once the epilogue grew,
+// with the parameters on the stack and about 230 local-memory accesses in the loop.
 template <typename T, bool kIsA>
-__device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s) {
+__device__ __forceinline__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, const QSource& q,
+                                              SharedStorage& s) {
   using WG = Warpgroup<T, kIsA>;
   using E = typename WG::E;
   WG wg(s);
@@ -346,12 +375,18 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
     // its epilogue). Every earlier read of Q, the stages and P is complete either way: the previous chunk's
     // sums_ready exchange follows both warpgroups' last GEMMs.
     if (kIsA) {
-      issue_chunk_loads<T>(p, kv_map, s, layer, c, primed, thread);
-      hopper::wait_q_load();
+      issue_chunk_loads<T>(p, kv_map, q, s, layer, c, primed, thread);
       primed = 0;  // from here on, the bits are the next chunk's
-      hopper::fence_async_shared();
     }
-    sync_warpgroups();
+    if (q.box_bytes > 0) {
+      acquire(s.q_full, chunks_done & 1);
+    } else {
+      if (kIsA) {
+        hopper::wait_q_load();
+        hopper::fence_async_shared();
+      }
+      sync_warpgroups();
+    }
     const char* q_rope = reinterpret_cast<const char*>(s.q) + kRopeTile * kChunkBytes;
 #pragma unroll
     for (int j = 0; j < 16; ++j)
@@ -542,7 +577,7 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
       if (seq < walk.last) {
         const Chunk next = walk.chunk(p, seq + 1);
         if (!next.skip) {
-          issue_chunk_loads<T>(p, kv_map, s, layer, next, primed, thread);
+          issue_chunk_loads<T>(p, kv_map, q, s, layer, next, primed, thread);
           primed = kPrimedStage0 | kPrimedStage1 | kPrimedQ;
         }
       }
@@ -560,7 +595,8 @@ __device__ void run_warpgroup(const DecodeParams& p, const CUtensorMap* kv_map, 
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap kv_map) {
+__global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap kv_map,
+                                                              const __grid_constant__ CUtensorMap q_map, int q_box_bytes) {
   extern __shared__ char smem_raw[];
   SharedStorage& s = aligned_shared_storage<SharedStorage>(smem_raw);
   const int warpgroup = warp_uniform_warpgroup();
@@ -574,13 +610,15 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
     initialize_barrier(s.p0_ready, 128);
     initialize_barrier(s.p1_ready, 128);
     initialize_barrier(s.sums_ready, kThreads);
+    initialize_barrier(s.q_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  const QSource q{&q_map, q_box_bytes};
   if (warpgroup == 0)
-    run_warpgroup<T, true>(p, &kv_map, s);
+    run_warpgroup<T, true>(p, &kv_map, q, s);
   else
-    run_warpgroup<T, false>(p, &kv_map, s);
+    run_warpgroup<T, false>(p, &kv_map, q, s);
 }
 
 }  // namespace seesaw
