@@ -266,8 +266,8 @@ __device__ __forceinline__ void transpose_quad(uint32_t (&w)[4]) {
 // Writes this warpgroup's half of the output rows: out/lse directly, or the split's partial.
 // acc holds the C fragment of a 64x256 tile (value v: column 8*(v/4) + 2*(lane%4) + v%2, row + 8*((v/2)%2)), so
 // a lane holds 2 adjacent columns of each 8-column group. A transpose in each quad gives each lane all 8 columns
-// of one group in four: one 16-byte store for out (64 STG.32 per thread become 16), two for the float32 partial
-// (64 STG.64 become 32), each covering whole 32-byte sectors.
+// of one group in four: one 16-byte store for out (64 STG.32 per thread become 16; a quad writes 64 contiguous
+// bytes of a row), two for the float32 partial (64 STG.64 become 32; together a lane's whole 32-byte sector).
 template <typename T, typename Acc>
 __device__ __forceinline__ void store_output(const DecodeParams& p, const Chunk& c, const Acc& acc, int col0,
                                              const float inv_sum[2], int thread) {
@@ -314,6 +314,7 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const Chunk&
     }
   }
 }
+
 // Writes the LSE of a thread's two rows (lane % 4 == 0 writes for its quad): the natural log of the row's sum
 // of exp(scaled score), from its maximum m (base 2, scaled) and its sum. FlashMLA's +inf for a query that saw
 // nothing; -inf in a split's partial, where it means "adds nothing".
