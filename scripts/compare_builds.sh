@@ -9,7 +9,9 @@
 # s_q 2, s_k 4096, h_q 128 and b 6, s_q 4, s_k 140, h_q 16, both causal settings and dtypes; hostile ids; empty
 # batches. CHECK_TESTS overrides its -k expression; CHECK_TESTS=none, or a NAME that starts with "probe", skips
 # it: for probes that compute wrong results on purpose.
-# LOG_DIR gets one log per step and summary.txt; the step's last line goes to the summary.
+# Then the chunk-boundary row: b 512, s_k 1024 (fixed lengths), s_q 2, h_q 128, about 16 chunks per CTA, the row
+# that shows what a chunk boundary costs (benchmarks/NOTES.md, version 2.3); BOUNDARY_ROW=0 skips it.
+# LOG_DIR gets one log per step and summary.txt: each step's last line, and the benchmarks' table rows.
 set -uo pipefail
 LOG_DIR=${1:?usage: scripts/compare_builds.sh LOG_DIR NAME=CUDA_FLAGS ...}
 shift
@@ -19,6 +21,8 @@ cd "$(dirname "$0")/.."
 source scripts/gpu_env.sh
 CHECK_TESTS=${CHECK_TESTS:-"64-2-4096-128-1 or 6-4-140-16 or hostile or all_empty"}
 read -r -a BENCH <<<"${BENCH_ARGS:---quick --no-baseline}"
+BOUNDARY=(--batch 512 --seqlen 1024 --s-q 2 --h-q 128 --causal off --fixed-lengths --no-baseline --iters 50
+          --repeats 3 --warmup 1)
 base_path=${PYTHONPATH:-}
 summary="$LOG_DIR/summary.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader >"$summary" 2>&1
@@ -45,15 +49,20 @@ for name in "${names[@]}"; do
   export PYTHONPATH=/tmp/variant_$name${base_path:+:$base_path}
   steps=(check bench)
   [ "$CHECK_TESTS" = none ] || [[ $name == probe* ]] && steps=(bench)
+  [ "${BOUNDARY_ROW:-1}" = 0 ] || steps+=(boundary)
   for step in "${steps[@]}"; do
     log="$LOG_DIR/${step}_$name.log"
     if [ $step = check ]; then
       timeout 240 python3 -m pytest -q -m gpu -x -n 4 tests/test_gpu_kernels.py -k "$CHECK_TESTS" >"$log" 2>&1
-    else
+    elif [ $step = bench ]; then
       timeout 240 python3 -m jax_flashmla.bench "${BENCH[@]}" --out "$LOG_DIR/bench_$name" >"$log" 2>&1
+    else
+      timeout 120 python3 -m jax_flashmla.bench "${BOUNDARY[@]}" --out "$LOG_DIR/boundary_$name" >"$log" 2>&1
     fi
     rc=$?
-    printf '%-8s %-6s rc=%-3s %s\n' "$name" "$step" "$rc" "$(tail -n 1 "$log")" | tee -a "$summary"
+    printf '%-8s %-8s rc=%-3s %s\n' "$name" "$step" "$rc" "$(tail -n 1 "$log")" | tee -a "$summary"
+    # The benchmarks' table rows too, so the summary alone compares the builds.
+    [ $step = check ] || grep -E '^ *[0-9]' "$log" | sed 's/^/    /' | tee -a "$summary"
     [ $rc -eq 0 ] || break
   done
 done
