@@ -19,9 +19,8 @@
 // registers): the warpgroup that last reads a 64-column tile of a stage issues the TMA load that refills it
 // with the page two tiles ahead, one mbarrier per tile. The page stream runs on across a CTA's chunks: the last
 // refills of a chunk load the next chunk's first two pages, and its epilogue issues the next Q (by TMA, one
-// thread, where the head group allows: tensor_maps.h). Hand-offs
-// between the warpgroups, the epilogue's row sums included, are mbarriers (arrive releases, wait acquires),
-// which compute-sanitizer's racecheck models.
+// thread, where the head group allows: tensor_maps.h). Hand-offs between the warpgroups, the epilogue's row sums
+// included, are mbarriers (arrive releases, wait acquires), which compute-sanitizer's racecheck models.
 #pragma once
 
 #include "kernels/decode_hopper.cuh"

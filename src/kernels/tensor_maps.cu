@@ -22,8 +22,15 @@ PFN_cuTensorMapEncodeTiled_v12000 encoder() {
 
 constexpr cuuint64_t kElementBytes = 2;
 
-CUtensorMapDataType data_type(ElementType type) {
-  return type == ElementType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+// A 4-D tensor of 16-bit elements at `base` whose boxes (64 elements innermost: one swizzle atom) land in shared
+// memory with the 128-byte swizzle the wgmma layouts expect.
+CUresult encode_swizzled_4d(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMap* map, ElementType type,
+                            const void* base, const cuuint64_t (&dims)[4], const cuuint64_t (&strides)[3],
+                            const cuuint32_t (&box)[4]) {
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  return encode(map, type == ElementType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                4, const_cast<void*>(base), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
 }
 }  // namespace
 
@@ -36,10 +43,7 @@ cudaError_t make_kv_tensor_map(CUtensorMap* map, const DecodeParams& p, ElementT
   const cuuint64_t token_bytes = static_cast<cuuint64_t>(p.h_kv) * p.head_dim * kElementBytes;
   const cuuint64_t strides[3] = {p.head_dim * kElementBytes, token_bytes, tokens * token_bytes};
   const cuuint32_t box[4] = {64, 1, kPageSize, 1};
-  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  const CUresult result =
-      encode(map, data_type(type), 4, const_cast<void*>(p.k_cache), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult result = encode_swizzled_4d(encode, map, type, p.k_cache, dims, strides, box);
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
@@ -56,10 +60,7 @@ cudaError_t make_q_tensor_map(CUtensorMap* map, const DecodeParams& p, ElementTy
   const cuuint64_t head_bytes = static_cast<cuuint64_t>(p.head_dim) * kElementBytes;
   const cuuint64_t strides[3] = {head_bytes, group * head_bytes, static_cast<cuuint64_t>(p.h_q) * head_bytes};
   const cuuint32_t box[4] = {64, heads, 1, tokens};
-  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  const CUresult result = encode(map, data_type(type), 4, const_cast<void*>(p.q), dims, strides, box, element_strides,
-                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult result = encode_swizzled_4d(encode, map, type, p.q, dims, strides, box);
   if (result != CUDA_SUCCESS) return cudaErrorInvalidValue;
   *box_bytes = static_cast<int>(64 * kElementBytes * heads * tokens);
   return cudaSuccess;

@@ -9,8 +9,8 @@
 namespace jax_flashmla {
 
 // Describes k_cache (num_layers, num_pages*64 tokens, h_kv, 576) as a 4-D tensor whose (64 dims, 1 head,
-// 64 tokens, 1 layer) boxes land in shared memory with the 128-byte swizzle the wgmma layouts expect. The driver's encoder is
-// looked up through the runtime, so nothing links against libcuda.
+// 64 tokens, 1 layer) boxes land in shared memory with the 128-byte swizzle the wgmma layouts expect. The driver's
+// encoder is looked up through the runtime, so nothing links against libcuda.
 cudaError_t make_kv_tensor_map(CUtensorMap* map, const DecodeParams& p, ElementType type);
 
 // Describes q (b, s_q, h_q, 576) as (576 dims, g heads of a group, h_kv groups, b*s_q query tokens), so that one
