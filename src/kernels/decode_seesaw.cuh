@@ -118,6 +118,21 @@ __device__ __forceinline__ void issue_q_boxes(const DecodeParams& p, const QSour
                            seq * p.s_q + row0 / group);
 }
 
+// The chunk after `seq` in this part, if there is one to compute.
+__device__ __forceinline__ bool next_chunk(const DecodeParams& p, const PartWalk& walk, int seq, Chunk& next) {
+  if (seq >= walk.last) return false;
+  next = walk.chunk(p, seq + 1);
+  return !next.skip;
+}
+
+// A chunk's first page of each stage (K0, K1), if it has one.
+__device__ __forceinline__ bool has_first_page(const Chunk& c, int stage) {
+  return c.block_end - c.block_begin > stage;
+}
+__device__ __forceinline__ int first_page(const DecodeParams& p, const Chunk& c, int stage) {
+  return page_of(p, c.seq, c.block_begin + stage);
+}
+
 // The loads a chunk starts with: its first two pages, one per stage (thread 0 of A), and Q. Bits of `done`
 // (kPrimedStage0/1, kPrimedQ) name the loads already issued: the last pairs of the previous chunk issue the
 // pages, its epilogue Q.
@@ -126,11 +141,10 @@ template <typename T>
 __device__ __forceinline__ void issue_chunk_loads(const DecodeParams& p, const CUtensorMap* kv_map, const QSource& q,
                                                   SharedStorage& s, int layer, const Chunk& c, unsigned done,
                                                   int thread) {
-  const int n_tiles = c.block_end - c.block_begin;
 #pragma unroll
   for (int stage = 0; stage < 2; ++stage)
-    if (thread == 0 && n_tiles > stage && !(done & (kPrimedStage0 << stage)))
-      load_tiles(p, kv_map, s, layer, stage, page_of(p, c.seq, c.block_begin + stage), 0, kNumChunks - 1);
+    if (thread == 0 && has_first_page(c, stage) && !(done & (kPrimedStage0 << stage)))
+      load_tiles(p, kv_map, s, layer, stage, first_page(p, c, stage), 0, kNumChunks - 1);
   if (done & kPrimedQ) return;
   if (q.box_bytes == 0)
     hopper::issue_q_load<T>(p, s, c.seq, thread);
@@ -138,22 +152,21 @@ __device__ __forceinline__ void issue_chunk_loads(const DecodeParams& p, const C
     issue_q_boxes(p, q, s, c.seq);
 }
 
-// The first two pages of the CTA's next chunk (the sequence after `seq`, if this part has it and its metadata is
-// usable): where a stage has no page left in this chunk, its refill takes the next chunk's page of the same
-// parity, so the page stream runs on across chunks instead of draining at each chunk's end.
+// The first two pages of the CTA's next chunk (next_chunk): where a stage has no page left in this chunk, its
+// refill takes the next chunk's page of the same parity, so the page stream runs on across chunks instead of
+// draining at each chunk's end.
 struct NextChunkStart {
   bool has[2];
   int page[2];
 };
 __device__ __forceinline__ NextChunkStart next_chunk_start(const DecodeParams& p, const PartWalk& walk, int seq) {
   NextChunkStart n{{false, false}, {0, 0}};
-  if (seq >= walk.last) return n;
-  const Chunk c = walk.chunk(p, seq + 1);
-  if (c.skip) return n;
+  Chunk c;
+  if (!next_chunk(p, walk, seq, c)) return n;
 #pragma unroll
   for (int stage = 0; stage < 2; ++stage) {
-    n.has[stage] = c.block_end - c.block_begin > stage;
-    if (n.has[stage]) n.page[stage] = page_of(p, c.seq, c.block_begin + stage);
+    n.has[stage] = has_first_page(c, stage);
+    if (n.has[stage]) n.page[stage] = first_page(p, c, stage);
   }
   return n;
 }
@@ -573,12 +586,10 @@ __device__ __forceinline__ void run_warpgroup(const DecodeParams& p, const CUten
     // Q now (and any first page the last pairs did not), and their latency hides behind the output stores
     // instead of stalling the next chunk's first S.
     if constexpr (kIsA) {
-      if (seq < walk.last) {
-        const Chunk next = walk.chunk(p, seq + 1);
-        if (!next.skip) {
-          issue_chunk_loads<T>(p, kv_map, q, s, layer, next, primed, thread);
-          primed = kPrimedStage0 | kPrimedStage1 | kPrimedQ;
-        }
+      Chunk next;
+      if (next_chunk(p, walk, seq, next)) {
+        issue_chunk_loads<T>(p, kv_map, q, s, layer, next, primed, thread);
+        primed = kPrimedStage0 | kPrimedStage1 | kPrimedQ;
       }
     }
     float total[2], inv_sum[2];
