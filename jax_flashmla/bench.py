@@ -3,7 +3,9 @@
 The default grid is FlashMLA's: b 128, h_kv 1, d 576, dv 512, page 64, bf16, per-sequence lengths drawn from
 N(s_k, s_k / 2) and clipped to [s_q, 2 s_k], s_k in {4096, 8192, 16384, 32768}, s_q in {1, 2},
 h_q in {16, 64, 128}, causal off and on (on only where s_q > 1). Inputs are made on the device; each
-sequence's pages are scattered over the pool by a random permutation. The pool holds b * s_k * 576 * 2 bytes
+sequence's pages are scattered over the pool by a random permutation (as in FlashMLA's tests), or, with
+--page-order contiguous, laid out in order, one sequence after the other (as in FlashMLA's benchmark script,
+whose block table is an arange). The pool holds b * s_k * 576 * 2 bytes
 (600 MB at s_k 4096), far more than the H100's 50 MB L2, so each call reads the KV from HBM.
 
 How each row is timed (wall clock around calls ended by block_until_ready):
@@ -61,6 +63,7 @@ from .reference import visible_keys
 HEAD_DIM = 576
 HEAD_DIM_V = 512
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
+PAGE_ORDERS = ("scattered", "contiguous")
 H100_PEAK_TFLOPS = 989.0  # dense bf16 tensor-core peak, H100 SXM datasheet
 H100_PEAK_GBPS = 3350.0  # HBM3 bandwidth, H100 SXM datasheet
 L2_BYTES = 50e6  # H100 L2; a smaller KV pool would be timed out of cache
@@ -120,6 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="q and KV dtype (default bfloat16)")
     g.add_argument("--fixed-lengths", action="store_true", help="every sequence has length s_k")
     g.add_argument("--seed", type=int, default=0, help="seed for lengths and inputs (default 0)")
+    g.add_argument("--page-order", choices=PAGE_ORDERS, default="scattered",
+                   help="where each sequence's pages lie in the pool: scattered by a random permutation "
+                   "(default), or contiguous, in order")
     g.add_argument("--layers", type=int, default=1,
                    help="layers in the KV pool (default 1: FlashMLA's one-layer k_cache); with N > 1 the decode "
                    "reads the last layer of the stack in place, and e2e_sliced_ms times slicing it out instead")
@@ -192,29 +198,32 @@ def sample_lengths(config: RowConfig, fixed: bool, seed: int) -> np.ndarray:
     return np.clip(lengths, config.s_q, 2 * config.s_k).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("s_q", "h_q", "h_kv", "num_pages", "max_pages", "dtype", "layers"))
-def _random_inputs(key, pages, *, s_q, h_q, h_kv, num_pages, max_pages, dtype, layers):
+@functools.partial(jax.jit, static_argnames=("s_q", "h_q", "h_kv", "num_pages", "max_pages", "dtype", "layers",
+                                             "scattered"))
+def _random_inputs(key, pages, *, s_q, h_q, h_kv, num_pages, max_pages, dtype, layers, scattered=True):
     kq, kk, kp = jax.random.split(key, 3)
     q = (jax.random.normal(kq, (pages.shape[0], s_q, h_q, HEAD_DIM)) / 10).astype(dtype)
     pool_shape = (num_pages, PAGE_SIZE, h_kv, HEAD_DIM) if layers == 1 else (layers, num_pages, PAGE_SIZE, h_kv,
                                                                              HEAD_DIM)
     k_cache = (jax.random.normal(kk, pool_shape) / 10).astype(dtype)
-    # Sequence i owns permutation slots [first_i, first_i + pages_i): its pages lie scattered over the pool.
-    perm = jax.random.permutation(kp, num_pages).astype(jnp.int32)
+    # Sequence i owns slots [first_i, first_i + pages_i) of `order`: a permutation scatters its pages over the
+    # pool, an arange lays them out in order.
+    order = (jax.random.permutation(kp, num_pages) if scattered else jnp.arange(num_pages)).astype(jnp.int32)
     first = jnp.cumsum(pages) - pages
     column = jnp.arange(max_pages)
-    owned = jnp.take(perm, first[:, None] + column, mode="clip")
+    owned = jnp.take(order, first[:, None] + column, mode="clip")
     table = jnp.where(column < pages[:, None], owned, 0)  # unused entries: any valid page, never read
     return q, k_cache, table
 
 
-def make_inputs(key, lengths: np.ndarray, config: RowConfig, layers: int = 1):
+def make_inputs(key, lengths: np.ndarray, config: RowConfig, layers: int = 1, page_order: str = "scattered"):
     """(q, k_cache, block_table, cache_seqlens) on the device; the pool holds exactly the pages in use, in
-    each of `layers` layers (a rank-5 stacked pool when layers > 1)."""
+    each of `layers` layers (a rank-5 stacked pool when layers > 1), in `page_order` (PAGE_ORDERS)."""
     pages = -(-lengths // PAGE_SIZE)
     q, k_cache, table = _random_inputs(key, jnp.asarray(pages, jnp.int32), s_q=config.s_q, h_q=config.h_q,
                                        h_kv=config.h_kv, num_pages=int(pages.sum()), max_pages=int(pages.max()),
-                                       dtype=DTYPES[config.dtype], layers=layers)
+                                       dtype=DTYPES[config.dtype], layers=layers,
+                                       scattered=page_order == "scattered")
     return q, k_cache, table, jnp.asarray(lengths, jnp.int32)
 
 
@@ -336,7 +345,7 @@ def environment() -> dict:
 
 def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
     lengths = sample_lengths(config, args.fixed_lengths, args.seed)
-    q, k_cache, table, seqlens = make_inputs(key, lengths, config, args.layers)
+    q, k_cache, table, seqlens = make_inputs(key, lengths, config, args.layers, args.page_order)
     layer = None if args.layers == 1 else args.layers - 1  # the stack's last layer: the largest pointer offset
     q_rows = config.s_q * config.h_q // config.h_kv
     metadata = jax.block_until_ready(get_mla_metadata(seqlens, q_rows, config.h_kv))
@@ -377,7 +386,7 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
     return {
         **dataclasses.asdict(config),
         "head_dim": HEAD_DIM, "head_dim_v": HEAD_DIM_V, "page_size": PAGE_SIZE,
-        "fixed_lengths": args.fixed_lengths, "seed": args.seed,
+        "fixed_lengths": args.fixed_lengths, "seed": args.seed, "page_order": args.page_order,
         "mean_len": mean_len, "min_len": int(lengths.min()), "max_len": int(lengths.max()),
         "layers": args.layers, "kv_cache_mb": k_cache.size * itemsize / args.layers / 1e6,  # the layer read
         "iters": args.iters, "repeats": args.repeats, "warmup": args.warmup, "baseline_iters": args.baseline_iters,

@@ -134,6 +134,19 @@ def test_lengths_are_seeded_and_clipped():
     np.testing.assert_array_equal(lengths, bench.sample_lengths(config, fixed=False, seed=3))
 
 
+def test_page_orders_own_every_page_once_and_contiguous_is_in_order():
+    config = bench.RowConfig(batch=3, s_k=100, s_q=1, h_q=4, h_kv=1, causal=False, dtype="bfloat16")
+    lengths = np.array([130, 1, 200], np.int32)
+    pages = -(-lengths // 64)
+    owned = {}
+    for order in bench.PAGE_ORDERS:
+        table = np.asarray(bench.make_inputs(jax.random.key(0), lengths, config, page_order=order)[2])
+        owned[order] = np.concatenate([table[i, :n] for i, n in enumerate(pages)])
+        np.testing.assert_array_equal(np.sort(owned[order]), np.arange(pages.sum()))
+    np.testing.assert_array_equal(owned["contiguous"], np.arange(pages.sum()))
+    assert not np.array_equal(owned["scattered"], owned["contiguous"])
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_baseline_and_inputs_match_the_reference(causal):
     config = bench.RowConfig(batch=3, s_k=100, s_q=2, h_q=4, h_kv=1, causal=causal, dtype="bfloat16")
