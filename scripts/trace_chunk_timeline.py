@@ -1,34 +1,89 @@
-"""Writes a copy of the source tree whose seesaw kernel prints a clock64 timeline of each chunk.
+"""Writes a copy of the source tree whose seesaw kernel records where its time goes, in clock64 cycles.
 
-Usage: python3 scripts/trace_chunk_timeline.py OUT_DIR
+Usage: python3 scripts/trace_chunk_timeline.py OUT_DIR [--pair-waits]
+  (default)     a timeline of each chunk: thread 0 of each warpgroup, in the CTAs of row block 0 and of parts
+                0 and gridDim.z / 2, stamps six points of every chunk (up to 8 chunks): loop top -> loads issued
+                -> Q landed -> first S done -> pairs done -> row sums exchanged -> epilogue done.
+  --pair-waits  per pair, for the same threads, the cycles spent waiting: for a page's tiles before its S
+                (S-tile waits), for the other stage's V tiles before a P V, at the hand-offs between the
+                warpgroups, for wgmma to complete, and the rest (issue, softmax, stores to shared memory).
 Then, on the GPU machine (scripts/gpu_env.sh sourced):
   python3 -m pip install --no-build-isolation --no-deps --target /tmp/variant_trace OUT_DIR
   PYTHONPATH=/tmp/variant_trace:$PYTHONPATH python3 -m jax_flashmla.bench --batch 512 --seqlen 1024 \\
       --s-q 2 --h-q 128 --causal off --fixed-lengths --no-baseline --iters 2 --repeats 1 --warmup 1 | grep TRACE
+The records are taken on the fourth launch of the decode kernel (a warm one) and go to a global buffer; a
+one-thread kernel launched after each decode prints them once they are complete. The bench's timings of such
+a run mean nothing (2 iterations); compare the records with each other, not with untraced kernel times.
 
-Thread 0 of each warpgroup, in the CTAs of row block 0 and parts 0 and 16, stamps clock64() at six points of
-every chunk (up to 8 chunks) and prints the segments on the fourth launch of the kernel (a warm one):
-loop top -> loads issued -> Q landed -> first S done -> pairs done -> row sums exchanged -> epilogue done.
-benchmarks/NOTES.md ("Version 2.3: the chunk boundaries") reads one such run. The stamps slow the kernel by at
-least 7%: compare segments with each other, not with untraced kernel times.
+Why the printing kernel: a printf inside the decode kernel is a function call, and ptxas then serializes every
+wgmma of the kernel (ptxas info C7510). The timelines of versions 2.3 and 2.4 (benchmarks/NOTES.md) were taken
+that way, before this was noticed. tests/test_kernel_codegen.py compiles both modes' copies and checks that
+ptxas leaves their wgmma alone.
 
-The stamps are inserted at text anchors of src/kernels/decode_seesaw.cuh. If the kernel changed so that an
-anchor is missing or repeated, the script stops and names it: move the anchor, do not guess.
+The records are inserted at text anchors of src/kernels/decode_seesaw.cuh (and the printing kernel's launch at
+one of src/kernels/decode_launch.cuh). If the kernel changed so that an anchor is missing or repeated, the
+script stops and names it: move the anchor, do not guess.
 """
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 
 KERNEL = "src/kernels/decode_seesaw.cuh"
+LAUNCH = "src/kernels/decode_launch.cuh"
 
+# Shared by both modes: which threads record, on which launch, and the buffer the printing kernel reads.
+PROLOGUE = """\
+static __device__ int g_trace_launches;  // launches of the decode kernel so far (counted by CTA 0)
+static __device__ int g_trace_ready;     // records complete: 4 (2 warpgroups x 2 CTAs); 5 once printed
+static __device__ long long g_trace[2][2][8][9];  // [warpgroup][CTA][row][field]
+static __device__ int g_trace_part[2];
+__device__ __forceinline__ int trace_slot() {  // which recorded CTA this is, or -1
+  if (grid_row_block() != 0) return -1;
+  return grid_part() == 0 ? 0 : (grid_part() == gridDim.z / 2 ? 1 : -1);
+}
+"""
+
+# The end of run_warpgroup (its loop's closing brace and its own, before the kernel), where each mode stores
+# its records.
+TAIL_ANCHOR = "  }\n}\n\ntemplate <typename T>\n__global__ void __launch_bounds__(kThreads, 1) decode_kernel("
+TAIL = """  }
+  if (thread == 0 && trace_slot() >= 0 && *(volatile int*)&g_trace_launches == 3) {
+    long long(*out)[9] = g_trace[kIsA ? 0 : 1][trace_slot()];
+{store}
+    g_trace_part[trace_slot()] = grid_part();
+    __threadfence();
+    atomicAdd(&g_trace_ready, 1);
+  }
+  if (kIsA && thread == 0 && grid_row_block() == 0 && grid_part() == 0) atomicAdd(&g_trace_launches, 1);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) decode_kernel("""
+
+PRINT_KERNEL = """static __global__ void trace_print_kernel() {
+  if (g_trace_ready != 4) return;
+  g_trace_ready = 5;
+  for (int w = 0; w < 2; ++w)
+    for (int k = 0; k < 2; ++k) {
+{print}
+    }
+}
+"""
+
+LAUNCH_ANCHOR = """    return launch_with_smem<seesaw::decode_kernel<T>, seesaw::kThreads, seesaw::kSmemBytes>(device, grid, stream, p,
+                                                                                           kv_map, q_map, q_box_bytes);"""
+LAUNCH_TRACED = """    const cudaError_t traced = launch_with_smem<seesaw::decode_kernel<T>, seesaw::kThreads, seesaw::kSmemBytes>(
+        device, grid, stream, p, kv_map, q_map, q_box_bytes);
+    seesaw::trace_print_kernel<<<1, 1, 0, stream>>>();
+    return traced;"""
+
+# --- the chunk timeline ----------------------------------------------------------------------------------
 # (anchor, text inserted before it, or after it when the third field is True)
-INSERTIONS = [
-    ("template <typename T, bool kIsA>\n__device__ __forceinline__ void run_warpgroup(",
-     "__device__ int g_trace_launches;  // launches of the kernel so far (counted by CTA 0)\n", False),
+TIMELINE = [
     ("  for (int seq = walk.first; seq <= walk.last; ++seq) {\n",
-     "  const bool trace = thread == 0 && grid_row_block() == 0 && (grid_part() == 0 || grid_part() == 16);\n"
-     "  const int launch = trace ? *(volatile int*)&g_trace_launches : 0;\n"
+     "  const bool trace = thread == 0 && trace_slot() >= 0;\n"
      "  long long stamps[8][7];\n"
      "  int chunk_pages[8];\n"
      "  int traced = 0;\n"
@@ -42,51 +97,118 @@ INSERTIONS = [
     ("    acquire(s.sums_ready, chunks_done & 1);\n", "    STAMP(5)\n", True),
     ("    ++chunks_done;\n", "    STAMP(6)\n    ++traced;\n", True),
 ]
-
-# Replaces the end of run_warpgroup (the loop's closing brace and the function's).
-TAIL_ANCHOR = "    ++traced;\n  }\n}\n"
-TAIL = """    ++traced;
-  }
-  if (trace && launch == 3) {
+TIMELINE_STORE = """\
     for (int k = 0; k < traced && k < 8; ++k) {
-      const long long* t = stamps[k];
-      printf("TRACE %s part %d chunk %d pages %d: top->issued %lld, Q wait %lld, first S %lld, pairs %lld "
-             "(%lld a page), sums %lld, epilogue %lld, ->next top %lld\\n",
-             kIsA ? "A" : "B", grid_part(), k, chunk_pages[k], t[1] - t[0], t[2] - t[1], t[3] - t[2],
-             t[4] - t[3], chunk_pages[k] > 0 ? (t[4] - t[3]) / chunk_pages[k] : 0, t[5] - t[4], t[6] - t[5],
-             k + 1 < traced ? stamps[k + 1][0] - t[6] : 0);
+      for (int f = 0; f < 7; ++f) out[k][f] = stamps[k][f];
+      out[k][7] = k + 1 < traced ? stamps[k + 1][0] - stamps[k][6] : 0;  // to the next chunk's top
+      out[k][8] = chunk_pages[k];
     }
-  }
-  if (kIsA && thread == 0 && grid_row_block() == 0 && grid_part() == 0) atomicAdd(&g_trace_launches, 1);
-}
-"""
+    for (int k = traced; k < 8; ++k) out[k][0] = -1;"""
+TIMELINE_PRINT = """\
+      for (int c = 0; c < 8; ++c) {
+        const long long* t = g_trace[w][k][c];
+        if (t[0] < 0) break;
+        const long long pages = t[8];
+        printf("TRACE %s part %d chunk %d pages %lld: top->issued %lld, Q wait %lld, first S %lld, pairs %lld "
+               "(%lld a page), sums %lld, epilogue %lld, ->next top %lld\\n",
+               w == 0 ? "A" : "B", g_trace_part[k], c, pages, t[1] - t[0], t[2] - t[1], t[3] - t[2], t[4] - t[3],
+               pages > 0 ? (t[4] - t[3]) / pages : 0, t[5] - t[4], t[6] - t[5], t[7]);
+      }"""
+
+# --- the waits of each pair -------------------------------------------------------------------------------
+PAIR_WAITS = [
+    ("  SharedStorage& s;\n  const int thread;  // 0..127 within the warpgroup\n",
+     "  mutable long long s_wait = 0, v_wait = 0;  // traced: cycles waiting for S's and for V's tiles\n", True),
+    ("  const PartWalk walk(p);\n",
+     "  long long h_wait = 0, g_wait = 0, pair_cycles = 0;\n"
+     "#define TRACED_ACQUIRE(b, ph) { const long long t0 = clock64(); acquire(b, ph); h_wait += clock64() - t0; }\n"
+     "#define TRACED_WAIT(n) { const long long t0 = clock64(); warpgroup_wait<n>(); g_wait += clock64() - t0; }\n",
+     True),
+    ("    for (int i = 0; i < n_tiles; i += 2) {\n", "    const long long pairs_begin = clock64();\n", False),
+    ("    // Epilogue: both halves share the row sums", "    pair_cycles += clock64() - pairs_begin;\n", False),
+]
+PAIR_WAITS_REPLACE = [  # (old, new, count): in the whole kernel
+    ("      wait_barrier(s.full[kStage][t], phase);\n",
+     "      { const long long t0 = clock64(); wait_barrier(s.full[kStage][t], phase); s_wait += clock64() - t0; }\n", 1),
+    ("      wait_barrier(s.full[kStage][kRopeTile], phase);\n",
+     "      { const long long t0 = clock64(); wait_barrier(s.full[kStage][kRopeTile], phase); "
+     "s_wait += clock64() - t0; }\n", 1),
+    ("    for (int t = first; t < end; ++t) wait_barrier(s.full[stage][t], phase);\n",
+     "    const long long t0 = clock64();\n"
+     "    for (int t = first; t < end; ++t) wait_barrier(s.full[stage][t], phase);\n"
+     "    v_wait += clock64() - t0;\n", 1),
+] + [(f"acquire(s.{name}, hand_off_phase);", f"TRACED_ACQUIRE(s.{name}, hand_off_phase);", 1)
+     for name in ("scale0_ready", "scale1_ready", "p0_ready", "p1_ready")]
+PAIR_WAITS_STORE = """\
+    out[0][0] = pairs_done, out[0][1] = pair_cycles, out[0][2] = wg.s_wait, out[0][3] = wg.v_wait;
+    out[0][4] = h_wait, out[0][5] = g_wait;"""
+PAIR_WAITS_PRINT = """\
+      const long long* o = g_trace[w][k][0];
+      const long long n = o[0] > 0 ? o[0] : 1;
+      printf("TRACE %s part %d: %lld pairs, %lld cycles a pair; per pair: S-tile waits %lld, V-tile waits %lld, "
+             "hand-off waits %lld, wgmma waits %lld, rest %lld\\n", w == 0 ? "A" : "B", g_trace_part[k], o[0],
+             o[1] / n, o[2] / n, o[3] / n, o[4] / n, o[5] / n, (o[1] - o[2] - o[3] - o[4] - o[5]) / n);"""
 
 
-def instrument(text: str) -> str:
-    for anchor, insert, after in INSERTIONS:
+def _insert(text: str, insertions) -> str:
+    for anchor, insert, after in insertions:
         count = text.count(anchor)
         if count != 1:
             sys.exit(f"{KERNEL}: anchor {anchor!r} found {count} times, expected once")
         text = text.replace(anchor, anchor + insert if after else insert + anchor)
-    if text.count(TAIL_ANCHOR) != 1:
-        sys.exit(f"{KERNEL}: the end of run_warpgroup ({TAIL_ANCHOR!r}) not found once")
-    return text.replace(TAIL_ANCHOR, TAIL)
+    return text
+
+
+def _replace(text: str, path: str, old: str, new: str, count: int = 1) -> str:
+    found = text.count(old)
+    if found != count:
+        sys.exit(f"{path}: anchor {old!r} found {found} times, expected {count}")
+    return text.replace(old, new)
+
+
+def instrument(text: str, pair_waits: bool = False) -> str:
+    """The seesaw kernel's source with the records of one mode and the kernel that prints them."""
+    run_warpgroup = "template <typename T, bool kIsA>\n__device__ __forceinline__ void run_warpgroup("
+    text = _replace(text, KERNEL, run_warpgroup, PROLOGUE + run_warpgroup)
+    if pair_waits:
+        text = _insert(text, PAIR_WAITS)
+        for old, new, count in PAIR_WAITS_REPLACE:
+            text = _replace(text, KERNEL, old, new, count)
+        # Waits for wgmma inside the pair loop only: the chunk's first S is not a pair.
+        begin = text.index("    for (int i = 0; i < n_tiles; i += 2) {\n")
+        end = text.index("    pair_cycles += clock64() - pairs_begin;\n")
+        loop = re.sub(r"warpgroup_wait<(\d)>\(\);", r"TRACED_WAIT(\1)", text[begin:end])
+        text = text[:begin] + loop + text[end:]
+        store, print_body = PAIR_WAITS_STORE, PAIR_WAITS_PRINT
+    else:
+        text = _insert(text, TIMELINE)
+        store, print_body = TIMELINE_STORE, TIMELINE_PRINT
+    text = _replace(text, KERNEL, TAIL_ANCHOR, TAIL.replace("{store}", store))
+    namespace_end = "}  // namespace seesaw\n"
+    return _replace(text, KERNEL, namespace_end, PRINT_KERNEL.replace("{print}", print_body) + "\n" + namespace_end)
+
+
+def instrument_launch(text: str) -> str:
+    """decode_launch.cuh with the printing kernel launched after each seesaw decode."""
+    return _replace(text, LAUNCH, LAUNCH_ANCHOR, LAUNCH_TRACED)
 
 
 def main():
-    if len(sys.argv) != 2:
+    args = [a for a in sys.argv[1:] if a != "--pair-waits"]
+    if len(args) != 1 or len(sys.argv) - 1 > 2:
         sys.exit(__doc__)
+    pair_waits = "--pair-waits" in sys.argv[1:]
     root = pathlib.Path(__file__).resolve().parents[1]
-    out = pathlib.Path(sys.argv[1]).resolve()
+    out = pathlib.Path(args[0]).resolve()
     if out.exists():
         shutil.rmtree(out)
     files = subprocess.run(["git", "ls-files"], cwd=root, check=True, capture_output=True, text=True).stdout.split()
     for name in files:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, out / name)
-    kernel = out / KERNEL
-    kernel.write_text(instrument(kernel.read_text()))
-    print(f"instrumented copy in {out}")
+    (out / KERNEL).write_text(instrument((out / KERNEL).read_text(), pair_waits))
+    (out / LAUNCH).write_text(instrument_launch((out / LAUNCH).read_text()))
+    print(f"instrumented copy ({'pair waits' if pair_waits else 'chunk timeline'}) in {out}")
 
 
 if __name__ == "__main__":

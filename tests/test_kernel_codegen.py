@@ -2,13 +2,16 @@
 
 ptxas serializes every wgmma of a kernel (a wait after each one) when it cannot prove that no accumulator is
 touched while a wgmma is in flight, and says so only as `ptxas info` (C7515, C7520, ...). The kernel still
-computes the right answer, much more slowly, and no correctness test notices; two shapes of branches around
-an S issued in the epilogue did exactly that (benchmarks/NOTES.md, "The next chunk's first S behind the
-stores"). Register spills are the same kind of silent loss. This test compiles the bf16 instantiation with the
-build's flags and `ptxas -v`, and fails on either. (The single-softmax kernel spills 16 bytes, as it long has;
-only the default seesaw kernel is held to none.)
+computes the right answer, each wgmma waiting for the one before, and no correctness test notices; two
+shapes of branches around an S issued in the epilogue did exactly that (benchmarks/NOTES.md, "The next
+chunk's first S behind the stores"). Register spills are the same kind of silent loss. This test compiles the
+bf16 instantiation with the build's flags and `ptxas -v`, and fails on either. (The single-softmax kernel
+spills 16 bytes, as it long has; only the default seesaw kernel is held to none.) It does the same for the
+copies scripts/trace_chunk_timeline.py writes, whose records must not change what they measure: a printf in
+the decode kernel serialized it (C7510) until the records moved to a printing kernel of their own.
 """
 
+import importlib.util
 import pathlib
 import re
 import shutil
@@ -29,20 +32,23 @@ def _cutlass_root():
     return root if (root / "include" / "cute" / "tensor.hpp").exists() else None
 
 
-@pytest.fixture(scope="module")
-def ptxas_report(tmp_path_factory):
+def _ptxas_report(src: pathlib.Path, out_dir: pathlib.Path) -> str:
     nvcc, cutlass = shutil.which("nvcc"), _cutlass_root()
     if nvcc is None or cutlass is None:
         pytest.skip("needs nvcc and the nvidia-cutlass wheel (the CUDA build's requirements)")
-    cubin = tmp_path_factory.mktemp("codegen") / "decode_bf16.cubin"
     # The flags of CMakeLists.txt's jfm_kernels target, for sm_90a.
     command = [nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
-               "--use_fast_math", "-lineinfo", f"-I{ROOT / 'src'}", f"-I{cutlass / 'include'}",
-               f"-I{cutlass / 'tools' / 'util' / 'include'}", "-cubin", "-o", str(cubin), "-Xptxas", "-v",
-               str(ROOT / "src" / "kernels" / "decode_bf16.cu")]
+               "--use_fast_math", "-lineinfo", f"-I{src}", f"-I{cutlass / 'include'}",
+               f"-I{cutlass / 'tools' / 'util' / 'include'}", "-cubin", "-o", str(out_dir / "decode_bf16.cubin"),
+               "-Xptxas", "-v", str(src / "kernels" / "decode_bf16.cu")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stderr + result.stdout
+
+
+@pytest.fixture(scope="module")
+def ptxas_report(tmp_path_factory):
+    return _ptxas_report(ROOT / "src", tmp_path_factory.mktemp("codegen"))
 
 
 def _kernels(report: str) -> dict[str, dict]:
@@ -76,3 +82,18 @@ def test_no_decode_kernel_has_its_wgmma_serialized(ptxas_report):
 def test_seesaw_kernel_fits_its_registers_without_spills(ptxas_report):
     (seesaw,) = [info for name, info in _kernels(ptxas_report).items() if "seesaw" in name]
     assert seesaw["spill_stores"] == 0 and seesaw["registers"] <= 255, seesaw
+
+
+@pytest.mark.parametrize("pair_waits", [False, True], ids=["timeline", "pair_waits"])
+def test_traced_copies_keep_the_wgmma_pipelined(tmp_path, pair_waits):
+    spec = importlib.util.spec_from_file_location("trace", ROOT / "scripts" / "trace_chunk_timeline.py")
+    trace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace)
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src", src)
+    kernel, launch = tmp_path / trace.KERNEL, tmp_path / trace.LAUNCH
+    kernel.write_text(trace.instrument(kernel.read_text(), pair_waits))
+    launch.write_text(trace.instrument_launch(launch.read_text()))
+    kernels = _kernels(_ptxas_report(src, tmp_path))
+    (seesaw,) = [info for name, info in kernels.items() if "seesaw" in name and "decode_kernel" in name]
+    assert not [note for note in seesaw["notes"] if SERIALIZED in note], seesaw["notes"]
