@@ -11,9 +11,11 @@ Then, on the GPU machine (scripts/gpu_env.sh sourced):
   python3 -m pip install --no-build-isolation --no-deps --target /tmp/variant_trace OUT_DIR
   PYTHONPATH=/tmp/variant_trace:$PYTHONPATH python3 -m jax_flashmla.bench --batch 512 --seqlen 1024 \\
       --s-q 2 --h-q 128 --causal off --fixed-lengths --no-baseline --iters 2 --repeats 1 --warmup 1 | grep TRACE
-The records are taken on the fourth launch of the decode kernel (a warm one) and go to a global buffer; a
-one-thread kernel launched after each decode prints them once they are complete. The bench's timings of such
-a run mean nothing (2 iterations); compare the records with each other, not with untraced kernel times.
+The records are taken on the fourth launch of the decode kernel (a warm one; -DTRACE_LAUNCH=N in the build's
+CMAKE_CUDA_FLAGS picks another) and go to a global buffer; a one-thread kernel launched after each decode
+prints them once they are complete. The bench's timings of such a run mean nothing (2 iterations); compare
+the records with each other, not with untraced kernel times. The pair-waits records also give the SM clock
+the CTA ran at (clock64 cycles over the global timer's nanoseconds).
 
 Why the printing kernel: a printf inside the decode kernel is a function call, and ptxas then serializes every
 wgmma of the kernel (ptxas info C7510). The timelines of versions 2.3 and 2.4 (benchmarks/NOTES.md) were taken
@@ -35,7 +37,16 @@ LAUNCH = "src/kernels/decode_launch.cuh"
 
 # Shared by both modes: which threads record, on which launch, and the buffer the printing kernel reads.
 PROLOGUE = """\
+#ifndef TRACE_LAUNCH
+#define TRACE_LAUNCH 3  // the launch recorded, counted from 0 (a warm one); build with -DTRACE_LAUNCH=N for another
+#endif
+__device__ __forceinline__ long long trace_ns() {  // the global timer, in ns: with clock64, the SM clock
+  long long ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  return ns;
+}
 static __device__ int g_trace_launches;  // launches of the decode kernel so far (counted by CTA 0)
+static __device__ unsigned long long g_trace_first_ns = ~0ull, g_trace_last_ns;  // the launch's first start, last end
 static __device__ int g_trace_ready;     // records complete: 4 (2 warpgroups x 2 CTAs); 5 once printed
 static __device__ long long g_trace[2][2][8][9];  // [warpgroup][CTA][row][field]
 static __device__ int g_trace_part[2];
@@ -49,7 +60,8 @@ __device__ __forceinline__ int trace_slot() {  // which recorded CTA this is, or
 # its records.
 TAIL_ANCHOR = "  }\n}\n\ntemplate <typename T>\n__global__ void __launch_bounds__(kThreads, 1) decode_kernel("
 TAIL = """  }
-  if (thread == 0 && trace_slot() >= 0 && *(volatile int*)&g_trace_launches == 3) {
+  if (thread == 0 && trace_launch == TRACE_LAUNCH) atomicMax(&g_trace_last_ns, trace_ns());
+  if (thread == 0 && trace_slot() >= 0 && trace_launch == TRACE_LAUNCH) {
     long long(*out)[9] = g_trace[kIsA ? 0 : 1][trace_slot()];
 {store}
     g_trace_part[trace_slot()] = grid_part();
@@ -65,6 +77,8 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel("""
 PRINT_KERNEL = """static __global__ void trace_print_kernel() {
   if (g_trace_ready != 4) return;
   g_trace_ready = 5;
+  printf("TRACE launch %d: from the first CTA's start to the last one's end, %llu us\\n", TRACE_LAUNCH,
+         (g_trace_last_ns - g_trace_first_ns) / 1000);
   for (int w = 0; w < 2; ++w)
     for (int k = 0; k < 2; ++k) {
 {print}
@@ -100,7 +114,7 @@ TIMELINE = [
 TIMELINE_STORE = """\
     for (int k = 0; k < traced && k < 8; ++k) {
       for (int f = 0; f < 7; ++f) out[k][f] = stamps[k][f];
-      out[k][7] = k + 1 < traced ? stamps[k + 1][0] - stamps[k][6] : 0;  // to the next chunk's top
+      out[k][7] = k + 1 < traced && k + 1 < 8 ? stamps[k + 1][0] - stamps[k][6] : 0;  // to the next top
       out[k][8] = chunk_pages[k];
     }
     for (int k = traced; k < 8; ++k) out[k][0] = -1;"""
@@ -141,13 +155,15 @@ PAIR_WAITS_REPLACE = [  # (old, new, count): in the whole kernel
      for name in ("scale0_ready", "scale1_ready", "p0_ready", "p1_ready")]
 PAIR_WAITS_STORE = """\
     out[0][0] = pairs_done, out[0][1] = pair_cycles, out[0][2] = wg.s_wait, out[0][3] = wg.v_wait;
-    out[0][4] = h_wait, out[0][5] = g_wait;"""
+    out[0][4] = h_wait, out[0][5] = g_wait;
+    out[0][6] = clock64() - trace_cycles0, out[0][7] = trace_ns() - trace_ns0;"""
 PAIR_WAITS_PRINT = """\
       const long long* o = g_trace[w][k][0];
       const long long n = o[0] > 0 ? o[0] : 1;
       printf("TRACE %s part %d: %lld pairs, %lld cycles a pair; per pair: S-tile waits %lld, V-tile waits %lld, "
-             "hand-off waits %lld, wgmma waits %lld, rest %lld\\n", w == 0 ? "A" : "B", g_trace_part[k], o[0],
-             o[1] / n, o[2] / n, o[3] / n, o[4] / n, o[5] / n, (o[1] - o[2] - o[3] - o[4] - o[5]) / n);"""
+             "hand-off waits %lld, wgmma waits %lld, rest %lld; SM clock %lld MHz over the CTA's %lld us\\n",
+             w == 0 ? "A" : "B", g_trace_part[k], o[0], o[1] / n, o[2] / n, o[3] / n, o[4] / n, o[5] / n,
+             (o[1] - o[2] - o[3] - o[4] - o[5]) / n, o[7] > 0 ? o[6] * 1000 / o[7] : 0, o[7] / 1000);"""
 
 
 def _insert(text: str, insertions) -> str:
@@ -170,6 +186,13 @@ def instrument(text: str, pair_waits: bool = False) -> str:
     """The seesaw kernel's source with the records of one mode and the kernel that prints them."""
     run_warpgroup = "template <typename T, bool kIsA>\n__device__ __forceinline__ void run_warpgroup("
     text = _replace(text, KERNEL, run_warpgroup, PROLOGUE + run_warpgroup)
+    # Read at the start: CTA 0 counts the launch at its end, which may come before another CTA's end.
+    text = _insert(text, [("  const PartWalk walk(p);\n",
+                           "  const int trace_launch = *(volatile int*)&g_trace_launches;\n"
+                           "  const long long trace_ns0 = trace_ns(), trace_cycles0 = clock64();\n"
+                           "  if (thread == 0 && trace_launch == TRACE_LAUNCH)\n"
+                           "    atomicMin(&g_trace_first_ns, static_cast<unsigned long long>(trace_ns0));\n",
+                           True)])
     if pair_waits:
         text = _insert(text, PAIR_WAITS)
         for old, new, count in PAIR_WAITS_REPLACE:

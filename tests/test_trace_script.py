@@ -43,8 +43,8 @@ def test_records_leave_the_decode_kernel_only_through_the_printing_kernel(pair_w
     script = load_script()
     traced = script.instrument((ROOT / script.KERNEL).read_text(), pair_waits)
     # printf in the decode kernel would make ptxas serialize its wgmma: it lives in trace_print_kernel only.
-    assert traced.count("printf(") == 1
-    assert traced.index("printf(") > traced.index("static __global__ void trace_print_kernel()")
+    printing = traced.index("static __global__ void trace_print_kernel()")
+    assert traced.count("printf(") >= 1 and traced.index("printf(") > printing
     assert traced.count("atomicAdd(&g_trace_launches, 1)") == 1 and traced.count("atomicAdd(&g_trace_ready, 1)") == 1
     launch = script.instrument_launch((ROOT / script.LAUNCH).read_text())
     assert launch.count("seesaw::trace_print_kernel<<<1, 1, 0, stream>>>();") == 1
