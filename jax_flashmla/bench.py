@@ -17,9 +17,11 @@ How each row is timed (wall clock around calls ended by block_until_ready):
                compute all of it.
                kernel_ms = median over repeats of (t(n) - t(1)) / (n - 1), n = --iters: the difference
                cancels dispatch, launch and synchronisation, which are paid once per call.
-               Limits: it still contains the loop's own work per iteration (the one-element update, a tiny
-               kernel of a few microseconds) and the host's cost of launching each iteration's kernels,
-               which is hidden only while the GPU is busier than the host. It is not a profiler's kernel time.
+               Limits: it still contains the loop's own work per iteration (the one-element updates, the
+               combine) and the host's cost of launching each iteration's kernels, which is hidden only while
+               the GPU is busier than the host. It is not a profiler's kernel time. Measured on an H100
+               (benchmarks/NOTES.md), an iteration took 20-110 us more than the decode kernel's own span,
+               more where q and out are large: up to about 14% of a compute-bound row's kernel_ms.
   e2e_ms       median wall time of single jitted calls of metadata + decode: what one call costs from
                Python, dispatch included.
   baseline_ms  `xla_baseline_decode` (gather the pages, einsum, softmax in the input dtype with f32 scores,
