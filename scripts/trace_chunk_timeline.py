@@ -15,7 +15,8 @@ The records are taken on the fourth launch of the decode kernel (a warm one; -DT
 CMAKE_CUDA_FLAGS picks another) and go to a global buffer; a one-thread kernel launched after each decode
 prints them once they are complete. The bench's timings of such a run mean nothing (2 iterations); compare
 the records with each other, not with untraced kernel times. The pair-waits records also give the SM clock
-the CTA ran at (clock64 cycles over the global timer's nanoseconds).
+the CTA ran at (clock64 cycles over the global timer's nanoseconds). Nothing prints unless the grid has at
+least two parts (every bench row has 33 or more).
 
 Why the printing kernel: a printf inside the decode kernel is a function call, and ptxas then serializes every
 wgmma of the kernel (ptxas info C7510). The timelines of versions 2.3 and 2.4 (benchmarks/NOTES.md) were taken
