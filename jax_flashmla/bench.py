@@ -8,24 +8,31 @@ sequence's pages are scattered over the pool by a random permutation (as in Flas
 whose block table is an arange). The pool holds b * s_k * 576 * 2 bytes
 (600 MB at s_k 4096), far more than the H100's 50 MB L2, so each call reads the KV from HBM.
 
-How each row is timed (wall clock around calls ended by block_until_ready):
+How each row is timed:
   kernel_ms    the decode alone, metadata computed once beforehand (as a model does once per step for all
-               its layers). One jitted function runs the decode n times in `lax.fori_loop`; each iteration
-               adds 0 * out[0, 0, 0, 0] to q[0, 0, 0, 0] and to block_table[0, 0], as one layer feeds the
-               next, so XLA can neither merge the calls nor hoist loop-invariant work (such as the
-               baseline's page gather) out of the loop, and `out` is loop-carried so every iteration must
-               compute all of it.
-               kernel_ms = median over repeats of (t(n) - t(1)) / (n - 1), n = --iters: the difference
-               cancels dispatch, launch and synchronisation, which are paid once per call.
-               Limits: it still contains the loop's own work per iteration (the one-element updates, the
-               combine) and the host's cost of launching each iteration's kernels, which is hidden only while
-               the GPU is busier than the host. It is not a profiler's kernel time. Measured on an H100
-               (benchmarks/NOTES.md), an iteration took 20-110 us more than the decode kernel's own span,
-               more where q and out are large: up to about 14% of a compute-bound row's kernel_ms.
+               its layers), as the device ran it: one jitted function runs the decode n = --iters times in
+               `lax.fori_loop`, the decode under jax.named_scope(TIMED_SCOPE); --repeats calls of it run
+               under JAX's profiler (CUPTI), and each decode's time is the span of its kernels on the
+               device timeline, from the split-KV kernel's start to the combine's end
+               (jax_flashmla.device_timing). kernel_ms is the median over the n * repeats decodes: what CUDA
+               events around each call would measure (FlashMLA's benchmark), without launch or dispatch.
+               Where the profiler has no device timeline (CPU runs), kernel_ms is loop_ms instead, and the
+               record's kernel_timing says which it is ("profiler" or "wall-loop").
+  loop_ms      wall clock per decode of that loop: median over repeats of (t(n) - t(1)) / (n - 1), ended
+               by block_until_ready, which cancels dispatch and synchronisation. Each iteration adds
+               0 * out[0, 0, 0, 0] to q[0, 0, 0, 0] and to block_table[0, 0], as one layer feeds the next,
+               so XLA can neither merge the calls nor hoist loop-invariant work (such as the baseline's page
+               gather) out of the loop, and `out` is loop-carried so every iteration must compute all of it.
+               So loop_ms also counts that bookkeeping: on an H100, XLA copies all of q each iteration (about
+               25 us at b 128, s_q 2, h_q 128), 20-110 us in all beyond the decode's own kernels.
   e2e_ms       median wall time of single jitted calls of metadata + decode: what one call costs from
                Python, dispatch included.
   baseline_ms  `xla_baseline_decode` (gather the pages, einsum, softmax in the input dtype with f32 scores,
-               padded to the longest sequence), timed like kernel_ms; speedup = baseline_ms / kernel_ms.
+               padded to the longest sequence), timed like kernel_ms (--baseline-iters decodes a loop), its
+               wall-clock loop time in baseline_loop_ms. On the H100 with jax 0.11 XLA runs that loop's body
+               as one CUDA graph (a command buffer), whose kernels the profiler attributes to the graph, not
+               to the scope: baseline_timing is then "wall-loop", which also counts the loop's own work (about
+               50 us, under 2% of the baseline's time). speedup = baseline_ms / kernel_ms.
 With --layers N > 1 the KV pool is a stack of N layers, as a model keeps it (PagedKVCache.pages), and every
 decode reads the last layer in place (flash_mla_with_kvcache(..., layer=N-1)); the row then also has
   e2e_sliced_ms  e2e_ms of the same call given the layer sliced out, pages[N-1], FlashMLA's one-layer
@@ -60,6 +67,7 @@ import numpy as np
 from . import __version__, kernels_available, why_kernels_unavailable
 from .api import flash_mla_with_kvcache, get_mla_metadata
 from .constants import PAGE_SIZE
+from .device_timing import profile_call_ms
 from .reference import visible_keys
 
 HEAD_DIM = 576
@@ -76,11 +84,15 @@ FULL_H_Q = (16, 64, 128)
 QUICK_SEQLENS = (4096, 16384)
 QUICK_PAIRS = ((1, 16), (2, 128))  # (s_q, h_q): one memory-bound and one compute-bound shape
 MIN_REPORTED_ITERS = 50
+TIMED_SCOPE = "jax_flashmla_timed_decode"  # named scope of the decode in the timing loop (device_timing)
 
-METHOD = ("kernel_ms and baseline_ms: median over repeats of (t(n) - t(1)) / (n - 1), t(k) = wall time of one "
-          "jitted call running the decode k times in lax.fori_loop (each iteration adds 0 * out[0,0,0,0] to "
-          "q[0,0,0,0] and block_table[0,0]; out is loop-carried), ended by block_until_ready; metadata "
-          "precomputed. e2e_ms: median wall time of single jitted metadata + decode calls after warm-up. "
+METHOD = ("kernel_ms and baseline_ms (kernel_timing 'profiler'): median over the n * repeats decodes of "
+          "repeats profiled calls of a jitted lax.fori_loop running the decode n times, each decode's time "
+          "the span of its kernels on the profiler's device timeline (split-KV kernel start to combine end); "
+          "with kernel_timing 'wall-loop' (no device timeline) they are loop_ms and baseline_loop_ms: median "
+          "over repeats of (t(n) - t(1)) / (n - 1), t(k) = wall time of one call of that loop running k "
+          "decodes (each iteration adds 0 * out[0,0,0,0] to q[0,0,0,0] and block_table[0,0]; out is "
+          "loop-carried), ended by block_until_ready; metadata precomputed. e2e_ms: median wall time of single jitted metadata + decode calls after warm-up. "
           "With layers > 1 the decode reads layer layers-1 of a stacked pool in place; e2e_sliced_ms times "
           "the e2e call given that layer sliced out instead.")
 
@@ -261,7 +273,8 @@ def repeat_decode(step, n: int):
     Each iteration adds z = 0 * out[0,0,0,0] to q[0,0,0,0] and table[0,0], as one layer's decode feeds the
     next: the next call depends on this one, so XLA can neither deduplicate it nor hoist loop-invariant work
     such as the baseline's page gather out of the loop (x * 0 is not folded for floats, because of NaN).
-    Updating one element costs a tiny kernel. `out` is carried so that all of it is live every iteration.
+    `out` is carried so that all of it is live every iteration. The step runs under
+    jax.named_scope(TIMED_SCOPE), which is how the profiler's device events are attributed to it.
     """
 
     def run(q, k_cache, table, *rest):
@@ -269,7 +282,8 @@ def repeat_decode(step, n: int):
 
         def body(_, carry):
             q, table, _ = carry
-            out, _ = step(q, k_cache, table, *rest)
+            with jax.named_scope(TIMED_SCOPE):
+                out, _ = step(q, k_cache, table, *rest)
             zero = 0 * out[0, 0, 0, 0]
             return q.at[0, 0, 0, 0].add(zero.astype(q.dtype)), table.at[0, 0].add(zero.astype(table.dtype)), out
 
@@ -291,6 +305,17 @@ def loop_ms(many, one, args, iters: int, repeats: int, warmup: int) -> float:
         _seconds(one, args)
     diffs = [(_seconds(many, args) - _seconds(one, args)) / (iters - 1) for _ in range(repeats)]
     return 1e3 * statistics.median(diffs)
+
+
+def decode_ms(step, args, iters: int, repeats: int, warmup: int) -> tuple[float, float, str]:
+    """(ms per decode, loop_ms, timing) of `step` on `args`: the profiler's device time of each decode
+    (timing "profiler") where there is a device timeline, else loop_ms (timing "wall-loop")."""
+    many = repeat_decode(step, iters).lower(*args).compile()
+    wall = loop_ms(many, repeat_decode(step, 1), args, iters, repeats, warmup)
+    spans = profile_call_ms(many, args, TIMED_SCOPE, iters, repeats)
+    if spans is None:
+        return wall, wall, "wall-loop"
+    return statistics.median(spans), wall, "profiler"
 
 
 def call_ms(fn, args, iters: int, warmup: int) -> float:
@@ -354,9 +379,7 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
     rest = (k_cache, table, seqlens, *metadata)
 
     decode = functools.partial(_decode_with_metadata, causal=config.causal, layer=layer)
-    kernel_one = repeat_decode(decode, 1)
-    kernel_ms = loop_ms(repeat_decode(decode, args.iters), kernel_one, (q, *rest), args.iters, args.repeats,
-                        args.warmup)
+    kernel_ms, kernel_loop_ms, kernel_timing = decode_ms(decode, (q, *rest), args.iters, args.repeats, args.warmup)
     e2e = jax.jit(functools.partial(_decode_end_to_end, causal=config.causal, layer=layer))
     e2e_ms = call_ms(e2e, (q, k_cache, table, seqlens), args.iters, args.warmup)
     e2e_sliced_ms = None
@@ -365,16 +388,16 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
                                                                              causal=config.causal))
         e2e_sliced_ms = call_ms(sliced, (q, k_cache, table, seqlens), args.iters, args.warmup)
 
-    baseline_ms, diff, note = None, None, "skipped (--no-baseline)" if args.no_baseline else ""
+    baseline_ms = baseline_loop_ms = baseline_timing = diff = None
+    note = "skipped (--no-baseline)" if args.no_baseline else ""
     if not args.no_baseline:
         baseline = functools.partial(_baseline_decode, causal=config.causal, layer=layer)
-        baseline_one = repeat_decode(baseline, 1)
         args_b = (q, k_cache, table, seqlens)
         try:
-            baseline_ms = loop_ms(repeat_decode(baseline, args.baseline_iters), baseline_one, args_b,
-                                  args.baseline_iters, args.repeats, args.warmup)
+            baseline_ms, baseline_loop_ms, baseline_timing = decode_ms(baseline, args_b, args.baseline_iters,
+                                                                       args.repeats, args.warmup)
             # The two decodes must agree, or the comparison times something wrong.
-            ours, theirs = kernel_one(q, *rest)[-1], baseline_one(*args_b)[-1]
+            ours, theirs = jax.jit(decode)(q, *rest)[0], jax.jit(baseline)(*args_b)[0]
             diff = float(jnp.max(jnp.abs(ours.astype(jnp.float32) - theirs.astype(jnp.float32))))
         except jax.errors.JaxRuntimeError as err:
             if not _out_of_memory(err):
@@ -393,12 +416,14 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
         "layers": args.layers, "kv_cache_mb": k_cache.size * itemsize / args.layers / 1e6,  # the layer read
         "iters": args.iters, "repeats": args.repeats, "warmup": args.warmup, "baseline_iters": args.baseline_iters,
         "reportable": args.iters >= MIN_REPORTED_ITERS,
-        "kernel_ms": kernel_ms, "e2e_ms": e2e_ms, "e2e_sliced_ms": e2e_sliced_ms,
+        "kernel_ms": kernel_ms, "kernel_timing": kernel_timing, "loop_ms": kernel_loop_ms,
+        "e2e_ms": e2e_ms, "e2e_sliced_ms": e2e_sliced_ms,
         "flops": flops, "bytes": nbytes, "arithmetic_intensity": flops / nbytes,
         "tflops": tflops, "gbps": _per_second(nbytes / 1e9, kernel_ms),
         "roofline_pct": roofline_pct(flops, nbytes, kernel_ms, args.peak_tflops, args.peak_gbps),
         "peak_tflops": args.peak_tflops, "peak_gbps": args.peak_gbps,
-        "baseline_ms": baseline_ms, "baseline_tflops": baseline_tflops,
+        "baseline_ms": baseline_ms, "baseline_timing": baseline_timing, "baseline_loop_ms": baseline_loop_ms,
+        "baseline_tflops": baseline_tflops,
         "speedup": None if baseline_ms is None or kernel_ms <= 0 else baseline_ms / kernel_ms,
         "baseline_max_abs_diff": diff, "baseline_note": note,
     }  # fmt: skip
@@ -459,7 +484,8 @@ def _fmt(value, spec: str) -> str:
 
 TABLE_COLUMNS = [  # (header, record key, format)
     ("b", "batch", "d"), ("s_k", "s_k", "d"), ("s_q", "s_q", "d"), ("h_q", "h_q", "d"), ("h_kv", "h_kv", "d"),
-    ("causal", "causal", "d"), ("kernel ms", "kernel_ms", ".4f"), ("e2e ms", "e2e_ms", ".4f"),
+    ("causal", "causal", "d"), ("kernel ms", "kernel_ms", ".4f"), ("loop ms", "loop_ms", ".4f"),
+    ("e2e ms", "e2e_ms", ".4f"),
     ("sliced e2e ms", "e2e_sliced_ms", ".4f"),
     ("TFLOPS", "tflops", ".3g"), ("GB/s", "gbps", ".1f"), ("% roof", "roofline_pct", ".3g"),
     ("base ms", "baseline_ms", ".4f"), ("speedup", "speedup", ".2f"),
@@ -551,6 +577,9 @@ def main(argv=None) -> int:
     for r in records:
         if r["baseline_note"] == "out of memory":
             print(f"NOTE: {_config_label(r)}: the plain-XLA baseline ran out of memory (baseline_ms null)")
+    for r in records:
+        if env["kernels_used"] and r["kernel_timing"] == "wall-loop":
+            print(f"NOTE: {_config_label(r)}: the profiler could not time each decode; kernel_ms is loop_ms")
     small = [r for r in records if r["kv_cache_mb"] * 1e6 < 2 * L2_BYTES]
     if env["platform"] == "gpu" and small:
         print(f"NOTE: {len(small)} rows have a KV pool under 2x the 50 MB L2; their times may be cache-resident")

@@ -20,7 +20,8 @@ TINY = ["--batch", "2", "--seqlen", "512", "--iters", "5", "--warmup", "1", "--r
 FIELDS = {"device_kind", "platform", "kernels_available", "kernels_used", "jax_version", "jaxlib_version",
           "jax_flashmla_version", "date_utc", "method", "batch", "s_k", "s_q", "h_q", "h_kv", "causal", "dtype",
           "mean_len", "kernel_ms", "e2e_ms", "flops", "bytes", "tflops", "gbps", "roofline_pct", "baseline_ms",
-          "speedup", "reportable", "baseline_iters"}  # fmt: skip
+          "speedup", "reportable", "baseline_iters", "kernel_timing", "loop_ms", "baseline_timing",
+          "baseline_loop_ms"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,11 @@ def test_writes_json_and_csv_with_every_field(run):
         assert r["kernels_used"] is (r["platform"] == "gpu" and r["kernels_available"])
         assert r["reportable"] is False  # --iters 3
         assert 2 <= r["min_len"] <= r["mean_len"] <= r["max_len"] <= 1024  # clipped to [s_q, 2 s_k]
+        # A GPU run with kernels reads each call's time off the profiler's device timeline; elsewhere there is
+        # none, and the time is the wall-clock loop's.
+        assert r["kernel_timing"] == ("profiler" if r["kernels_used"] else "wall-loop")
+        if r["kernel_timing"] == "wall-loop":
+            assert r["kernel_ms"] == r["loop_ms"]
 
 
 def test_times_are_positive_and_metrics_follow_the_formulas(run):

@@ -1,0 +1,75 @@
+"""Device time of each call of a scoped computation inside a jitted loop, read from JAX's profiler.
+
+The bench runs a decode n times in a `fori_loop`, the decode under `jax.named_scope(scope)`. A wall clock
+around the loop also counts the loop's own work between decodes (on an H100 a full-size copy of q each
+iteration, about 25 us, 5% of a compute-bound row). Here the loop runs under the profiler instead (CUPTI on
+GPUs); each device event carries the HLO instruction that launched it (its `hlo_op` stat), and the compiled
+HLO's op_name metadata says which instructions lie in the scope. One decode is a maximal run of in-scope
+events in start order, and its time is that run's span, first start to last end: the split-KV kernel, the
+gap before the combine and the combine, what CUDA events around the call would measure.
+
+Without device events (on CPU) there is nothing to read: `profile_call_ms` returns None and the caller keeps
+its wall-clock time.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import jax
+from jax.profiler import ProfileData
+
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"', re.MULTILINE)
+
+
+def scoped_instructions(hlo_text: str, scope: str) -> set[str]:
+    """Names of the instructions of a compiled HLO module whose op_name runs through named scope `scope`."""
+    return {name for name, op_name in _INSTRUCTION.findall(hlo_text) if scope in op_name.split("/")}
+
+
+def scoped_call_spans_ns(profile: ProfileData, instructions: set[str]) -> list[float]:
+    """Span (ns) of each maximal run of device events launched by `instructions`, per GPU, in start order
+    over all of that GPU's streams; any other device event ends a run."""
+    spans = []
+    for plane in profile.planes:
+        if not plane.name.startswith("/device:GPU:"):
+            continue
+        events = sorted((event.start_ns, event.start_ns + event.duration_ns,
+                         dict(event.stats).get("hlo_op") in instructions)
+                        for line in plane.lines for event in line.events)
+        run = None  # (first start, last end) of the current run of in-scope events
+        for start, end, in_scope in events:
+            if in_scope:
+                run = (start, end) if run is None else (run[0], max(run[1], end))
+            elif run is not None:
+                spans.append(run[1] - run[0])
+                run = None
+        if run is not None:
+            spans.append(run[1] - run[0])
+    return spans
+
+
+def profile_call_ms(compiled, args, scope: str, calls_per_run: int, runs: int) -> list[float] | None:
+    """Per-call ms of the `scope` computation, from `runs` profiled runs of `compiled` (a
+    `jax.stages.Compiled` that calls it `calls_per_run` times) on `args`; None when the trace holds no GPU
+    events, or when their runs do not number runs * calls_per_run (the scope's kernels interleaved with
+    others, so that calls cannot be told apart)."""
+    instructions = scoped_instructions(compiled.as_text(), scope)
+    if not instructions:
+        return None
+    with tempfile.TemporaryDirectory() as log_dir:
+        jax.profiler.start_trace(log_dir)
+        try:
+            for _ in range(runs):
+                jax.block_until_ready(compiled(*args))
+        finally:
+            jax.profiler.stop_trace()
+        traces = sorted(Path(log_dir).glob("plugins/profile/*/*.xplane.pb"))
+        if not traces:
+            return None
+        spans = scoped_call_spans_ns(ProfileData.from_file(str(traces[-1])), instructions)
+    if len(spans) != runs * calls_per_run:
+        return None
+    return [span / 1e6 for span in spans]
