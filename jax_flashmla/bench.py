@@ -25,6 +25,9 @@ How each row is timed:
                gather) out of the loop, and `out` is loop-carried so every iteration must compute all of it.
                So loop_ms also counts that bookkeeping: on an H100, XLA copies all of q each iteration (about
                25 us at b 128, s_q 2, h_q 128), 20-110 us in all beyond the decode's own kernels.
+               loop_ms is taken just before kernel_ms: on the compute-bound rows, which run the H100 at its
+               700 W cap, the clock drifts between the two, and on 2026-11-23 kernel_ms came out anywhere
+               from 6% below to 4% above loop_ms (benchmarks/RESULTS.md).
   e2e_ms       median wall time of single jitted calls of metadata + decode: what one call costs from
                Python, dispatch included.
   baseline_ms  `xla_baseline_decode` (gather the pages, einsum, softmax in the input dtype with f32 scores,

@@ -1,8 +1,10 @@
-"""The shell scripts that only run on the lent GPU machine at least parse, so a slip in one fails here, on CPU,
+"""The scripts that only run on the lent GPU machine at least parse, so a slip in one fails here, on CPU,
 instead of costing a device call."""
 
+import os
 import pathlib
 import subprocess
+import sys
 
 import pytest
 
@@ -17,3 +19,13 @@ def test_there_are_scripts():
 def test_script_parses(script):
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_flashmla_ab_script_starts():
+    """scripts/flashmla_ab.py imports torch and FlashMLA only once it runs: its --help works anywhere."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, str(root / "scripts" / "flashmla_ab.py"), "--help"], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "FLASHMLA_DIR" in result.stdout or "flashmla_dir" in result.stdout
