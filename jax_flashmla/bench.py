@@ -89,15 +89,15 @@ QUICK_PAIRS = ((1, 16), (2, 128))  # (s_q, h_q): one memory-bound and one comput
 MIN_REPORTED_ITERS = 50
 TIMED_SCOPE = "jax_flashmla_timed_decode"  # named scope of the decode in the timing loop (device_timing)
 
-METHOD = ("kernel_ms and baseline_ms (kernel_timing 'profiler'): median over the n * repeats decodes of "
-          "repeats profiled calls of a jitted lax.fori_loop running the decode n times, each decode's time "
-          "the span of its kernels on the profiler's device timeline (split-KV kernel start to combine end); "
-          "with kernel_timing 'wall-loop' (no device timeline) they are loop_ms and baseline_loop_ms: median "
-          "over repeats of (t(n) - t(1)) / (n - 1), t(k) = wall time of one call of that loop running k "
+METHOD = ("kernel_ms (baseline_ms) where kernel_timing (baseline_timing) is 'profiler': median over the "
+          "n * repeats decodes of repeats profiled calls of a jitted lax.fori_loop running the decode n times, "
+          "each decode's time the span of its kernels on the profiler's device timeline (split-KV kernel start "
+          "to combine end). Where it is 'wall-loop' (no per-decode device events): loop_ms (baseline_loop_ms), "
+          "median over repeats of (t(n) - t(1)) / (n - 1), t(k) = wall time of one call of that loop running k "
           "decodes (each iteration adds 0 * out[0,0,0,0] to q[0,0,0,0] and block_table[0,0]; out is "
-          "loop-carried), ended by block_until_ready; metadata precomputed. e2e_ms: median wall time of single jitted metadata + decode calls after warm-up. "
-          "With layers > 1 the decode reads layer layers-1 of a stacked pool in place; e2e_sliced_ms times "
-          "the e2e call given that layer sliced out instead.")
+          "loop-carried), ended by block_until_ready. Metadata precomputed. e2e_ms: median wall time of single "
+          "jitted metadata + decode calls after warm-up. With layers > 1 the decode reads layer layers-1 of a "
+          "stacked pool in place; e2e_sliced_ms times the e2e call given that layer sliced out instead.")
 
 
 @dataclasses.dataclass(frozen=True)

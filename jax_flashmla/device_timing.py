@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -53,14 +54,18 @@ def scoped_call_spans_ns(profile: ProfileData, instructions: set[str]) -> list[f
 
 def profile_call_ms(compiled, args, scope: str, calls_per_run: int, runs: int) -> list[float] | None:
     """Per-call ms of the `scope` computation, from `runs` profiled runs of `compiled` (a
-    `jax.stages.Compiled` that calls it `calls_per_run` times) on `args`; None when the trace holds no GPU
-    events, or when their runs do not number runs * calls_per_run (the scope's kernels interleaved with
+    `jax.stages.Compiled` that calls it `calls_per_run` times) on `args`; None when the profiler cannot start
+    (with a warning), when the trace holds no GPU events, or when their runs do not number runs * calls_per_run (the scope's kernels interleaved with
     others, so that calls cannot be told apart)."""
     instructions = scoped_instructions(compiled.as_text(), scope)
     if not instructions:
         return None
     with tempfile.TemporaryDirectory() as log_dir:
-        jax.profiler.start_trace(log_dir)
+        try:
+            jax.profiler.start_trace(log_dir)
+        except Exception as err:  # another profiler holds the device (Nsight Compute, a trace in progress)
+            warnings.warn(f"JAX's profiler did not start ({err}); no per-call device times", stacklevel=2)
+            return None
         try:
             for _ in range(runs):
                 jax.block_until_ready(compiled(*args))

@@ -77,6 +77,16 @@ def test_without_device_events_there_is_no_profiled_time():
     assert device_timing.profile_call_ms(compiled, (jnp.ones((64, 64)),), SCOPE, 3, 2) is None
 
 
+def test_a_busy_profiler_gives_no_profiled_time_and_a_warning(tmp_path):
+    compiled = _tiny_timed_loop(2)
+    jax.profiler.start_trace(str(tmp_path))  # as Nsight Compute or a user's own trace would hold it
+    try:
+        with pytest.warns(UserWarning, match="did not start"):
+            assert device_timing.profile_call_ms(compiled, (jnp.ones((64, 64)),), SCOPE, 2, 1) is None
+    finally:
+        jax.profiler.stop_trace()
+
+
 @pytest.mark.gpu
 def test_profiled_decode_gives_one_positive_span_per_call_within_the_loop_time():
     config = bench.RowConfig(8, 1024, 2, 128, 1, False, "bfloat16")
