@@ -310,11 +310,12 @@ def loop_ms(many, one, args, iters: int, repeats: int, warmup: int) -> float:
     return 1e3 * statistics.median(diffs)
 
 
-def decode_ms(step, args, iters: int, repeats: int, warmup: int) -> tuple[float, float, str]:
-    """(ms per decode, loop_ms, timing) of `step` on `args`: the profiler's device time of each decode
-    (timing "profiler") where there is a device timeline, else loop_ms (timing "wall-loop")."""
+def decode_ms(step, one, args, iters: int, repeats: int, warmup: int) -> tuple[float, float, str]:
+    """(ms per decode, loop_ms, timing) of `step` on `args`, `one` its repeat_decode(step, 1): the profiler's
+    device time of each decode (timing "profiler") where there is a device timeline, else loop_ms (timing
+    "wall-loop")."""
     many = repeat_decode(step, iters).lower(*args).compile()
-    wall = loop_ms(many, repeat_decode(step, 1), args, iters, repeats, warmup)
+    wall = loop_ms(many, one, args, iters, repeats, warmup)
     spans = profile_call_ms(many, args, TIMED_SCOPE, iters, repeats)
     if spans is None:
         return wall, wall, "wall-loop"
@@ -382,7 +383,9 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
     rest = (k_cache, table, seqlens, *metadata)
 
     decode = functools.partial(_decode_with_metadata, causal=config.causal, layer=layer)
-    kernel_ms, kernel_loop_ms, kernel_timing = decode_ms(decode, (q, *rest), args.iters, args.repeats, args.warmup)
+    kernel_one = repeat_decode(decode, 1)
+    kernel_ms, kernel_loop_ms, kernel_timing = decode_ms(decode, kernel_one, (q, *rest), args.iters, args.repeats,
+                                                         args.warmup)
     e2e = jax.jit(functools.partial(_decode_end_to_end, causal=config.causal, layer=layer))
     e2e_ms = call_ms(e2e, (q, k_cache, table, seqlens), args.iters, args.warmup)
     e2e_sliced_ms = None
@@ -395,12 +398,13 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
     note = "skipped (--no-baseline)" if args.no_baseline else ""
     if not args.no_baseline:
         baseline = functools.partial(_baseline_decode, causal=config.causal, layer=layer)
+        baseline_one = repeat_decode(baseline, 1)
         args_b = (q, k_cache, table, seqlens)
         try:
-            baseline_ms, baseline_loop_ms, baseline_timing = decode_ms(baseline, args_b, args.baseline_iters,
-                                                                       args.repeats, args.warmup)
+            baseline_ms, baseline_loop_ms, baseline_timing = decode_ms(baseline, baseline_one, args_b,
+                                                                       args.baseline_iters, args.repeats, args.warmup)
             # The two decodes must agree, or the comparison times something wrong.
-            ours, theirs = jax.jit(decode)(q, *rest)[0], jax.jit(baseline)(*args_b)[0]
+            ours, theirs = kernel_one(q, *rest)[-1], baseline_one(*args_b)[-1]
             diff = float(jnp.max(jnp.abs(ours.astype(jnp.float32) - theirs.astype(jnp.float32))))
         except jax.errors.JaxRuntimeError as err:
             if not _out_of_memory(err):
@@ -580,7 +584,6 @@ def main(argv=None) -> int:
     for r in records:
         if r["baseline_note"] == "out of memory":
             print(f"NOTE: {_config_label(r)}: the plain-XLA baseline ran out of memory (baseline_ms null)")
-    for r in records:
         if env["kernels_used"] and r["kernel_timing"] == "wall-loop":
             print(f"NOTE: {_config_label(r)}: the profiler could not time each decode; kernel_ms is loop_ms")
     small = [r for r in records if r["kv_cache_mb"] * 1e6 < 2 * L2_BYTES]

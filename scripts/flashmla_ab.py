@@ -125,7 +125,7 @@ def main(argv=None) -> int:
                     theirs_ms.append(statistics.median(start.elapsed_time(end) for start, end in events))
                     clocks.append({"jax_flashmla": ours_clock, "flashmla": clock_and_power()})
 
-                flops, nbytes = bench.flops_and_bytes(128, s_q, h_q, 1, float(lengths.mean()))
+                flops, nbytes = bench.flops_and_bytes(config.batch, s_q, h_q, 1, float(lengths.mean()))
                 ours, theirs = statistics.median(ours_ms), statistics.median(theirs_ms)
                 record = {**dataclasses.asdict(config), "mean_len": float(lengths.mean()),
                           "jax_flashmla_ms": ours, "flashmla_ms": theirs, "time_ratio": ours / theirs,

@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import pathlib
 
 import jax
 import pytest
@@ -30,3 +32,13 @@ def rng_seed():
     seed = int(os.environ.get("JFM_SEED", int.from_bytes(os.urandom(4), "little")))
     print(f"\njax_flashmla test seed: JFM_SEED={seed}")
     return seed
+
+
+@pytest.fixture(scope="session")
+def trace_script():
+    """scripts/trace_chunk_timeline.py as a module (scripts/ is not a package)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "trace_chunk_timeline.py"
+    spec = importlib.util.spec_from_file_location("trace_chunk_timeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

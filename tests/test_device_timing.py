@@ -94,8 +94,8 @@ def test_profiled_decode_gives_one_positive_span_per_call_within_the_loop_time()
     q, k_cache, table, seqlens = bench.make_inputs(jax.random.key(1), lengths, config)
     metadata = bench.get_mla_metadata(seqlens, config.s_q * config.h_q, 1)
     step = functools.partial(bench._decode_with_metadata, causal=False, layer=None)
-    ms, loop_ms, timing = bench.decode_ms(step, (q, k_cache, table, seqlens, *metadata), iters=10, repeats=3,
-                                          warmup=1)
+    ms, loop_ms, timing = bench.decode_ms(step, bench.repeat_decode(step, 1), (q, k_cache, table, seqlens, *metadata),
+                                          iters=10, repeats=3, warmup=1)
     assert timing == "profiler"
     spans = device_timing.profile_call_ms(bench.repeat_decode(step, 10).lower(q, k_cache, table, seqlens,
                                                                               *metadata).compile(),

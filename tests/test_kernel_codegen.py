@@ -11,7 +11,6 @@ copies scripts/trace_chunk_timeline.py writes, whose records must not change wha
 the decode kernel serialized it (C7510) until the records moved to a printing kernel of their own.
 """
 
-import importlib.util
 import pathlib
 import re
 import shutil
@@ -85,15 +84,12 @@ def test_seesaw_kernel_fits_its_registers_without_spills(ptxas_report):
 
 
 @pytest.mark.parametrize("pair_waits", [False, True], ids=["timeline", "pair_waits"])
-def test_traced_copies_keep_the_wgmma_pipelined(tmp_path, pair_waits):
-    spec = importlib.util.spec_from_file_location("trace", ROOT / "scripts" / "trace_chunk_timeline.py")
-    trace = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trace)
+def test_traced_copies_keep_the_wgmma_pipelined(tmp_path, pair_waits, trace_script):
     src = tmp_path / "src"
     shutil.copytree(ROOT / "src", src)
-    kernel, launch = tmp_path / trace.KERNEL, tmp_path / trace.LAUNCH
-    kernel.write_text(trace.instrument(kernel.read_text(), pair_waits))
-    launch.write_text(trace.instrument_launch(launch.read_text()))
+    kernel, launch = tmp_path / trace_script.KERNEL, tmp_path / trace_script.LAUNCH
+    kernel.write_text(trace_script.instrument(kernel.read_text(), pair_waits))
+    launch.write_text(trace_script.instrument_launch(launch.read_text()))
     kernels = _kernels(_ptxas_report(src, tmp_path))
     (seesaw,) = [info for name, info in kernels.items() if "seesaw" in name and "decode_kernel" in name]
     assert not [note for note in seesaw["notes"] if SERIALIZED in note], seesaw["notes"]

@@ -2,7 +2,6 @@
 so an edit of the kernel that would break the tracing tool fails here, on CPU, rather than on the GPU machine.
 (tests/test_kernel_codegen.py compiles the traced copies.)"""
 
-import importlib.util
 import pathlib
 
 import pytest
@@ -10,16 +9,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("trace_chunk_timeline", ROOT / "scripts" / "trace_chunk_timeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_every_stamp_lands_once_in_the_kernel():
-    script = load_script()
-    traced = script.instrument((ROOT / script.KERNEL).read_text())
+def test_every_stamp_lands_once_in_the_kernel(trace_script):
+    traced = trace_script.instrument((ROOT / trace_script.KERNEL).read_text())
     for k in range(7):
         assert traced.count(f"    STAMP({k})\n") == 1
     # The stamps follow the chunk's order: loop top, loads issued, Q landed, first S, pairs, sums, epilogue.
@@ -27,10 +18,9 @@ def test_every_stamp_lands_once_in_the_kernel():
     assert positions == sorted(positions)
 
 
-def test_pair_waits_wrap_every_wait_of_the_pair_loop():
-    script = load_script()
-    kernel = (ROOT / script.KERNEL).read_text()
-    traced = script.instrument(kernel, pair_waits=True)
+def test_pair_waits_wrap_every_wait_of_the_pair_loop(trace_script):
+    kernel = (ROOT / trace_script.KERNEL).read_text()
+    traced = trace_script.instrument(kernel, pair_waits=True)
     assert traced.count("TRACED_ACQUIRE(s.") == 4 and traced.count("s_wait += clock64() - t0;") == 2
     loop = traced[traced.index("    for (int i = 0; i < n_tiles; i += 2) {"):traced.index("pair_cycles += clock64()")]
     assert "warpgroup_wait<" not in loop and loop.count("TRACED_WAIT(") == kernel[
@@ -39,12 +29,11 @@ def test_pair_waits_wrap_every_wait_of_the_pair_loop():
 
 
 @pytest.mark.parametrize("pair_waits", [False, True])
-def test_records_leave_the_decode_kernel_only_through_the_printing_kernel(pair_waits):
-    script = load_script()
-    traced = script.instrument((ROOT / script.KERNEL).read_text(), pair_waits)
+def test_records_leave_the_decode_kernel_only_through_the_printing_kernel(trace_script, pair_waits):
+    traced = trace_script.instrument((ROOT / trace_script.KERNEL).read_text(), pair_waits)
     # printf in the decode kernel would make ptxas serialize its wgmma: it lives in trace_print_kernel only.
     printing = traced.index("static __global__ void trace_print_kernel()")
     assert traced.count("printf(") >= 1 and traced.index("printf(") > printing
     assert traced.count("atomicAdd(&g_trace_launches, 1)") == 1 and traced.count("atomicAdd(&g_trace_ready, 1)") == 1
-    launch = script.instrument_launch((ROOT / script.LAUNCH).read_text())
+    launch = trace_script.instrument_launch((ROOT / trace_script.LAUNCH).read_text())
     assert launch.count("seesaw::trace_print_kernel<<<1, 1, 0, stream>>>();") == 1
