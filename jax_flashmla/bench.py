@@ -6,7 +6,7 @@ h_q in {16, 64, 128}, causal off and on (on only where s_q > 1). Inputs are made
 sequence's pages are scattered over the pool by a random permutation (as in FlashMLA's tests), or, with
 --page-order contiguous, laid out in order, one sequence after the other (as in FlashMLA's benchmark script,
 whose block table is an arange). The pool holds b * s_k * 576 * 2 bytes
-(600 MB at s_k 4096), far more than the H100's 50 MB L2, so each call reads the KV from HBM.
+(600 MB at s_k 4096), far more than a Hopper GPU's 50-60 MB L2, so each call reads the KV from HBM.
 
 How each row is timed:
   kernel_ms    the decode alone, metadata computed once beforehand (as a model does once per step for all
@@ -42,7 +42,9 @@ decode reads the last layer in place (flash_mla_with_kvcache(..., layer=N-1)); t
                k_cache: what slicing adds to a call, if XLA copies the slice (jax 0.11 does not).
 Throughput uses FlashMLA's formulas with L the mean length: FLOPs = b h_q s_q (2 d L + 2 dv L),
 bytes = b (s_q h_q d + L h_kv d + s_q h_q dv) * 2 (bytes per element). "% roofline" is the time floor
-max(FLOPs / peak FLOP/s, bytes / peak bytes/s) over kernel_ms, with H100 SXM datasheet peaks by default.
+max(FLOPs / peak FLOP/s, bytes / peak bytes/s) over kernel_ms, with the datasheet peaks of the GPU JAX sees
+(KNOWN_GPUS, matched by its device kind: H100 SXM or PCIe, H800, H200, H20), those of an H100 SXM for any other
+device, or --peak-tflops / --peak-gbps.
 
 Without a GPU (or without the built kernels) the decode runs the pure-JAX reference; the output says so, and
 those numbers are not kernel numbers. Writes results.csv, results.json and, with matplotlib, roofline.png.
@@ -77,9 +79,42 @@ HEAD_DIM = 576
 HEAD_DIM_V = 512
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PAGE_ORDERS = ("scattered", "contiguous")
-H100_PEAK_TFLOPS = 989.0  # dense bf16 tensor-core peak, H100 SXM datasheet
-H100_PEAK_GBPS = 3350.0  # HBM3 bandwidth, H100 SXM datasheet
-L2_BYTES = 50e6  # H100 L2; a smaller KV pool would be timed out of cache
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuPeaks:
+    """Datasheet roofs of one GPU model: dense bf16 tensor-core TFLOP/s, HBM GB/s, and its L2 (a smaller KV pool
+    would be timed out of cache)."""
+    name: str
+    tflops: float
+    gbps: float
+    l2_bytes: float
+
+
+H100_SXM = GpuPeaks("H100 SXM", 989.0, 3350.0, 50e6)
+# Vendor datasheet figures (dense bf16: half the "with sparsity" number). Matched in order against the device
+# kind JAX reports ("NVIDIA H100 80GB HBM3", "NVIDIA H200", ...): the first entry whose every word appears in it
+# wins, so the PCIe and NVL parts come before their SXM siblings.
+KNOWN_GPUS = (
+    ("H100 PCIe", GpuPeaks("H100 PCIe", 756.0, 2000.0, 50e6)),
+    ("H800 PCIe", GpuPeaks("H800 PCIe", 756.0, 2000.0, 50e6)),
+    ("H100 NVL", GpuPeaks("H100 NVL", 835.0, 3900.0, 50e6)),
+    ("H100", H100_SXM),
+    ("H800", GpuPeaks("H800 SXM", 989.0, 3350.0, 50e6)),
+    ("H200 NVL", GpuPeaks("H200 NVL", 835.0, 4800.0, 60e6)),
+    ("H200", GpuPeaks("H200 SXM", 989.0, 4800.0, 60e6)),
+    ("H20", GpuPeaks("H20", 148.0, 4000.0, 60e6)),
+)
+
+
+def gpu_peaks(device_kind: str) -> GpuPeaks | None:
+    """The datasheet roofs of the GPU named `device_kind`, or None for a device not in KNOWN_GPUS."""
+    words = set(device_kind.upper().replace("-", " ").split())
+    for pattern, peaks in KNOWN_GPUS:
+        if set(pattern.upper().split()) <= words:
+            return peaks
+    return None
+
 
 FULL_SEQLENS = (4096, 8192, 16384, 32768)
 FULL_S_Q = (1, 2)
@@ -157,10 +192,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decodes per timed loop of the plain-XLA baseline (default 10: it is 10-100x slower, and "
                    "long rows would otherwise take minutes)")
     t.add_argument("--no-baseline", action="store_true", help="skip the plain-XLA baseline")
-    t.add_argument("--peak-tflops", type=float, default=H100_PEAK_TFLOPS,
-                   help=f"compute roof in TFLOP/s (default {H100_PEAK_TFLOPS:g}, H100 SXM bf16)")
-    t.add_argument("--peak-gbps", type=float, default=H100_PEAK_GBPS,
-                   help=f"memory roof in GB/s (default {H100_PEAK_GBPS:g}, H100 SXM HBM3)")
+    t.add_argument("--peak-tflops", type=float, default=None,
+                   help="compute roof in TFLOP/s (default: the datasheet bf16 peak of the GPU JAX sees, "
+                   f"{H100_SXM.tflops:g} for an H100 SXM or an unknown device)")
+    t.add_argument("--peak-gbps", type=float, default=None,
+                   help="memory roof in GB/s (default: the datasheet HBM bandwidth of the GPU JAX sees, "
+                   f"{H100_SXM.gbps:g} for an H100 SXM or an unknown device)")
     t.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default bench_out/)")
     args = p.parse_args(argv)
 
@@ -186,9 +223,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--s-q values must be at most 2 x the smallest --seqlen (lengths are clipped to [s_q, 2 s_k])")
     if any(h_q % args.h_kv for _, h_q in args.pairs):
         p.error(f"--h-q values must be multiples of --h-kv {args.h_kv}")
-    if not (args.peak_tflops > 0 and args.peak_gbps > 0):
+    if any(peak is not None and not peak > 0 for peak in (args.peak_tflops, args.peak_gbps)):
         p.error("--peak-tflops and --peak-gbps must be > 0")
     return args
+
+
+def resolve_peaks(args: argparse.Namespace, device_kind: str) -> str:
+    """Fills the roofs the command line left unset from the datasheet of the GPU named `device_kind` (an H100
+    SXM's when it is not in KNOWN_GPUS) and sets args.l2_bytes; returns a line saying where they came from."""
+    known = gpu_peaks(device_kind)
+    peaks = known or H100_SXM
+    from_flags = [name for name in ("peak_tflops", "peak_gbps") if getattr(args, name) is not None]
+    if args.peak_tflops is None:
+        args.peak_tflops = peaks.tflops
+    if args.peak_gbps is None:
+        args.peak_gbps = peaks.gbps
+    args.l2_bytes = peaks.l2_bytes
+    source = f"{peaks.name} datasheet" if known else f"not a known GPU ({device_kind}): {peaks.name} datasheet"
+    if from_flags:
+        source += ", except " + " and ".join("--" + name.replace("_", "-") for name in from_flags)
+    return f"roofs: {args.peak_tflops:g} TFLOP/s, {args.peak_gbps:g} GB/s ({source})"
 
 
 def build_grid(args: argparse.Namespace) -> list[RowConfig]:
@@ -565,7 +619,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     env = environment()
     rows = build_grid(args)
+    peaks_note = resolve_peaks(args, env["device_kind"])
     print(f"jax {env['jax_version']}, jax_flashmla {env['jax_flashmla_version']}; {backend_note(env)}")
+    print(peaks_note)
     print(f"{len(rows)} rows, {args.dtype}, {args.iters} iters x {args.repeats} repeats, warm-up {args.warmup}")
     if args.iters < MIN_REPORTED_ITERS:
         print(f"NOTE: --iters {args.iters} < {MIN_REPORTED_ITERS}: records are marked reportable=false")
@@ -586,9 +642,10 @@ def main(argv=None) -> int:
             print(f"NOTE: {_config_label(r)}: the plain-XLA baseline ran out of memory (baseline_ms null)")
         if env["kernels_used"] and r["kernel_timing"] == "wall-loop":
             print(f"NOTE: {_config_label(r)}: the profiler could not time each decode; kernel_ms is loop_ms")
-    small = [r for r in records if r["kv_cache_mb"] * 1e6 < 2 * L2_BYTES]
+    small = [r for r in records if r["kv_cache_mb"] * 1e6 < 2 * args.l2_bytes]
     if env["platform"] == "gpu" and small:
-        print(f"NOTE: {len(small)} rows have a KV pool under 2x the 50 MB L2; their times may be cache-resident")
+        print(f"NOTE: {len(small)} rows have a KV pool under 2x the {args.l2_bytes / 1e6:g} MB L2; their times may "
+              "be cache-resident")
     write_results(records, args.out)
     written = ["results.csv", "results.json"]
     if plot_roofline(records, args.out / "roofline.png"):

@@ -181,3 +181,27 @@ def test_cli_rejects_bad_flags(flags):
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(flags)
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("device_kind, name", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H800", "H800 SXM"), ("NVIDIA H800 PCIe", "H800 PCIe"), ("NVIDIA H200", "H200 SXM"),
+    ("NVIDIA H200 NVL", "H200 NVL"), ("NVIDIA H20", "H20"), ("NVIDIA A100-SXM4-80GB", None),
+])  # fmt: skip
+def test_gpu_peaks_by_device_kind(device_kind, name):
+    peaks = bench.gpu_peaks(device_kind)
+    assert (peaks and peaks.name) == name
+
+
+def test_roofs_follow_the_gpu_unless_given():
+    args = bench.parse_args(["--quick"])
+    note = bench.resolve_peaks(args, "NVIDIA H200")
+    assert (args.peak_tflops, args.peak_gbps, args.l2_bytes) == (989.0, 4800.0, 60e6) and "H200 SXM" in note
+
+    args = bench.parse_args(["--quick", "--peak-gbps", "4000"])
+    note = bench.resolve_peaks(args, "NVIDIA H200")
+    assert (args.peak_tflops, args.peak_gbps) == (989.0, 4000.0) and "except --peak-gbps" in note
+
+    args = bench.parse_args(["--quick"])  # a CPU or an unknown GPU: an H100 SXM's roofs, and the output says so
+    note = bench.resolve_peaks(args, "cpu")
+    assert (args.peak_tflops, args.peak_gbps, args.l2_bytes) == (989.0, 3350.0, 50e6) and "not a known GPU" in note
