@@ -1,7 +1,8 @@
 """jax_flashmla's decode against FlashMLA's SM90 dense decode: same GPU, same inputs, alternating blocks of calls.
 
 Usage (on a Hopper GPU with PyTorch, after jax_flashmla is built):
-    python3 scripts/flashmla_ab.py FLASHMLA_DIR [--seqlen 4096,16384] [--iters 50] [--rounds 3] [--out DIR]
+    python3 scripts/flashmla_ab.py FLASHMLA_DIR [--seqlen 4096,16384] [--pairs 1x16,2x128] [--iters 50] [--rounds 3]
+                                   [--out DIR] [--profile-launches N]
   FLASHMLA_DIR  a checkout of github.com/deepseek-ai/FlashMLA (its csrc/ is enough; the layout of commit 9241ae3,
                 2025-2026). Its SM90 dense decode, combine and scheduler kernels are compiled with
                 torch.utils.cpp_extension (flags of its setup.py, SM90 only, bf16 only) against the CUTLASS
@@ -15,6 +16,12 @@ split-KV start to combine end on the device timeline), then --iters back-to-back
 two CUDA events (its split-KV kernel and combine). Alternating blocks gives both the same clocks and temperature
 as far as possible; the SM clock and board power after each block are printed (NVML).
 Both medians are rates by FlashMLA's formulas. Writes DIR/flashmla_ab.json.
+
+With --profile-launches N nothing is timed and no JSON is written: after the comparison (one decode each) each
+side decodes each row N more times, for a profiler wrapped around the script, e.g. the two kernels side by side
+under Nsight Compute:
+    ncu --clock-control none -k regex:"decode_kernel|combine|flash_fwd" --metrics ... \
+        python3 scripts/flashmla_ab.py FLASHMLA_DIR --seqlen 16384 --profile-launches 2
 """
 
 from __future__ import annotations
@@ -66,11 +73,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="scripts/flashmla_ab.py", description=__doc__.split("\n")[0])
     p.add_argument("flashmla_dir", type=Path)
     p.add_argument("--seqlen", default="4096,8192,16384,32768", help="mean lengths s_k (default FlashMLA's four)")
+    p.add_argument("--pairs", default="1x16,2x128",
+                   help="s_q x h_q shapes (default 1x16,2x128: a memory-bound and a compute-bound one); s_q > 1 "
+                   "runs causal off and on")
+    p.add_argument("--profile-launches", type=int, default=0,
+                   help="time nothing; decode each row N more times on each side, for a profiler around the script")
     p.add_argument("--iters", type=int, default=50, help="calls per block (default 50)")
     p.add_argument("--rounds", type=int, default=3, help="alternating blocks per side (default 3)")
     p.add_argument("--build-dir", type=Path, default=Path("/tmp/flashmla_ab_build"))
     p.add_argument("--out", type=Path, default=Path("flashmla_ab_out"))
     args = p.parse_args(argv)
+    try:
+        pairs = [tuple(int(n) for n in pair.split("x")) for pair in args.pairs.split(",")]
+        assert all(len(pair) == 2 and min(pair) >= 1 for pair in pairs)
+    except (ValueError, AssertionError):
+        p.error(f"--pairs takes S_QxH_Q[,S_QxH_Q...] with positive integers, got {args.pairs!r}")
 
     import pynvml
     import torch
@@ -85,7 +102,7 @@ def main(argv=None) -> int:
 
     records = []
     for s_k in (int(s) for s in args.seqlen.split(",")):
-        for s_q, h_q in ((1, 16), (2, 128)):
+        for s_q, h_q in pairs:
             for causal in (False,) if s_q == 1 else (False, True):
                 config = bench.RowConfig(128, s_k, s_q, h_q, 1, causal, "bfloat16")
                 lengths = bench.sample_lengths(config, False, 0)
@@ -106,6 +123,15 @@ def main(argv=None) -> int:
                 ours_out = np.asarray(jax.jit(step)(*ours_args)[0].astype(jnp.float32))
                 max_abs_diff = float(np.max(np.abs(ours_out - out_t.float().cpu().numpy())))
 
+                if args.profile_launches > 0:
+                    for _ in range(args.profile_launches):
+                        jax.block_until_ready(jax.jit(step)(*ours_args))
+                    for _ in range(args.profile_launches):
+                        flashmla_call(sched)
+                    torch.cuda.synchronize()
+                    print(f"s_k {s_k:5d} s_q {s_q} h_q {h_q:3d} causal {int(causal)}: {args.profile_launches} more "
+                          f"decodes each | max |diff| {max_abs_diff:.1e}", flush=True)
+                    continue
                 jax.block_until_ready(loop(*ours_args))  # warm-up of both
                 flashmla_call(sched)
                 ours_ms, theirs_ms, clocks = [], [], []
@@ -141,8 +167,9 @@ def main(argv=None) -> int:
                       f"{record['flashmla_' + key]:.0f} {unit} | time ratio {ours / theirs:.3f} | "
                       f"max |diff| {max_abs_diff:.1e}", flush=True)
                 del loop, q_t, k_t, table_t, seqlens_t, out_t
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "flashmla_ab.json").write_text(json.dumps(records, indent=2) + "\n")
+    if args.profile_launches == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "flashmla_ab.json").write_text(json.dumps(records, indent=2) + "\n")
     return 0
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole GPU run in one command, for the lent H100: build, GPU tests, compute-sanitizer, benchmark.
+# The whole GPU run in one command, for the lent Hopper GPU (H100, H200): build, GPU tests, compute-sanitizer,
+# benchmark.
 # Usage: scripts/gpu_check.sh LOG_DIR [quick|seesaw]
 #   LOG_DIR  where logs go (created); the last lines of each step are printed as a summary.
 #   quick    run a subset of the GPU grid (for iterating on a kernel).

@@ -29,3 +29,13 @@ def test_flashmla_ab_script_starts():
                             text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert "FLASHMLA_DIR" in result.stdout or "flashmla_dir" in result.stdout
+
+
+def test_flashmla_ab_rejects_bad_pairs():
+    """A malformed --pairs stops the script before it builds FlashMLA or touches a GPU."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    result = subprocess.run([sys.executable, str(root / "scripts" / "flashmla_ab.py"), str(root), "--pairs", "2x"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    assert "--pairs takes S_QxH_Q" in result.stderr
