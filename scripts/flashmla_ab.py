@@ -85,9 +85,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         pairs = [tuple(int(n) for n in pair.split("x")) for pair in args.pairs.split(",")]
-        assert all(len(pair) == 2 and min(pair) >= 1 for pair in pairs)
-    except (ValueError, AssertionError):
+    except ValueError:
+        pairs = []
+    if not pairs or not all(len(pair) == 2 and min(pair) >= 1 for pair in pairs):
         p.error(f"--pairs takes S_QxH_Q[,S_QxH_Q...] with positive integers, got {args.pairs!r}")
+    if args.profile_launches < 0:
+        p.error(f"--profile-launches must be >= 0, got {args.profile_launches}")
 
     import pynvml
     import torch
@@ -110,7 +113,6 @@ def main(argv=None) -> int:
                 metadata = bench.get_mla_metadata(seqlens, s_q * h_q, 1)
                 ours_args = jax.block_until_ready((q, k_cache, table, seqlens, *metadata))
                 step = functools.partial(bench._decode_with_metadata, causal=causal, layer=None)
-                loop = bench.repeat_decode(step, args.iters).lower(*ours_args).compile()
 
                 q_t, k_t, table_t, seqlens_t = (torch.from_dlpack(x) for x in (q, k_cache, table, seqlens))
                 scale = bench.HEAD_DIM ** -0.5
@@ -132,6 +134,7 @@ def main(argv=None) -> int:
                     print(f"s_k {s_k:5d} s_q {s_q} h_q {h_q:3d} causal {int(causal)}: {args.profile_launches} more "
                           f"decodes each | max |diff| {max_abs_diff:.1e}", flush=True)
                     continue
+                loop = bench.repeat_decode(step, args.iters).lower(*ours_args).compile()
                 jax.block_until_ready(loop(*ours_args))  # warm-up of both
                 flashmla_call(sched)
                 ours_ms, theirs_ms, clocks = [], [], []
