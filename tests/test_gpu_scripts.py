@@ -21,21 +21,23 @@ def test_script_parses(script):
     assert result.returncode == 0, result.stderr
 
 
-def test_flashmla_ab_script_starts():
-    """scripts/flashmla_ab.py imports torch and FlashMLA only once it runs: its --help works anywhere."""
+def run_flashmla_ab(*args):
+    """scripts/flashmla_ab.py in a subprocess, with the repository importable."""
     root = pathlib.Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    result = subprocess.run([sys.executable, str(root / "scripts" / "flashmla_ab.py"), "--help"], capture_output=True,
-                            text=True, env=env)
+    return subprocess.run([sys.executable, str(root / "scripts" / "flashmla_ab.py"), *args], capture_output=True,
+                          text=True, env=env)
+
+
+def test_flashmla_ab_script_starts():
+    """scripts/flashmla_ab.py imports torch and FlashMLA only once it runs: its --help works anywhere."""
+    result = run_flashmla_ab("--help")
     assert result.returncode == 0, result.stderr
     assert "FLASHMLA_DIR" in result.stdout or "flashmla_dir" in result.stdout
 
 
 def test_flashmla_ab_rejects_bad_pairs():
     """A malformed --pairs stops the script before it builds FlashMLA or touches a GPU."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    result = subprocess.run([sys.executable, str(root / "scripts" / "flashmla_ab.py"), str(root), "--pairs", "2x"],
-                            capture_output=True, text=True, env=env)
+    result = run_flashmla_ab(str(pathlib.Path(__file__).resolve().parents[1]), "--pairs", "2x")
     assert result.returncode == 2
     assert "--pairs takes S_QxH_Q" in result.stderr
