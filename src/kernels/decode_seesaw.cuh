@@ -81,22 +81,37 @@ static_assert(kSmemBytes <= 227 * 1024, "seesaw shared storage exceeds a block's
 
 __device__ __forceinline__ uint16_t* p1_tile(SharedStorage& s) { return s.q + kRopeTile * kTileElems; }
 
-// Loads tiles [first, last] of page `page` into a stage; an invalid page completes the barriers with no bytes
-// (the S owner then zeroes the stage). One thread.
+// Loads tile t of page `page` into a stage; an invalid page completes the tile's barrier with no bytes (the S owner
+// then zeroes the stage). One thread.
+__device__ __forceinline__ void load_tile(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s,
+                                          int layer, uint64_t hint, int stage, int page, int t) {
+  if (page_in_pool(p, page)) {
+    set_barrier_transaction_bytes(s.full[stage][t], kChunkBytes);
+    SM90_TMA_LOAD_4D::copy(kv_map, &s.full[stage][t], hint,
+                           reinterpret_cast<char*>(s.kv[stage]) + t * kChunkBytes, t * kChunkCols, blockIdx.y,
+                           page * kPageSize, layer);
+  } else {
+    arrive_barrier(s.full[stage][t]);
+  }
+}
+// Tiles [first, last], all by the calling thread: the loads a chunk starts with.
 __device__ __forceinline__ void load_tiles(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s,
                                            int layer, int stage, int page, int first, int last) {
-  const int head_kv = blockIdx.y;
   const uint64_t hint = hopper::kv_cache_hint();
-  for (int t = first; t <= last; ++t) {
-    if (page_in_pool(p, page)) {
-      set_barrier_transaction_bytes(s.full[stage][t], kChunkBytes);
-      SM90_TMA_LOAD_4D::copy(kv_map, &s.full[stage][t], hint,
-                             reinterpret_cast<char*>(s.kv[stage]) + t * kChunkBytes, t * kChunkCols, head_kv,
-                             page * kPageSize, layer);
-    } else {
-      arrive_barrier(s.full[stage][t]);
-    }
-  }
+  for (int t = first; t <= last; ++t) load_tile(p, kv_map, s, layer, hint, stage, page, t);
+}
+
+// The refills inside the page loop: the whole warpgroup calls this after its wgmma wait, and lane 0 of warp w loads
+// tiles first + w, first + w + 4, ... A single issuing thread kept its warp about 400 instructions per pair behind
+// the other three, which then waited for it at the next wgmma (Nsight Compute's warpgroup_arrive stall, 14% of the
+// samples, benchmarks/NOTES.md). As with one thread, a warp's own wait stands for the warpgroup's: a wgmma is one
+// operation of the four warps.
+__device__ __forceinline__ void refill_tiles(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s,
+                                             int layer, uint64_t hint, int stage, int page, int first, int last,
+                                             int thread) {
+  if (thread % 32 != 0) return;
+#pragma unroll 1
+  for (int t = first + thread / 32; t <= last; t += 4) load_tile(p, kv_map, s, layer, hint, stage, page, t);
 }
 
 // How Q reaches shared memory. Where a 64-row block of Q is one box of make_q_tensor_map's descriptor
@@ -314,15 +329,16 @@ __device__ __forceinline__ void exponentiate(AccS& acc, float scale_log2, const 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const float m_use = m[h] == -INFINITY ? 0.f : m[h];  // a row with no key yet keeps P = 0, not NaN
-    tile_sum[h] = 0.f;
+    float part[4] = {0.f, 0.f, 0.f, 0.f};  // four short chains, not one of 16 dependent adds
 #pragma unroll
     for (int g = 0; g < kBlockN / 8; ++g)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int v = 4 * g + 2 * h + e;
         acc(v) = exp2f(fmaf(acc(v), scale_log2, -m_use));
-        tile_sum[h] += acc(v);
+        part[2 * (g % 2) + e] += acc(v);
       }
+    tile_sum[h] = (part[0] + part[1]) + (part[2] + part[3]);
   }
 }
 
@@ -354,10 +370,10 @@ __device__ __forceinline__ void run_warpgroup(const DecodeParams& p, const CUten
   using E = typename WG::E;
   WG wg(s);
   const int thread = wg.thread, lane = thread % 32;
-  const bool leader = thread == 0;
   const int row0 = grid_row_block() * kBlockM, group = p.h_q / p.h_kv;
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  const int layer = pool_layer(p);  // read once: load_tiles runs on the critical path of the refills
+  const int layer = pool_layer(p);  // read once: the refills run on the critical path
+  const uint64_t hint = hopper::kv_cache_hint();
 
   auto mma_pv_rs = wg.mma_pv_rs();
   auto mma_pv_ss = wg.mma_pv_ss();
@@ -467,9 +483,9 @@ __device__ __forceinline__ void run_warpgroup(const DecodeParams& p, const CUten
         hopper::issue_gemm<false>(mma_pv_rs, tP, thr_rs.partition_fragment_B(wg.v_half(0)), tO);
         warpgroup_fence_operand(tP_words);
         warpgroup_wait<0>();
-        if (leader && refill0) {
-          load_tiles(p, kv_map, s, layer, 0, next_page0, 0, 3);
-          load_tiles(p, kv_map, s, layer, 0, next_page0, kRopeTile, kRopeTile);
+        if (refill0) {
+          refill_tiles(p, kv_map, s, layer, hint, 0, next_page0, 0, 3, thread);
+          refill_tiles(p, kv_map, s, layer, hint, 0, next_page0, kRopeTile, kRopeTile, thread);
         }
 
         // B's m1: hand B P0' = P0 2^(m0 - m1), and move O_A and the sums to m1.
@@ -506,7 +522,7 @@ __device__ __forceinline__ void run_warpgroup(const DecodeParams& p, const CUten
             warpgroup_wait<1>();
           else
             warpgroup_wait<0>();
-          if (leader && refill1) load_tiles(p, kv_map, s, layer, 1, next_page1, 0, 3);
+          if (refill1) refill_tiles(p, kv_map, s, layer, hint, 1, next_page1, 0, 3, thread);
         }
         if (next_k0) wg.issue_scores(tS, tQ8, (pages[0] + 1) & 1, valid, false, 4, kNumChunks);
         warpgroup_wait<0>();
@@ -530,7 +546,10 @@ __device__ __forceinline__ void run_warpgroup(const DecodeParams& p, const CUten
         }
         publish_rows(s, s.scale1, m1, scale1, thread);
         release(s.scale1_ready);
-        if (has_k1) exponentiate(tS, scale_log2, m1, tile_sum);
+        // Unconditional: no branch around the exponentials for the one case that needs none (a chunk's odd last
+        // page). Without K1, tS holds no scores of this pair and what comes out is dropped (P1 unused).
+        exponentiate(tS, scale_log2, m1, tile_sum);
+        if (!has_k1) tile_sum[0] = tile_sum[1] = 0.f;
         float factor[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -560,10 +579,10 @@ __device__ __forceinline__ void run_warpgroup(const DecodeParams& p, const CUten
         hopper::issue_gemm<false>(mma_pv_ss, tOtherP, thr_ss.partition_fragment_B(wg.v_half(0)), tO);
         if (refill1) {
           warpgroup_wait<1>();
-          if (leader) load_tiles(p, kv_map, s, layer, 1, next_page1, 4, kRopeTile);
+          refill_tiles(p, kv_map, s, layer, hint, 1, next_page1, 4, kRopeTile, thread);
         }
         warpgroup_wait<0>();
-        if (leader && refill0) load_tiles(p, kv_map, s, layer, 0, next_page0, 4, 7);
+        if (refill0) refill_tiles(p, kv_map, s, layer, hint, 0, next_page0, 4, 7, thread);
 
         if (next_k1) {
           valid = valid_tokens(p, c, block0 + 3, next_page1);
