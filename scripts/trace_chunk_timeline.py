@@ -1,12 +1,17 @@
 """Writes a copy of the source tree whose seesaw kernel records where its time goes, in clock64 cycles.
 
-Usage: python3 scripts/trace_chunk_timeline.py OUT_DIR [--pair-waits]
+Usage: python3 scripts/trace_chunk_timeline.py OUT_DIR [--pair-waits | --pair-events]
   (default)     a timeline of each chunk: thread 0 of each warpgroup, in the CTAs of row block 0 and of parts
                 0 and gridDim.z / 2, stamps six points of every chunk (up to 8 chunks): loop top -> loads issued
                 -> Q landed -> first S done -> pairs done -> row sums exchanged -> epilogue done.
   --pair-waits  per pair, for the same threads, the cycles spent waiting: for a page's tiles before its S
                 (S-tile waits), for the other stage's V tiles before a P V, at the hand-offs between the
                 warpgroups, for wgmma to complete, and the rest (issue, softmax, stores to shared memory).
+  --pair-events per pair, for the same threads and pairs TRACE_PAIR0..TRACE_PAIR0+15 of the CTA (default 6;
+                -DTRACE_PAIR0=N), when each hand-off, wgmma issue and wgmma completion happened, in cycles from
+                A's start of the pair: which warpgroup waits for which, and what the tensor cores can have been
+                doing meanwhile. PAIR_EVENT_NAMES lists the events of each warpgroup. Long chunks show the
+                steady state: --batch 128 --seqlen 8192 in the command below.
 Then, on the GPU machine (scripts/gpu_env.sh sourced):
   python3 -m pip install --no-build-isolation --no-deps --target /tmp/variant_trace OUT_DIR
   PYTHONPATH=/tmp/variant_trace:$PYTHONPATH python3 -m jax_flashmla.bench --batch 512 --seqlen 1024 \\
@@ -20,7 +25,7 @@ least two parts (every bench row has 33 or more).
 
 Why the printing kernel: a printf inside the decode kernel is a function call, and ptxas then serializes every
 wgmma of the kernel (ptxas info C7510). The timelines of versions 2.3 and 2.4 (benchmarks/NOTES.md) were taken
-that way, before this was noticed. tests/test_kernel_codegen.py compiles both modes' copies and checks that
+that way, before this was noticed. tests/test_kernel_codegen.py compiles every mode's copy and checks that
 ptxas leaves their wgmma alone.
 
 The records are inserted at text anchors of src/kernels/decode_seesaw.cuh (and the printing kernel's launch at
@@ -167,6 +172,71 @@ PAIR_WAITS_PRINT = """\
              (o[1] - o[2] - o[3] - o[4] - o[5]) / n, o[7] > 0 ? o[6] * 1000 / o[7] : 0, o[7] / 1000);"""
 
 
+# --- the events of each pair ------------------------------------------------------------------------------
+# Per warpgroup, the kernel text around each event, "|" where the stamp goes (each text must occur once).
+PAIR_EVENTS = {
+    "A": [
+        "        release(s.scale0_ready);\n|",
+        "thr_rs.partition_fragment_B(wg.v_half(0)), tO);\n        warpgroup_fence_operand(tP_words);\n|",
+        "        warpgroup_wait<0>();\n|        if (refill0) {\n",
+        "        acquire(s.scale1_ready, hand_off_phase);\n|",
+        "        release(s.p0_ready);\n|",
+        "        acquire(s.p1_ready, hand_off_phase);\n|",
+        "valid, true, 0, 4);\n        }\n|",
+        "            warpgroup_wait<0>();\n|          if (refill1)",
+        "valid, false, 4, kNumChunks);\n|",
+        "        warpgroup_wait<0>();\n|      } else {\n",
+    ],
+    "B": [
+        "        acquire(s.scale0_ready, hand_off_phase);\n|",
+        "        release(s.scale1_ready);\n|",
+        "        release(s.p1_ready);\n|",
+        "        acquire(s.p0_ready, hand_off_phase);\n|",
+        "thr_ss.partition_fragment_B(wg.v_half(0)), tO);\n|",
+        "          warpgroup_wait<1>();\n|          refill_tiles(p, kv_map, s, layer, hint, 1, next_page1, 4",
+        "        warpgroup_wait<0>();\n|        if (refill0) refill_tiles",
+        "valid, false, 0, 4);\n|",
+        "          warpgroup_wait<0>();\n        }\n|      }\n      ++pairs_done;\n",
+    ],
+}
+PAIR_EVENT_NAMES = {  # event 0 of both: the pair's start (the warpgroup's S of it complete)
+    "A": ["start", "m0 released", "P0 V0_left issued", "P0 V0_left done", "m1 acquired", "P0' released",
+          "P1 acquired", "P1 V1_left and next S0 tiles 0-3 issued", "P1 V1_left done", "next S0 tiles 4-8 issued",
+          "next S0 done"],
+    "B": ["start", "m0 acquired", "m1 released", "P1 V1_right issued, P1 released", "P0' acquired",
+          "P0' V0_right issued", "P1 V1_right done", "P0' V0_right done", "next S1 issued", "next S1 done"],
+}
+PAIR_EVENTS_SETUP = """\
+#ifndef TRACE_PAIR0
+#define TRACE_PAIR0 6  // the first pair recorded, counted over the CTA's chunks (-DTRACE_PAIR0=N for another)
+#endif
+  const bool event_cta = thread == 0 && trace_slot() >= 0 && trace_launch == TRACE_LAUNCH;
+#define EVENT(k) if (event_row) event_row[k] = clock64();
+"""
+PAIR_EVENTS_TOP = """\
+      long long* event_row = nullptr;  // this pair's records, when it is one of those recorded
+      if (event_cta && pairs_done >= TRACE_PAIR0 && pairs_done < TRACE_PAIR0 + 16) {
+        event_row = g_trace_events[kIsA ? 0 : 1][trace_slot()][pairs_done - TRACE_PAIR0];
+        event_row[11] = i, event_row[12] = n_tiles;
+      }
+      EVENT(0)
+"""
+PAIR_EVENTS_BUFFER = ("static __device__ long long g_trace_events[2][2][16][13];"
+                      "  // [warpgroup][CTA][pair][events 0-10, then the pair's first page and the chunk's pages]\n")
+PAIR_EVENTS_PRINT = """\
+      if (w == 0 && k == 0)
+        printf("TRACE events, cycles from A's start of each pair: A {%s}; B {%s}\\n", "%s", "%s");
+      for (int q = 0; q < 16; ++q) {
+        const long long* e = g_trace_events[w][k][q];
+        const long long start = g_trace_events[0][k][q][0];
+        if (start == 0) break;
+        printf("TRACE %s part %d pair %d (pages %lld-%lld of %lld):", w == 0 ? "A" : "B", g_trace_part[k],
+               TRACE_PAIR0 + q, e[11], e[11] + 1, e[12]);
+        for (int f = 0; f < (w == 0 ? 11 : 10); ++f) printf(" %lld", e[f] != 0 ? e[f] - start : -1);
+        printf("\\n");
+      }"""
+
+
 def _insert(text: str, insertions) -> str:
     for anchor, insert, after in insertions:
         count = text.count(anchor)
@@ -183,8 +253,27 @@ def _replace(text: str, path: str, old: str, new: str, count: int = 1) -> str:
     return text.replace(old, new)
 
 
-def instrument(text: str, pair_waits: bool = False) -> str:
-    """The seesaw kernel's source with the records of one mode and the kernel that prints them."""
+MODES = ("timeline", "pair-waits", "pair-events")
+
+
+def _instrument_pair_events(text: str) -> tuple[str, str]:
+    """The pair-events stamps in the kernel, and the printing kernel's body."""
+    text = _insert(text, [("    atomicMin(&g_trace_first_ns, static_cast<unsigned long long>(trace_ns0));\n",
+                           PAIR_EVENTS_SETUP, True),
+                          ("      const bool has_k1 = i + 1 < n_tiles;\n", PAIR_EVENTS_TOP, False)])
+    for role, anchors in PAIR_EVENTS.items():
+        for k, anchor in enumerate(anchors, start=1):
+            text = _replace(text, KERNEL, anchor.replace("|", ""), anchor.replace("|", f"        EVENT({k})\n"))
+    text = _replace(text, KERNEL, "static __device__ int g_trace_part[2];\n",
+                    "static __device__ int g_trace_part[2];\n" + PAIR_EVENTS_BUFFER)
+    names = {role: ", ".join(f"{k} {name}" for k, name in enumerate(PAIR_EVENT_NAMES[role])) for role in "AB"}
+    return text, PAIR_EVENTS_PRINT.replace('"%s", "%s"', f'"{names["A"]}", "{names["B"]}"', 1)
+
+
+def instrument(text: str, mode: str = "timeline") -> str:
+    """The seesaw kernel's source with the records of one mode (MODES) and the kernel that prints them."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: expected one of {MODES}")
     run_warpgroup = "template <typename T, bool kIsA>\n__device__ __forceinline__ void run_warpgroup("
     text = _replace(text, KERNEL, run_warpgroup, PROLOGUE + run_warpgroup)
     # Read at the start: CTA 0 counts the launch at its end, which may come before another CTA's end.
@@ -194,7 +283,7 @@ def instrument(text: str, pair_waits: bool = False) -> str:
                            "  if (thread == 0 && trace_launch == TRACE_LAUNCH)\n"
                            "    atomicMin(&g_trace_first_ns, static_cast<unsigned long long>(trace_ns0));\n",
                            True)])
-    if pair_waits:
+    if mode == "pair-waits":
         text = _insert(text, PAIR_WAITS)
         for old, new, count in PAIR_WAITS_REPLACE:
             text = _replace(text, KERNEL, old, new, count)
@@ -204,6 +293,9 @@ def instrument(text: str, pair_waits: bool = False) -> str:
         loop = re.sub(r"warpgroup_wait<(\d)>\(\);", r"TRACED_WAIT(\1)", text[begin:end])
         text = text[:begin] + loop + text[end:]
         store, print_body = PAIR_WAITS_STORE, PAIR_WAITS_PRINT
+    elif mode == "pair-events":
+        text, print_body = _instrument_pair_events(text)
+        store = ""  # stored as they happen
     else:
         text = _insert(text, TIMELINE)
         store, print_body = TIMELINE_STORE, TIMELINE_PRINT
@@ -218,10 +310,12 @@ def instrument_launch(text: str) -> str:
 
 
 def main():
-    args = [a for a in sys.argv[1:] if a != "--pair-waits"]
-    if len(args) != 1 or len(sys.argv) - 1 > 2:
+    flags = {f"--{m}": m for m in MODES[1:]}
+    args = [a for a in sys.argv[1:] if a not in flags]
+    modes = [flags[a] for a in sys.argv[1:] if a in flags]
+    if len(args) != 1 or len(modes) > 1:
         sys.exit(__doc__)
-    pair_waits = "--pair-waits" in sys.argv[1:]
+    mode = modes[0] if modes else "timeline"
     root = pathlib.Path(__file__).resolve().parents[1]
     out = pathlib.Path(args[0]).resolve()
     if out.exists():
@@ -230,9 +324,9 @@ def main():
     for name in files:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, out / name)
-    (out / KERNEL).write_text(instrument((out / KERNEL).read_text(), pair_waits))
+    (out / KERNEL).write_text(instrument((out / KERNEL).read_text(), mode))
     (out / LAUNCH).write_text(instrument_launch((out / LAUNCH).read_text()))
-    print(f"instrumented copy ({'pair waits' if pair_waits else 'chunk timeline'}) in {out}")
+    print(f"instrumented copy ({mode}) in {out}")
 
 
 if __name__ == "__main__":

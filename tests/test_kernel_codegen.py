@@ -83,12 +83,12 @@ def test_seesaw_kernel_fits_its_registers_without_spills(ptxas_report):
     assert seesaw["spill_stores"] == 0 and seesaw["registers"] <= 255, seesaw
 
 
-@pytest.mark.parametrize("pair_waits", [False, True], ids=["timeline", "pair_waits"])
-def test_traced_copies_keep_the_wgmma_pipelined(tmp_path, pair_waits, trace_script):
+@pytest.mark.parametrize("mode", ["timeline", "pair-waits", "pair-events"])
+def test_traced_copies_keep_the_wgmma_pipelined(tmp_path, mode, trace_script):
     src = tmp_path / "src"
     shutil.copytree(ROOT / "src", src)
     kernel, launch = tmp_path / trace_script.KERNEL, tmp_path / trace_script.LAUNCH
-    kernel.write_text(trace_script.instrument(kernel.read_text(), pair_waits))
+    kernel.write_text(trace_script.instrument(kernel.read_text(), mode))
     launch.write_text(trace_script.instrument_launch(launch.read_text()))
     kernels = _kernels(_ptxas_report(src, tmp_path))
     (seesaw,) = [info for name, info in kernels.items() if "seesaw" in name and "decode_kernel" in name]
