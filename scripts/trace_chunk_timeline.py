@@ -213,26 +213,30 @@ PAIR_EVENTS_SETUP = """\
   const bool event_cta = thread == 0 && trace_slot() >= 0 && trace_launch == TRACE_LAUNCH;
 #define EVENT(k) if (event_row) event_row[k] = clock64();
 """
+# In the three texts below, @EVENTS@ stands for the most events of a warpgroup (the records' fields 0..@EVENTS@-1;
+# field @EVENTS@ is the pair's first page in its chunk, the next one the chunk's pages), @EVENTS_A@ / @EVENTS_B@
+# for each warpgroup's count and @NAMES_A@ / @NAMES_B@ for their names (printf's format: no % in a name), all from
+# PAIR_EVENT_NAMES.
 PAIR_EVENTS_TOP = """\
       long long* event_row = nullptr;  // this pair's records, when it is one of those recorded
       if (event_cta && pairs_done >= TRACE_PAIR0 && pairs_done < TRACE_PAIR0 + 16) {
         event_row = g_trace_events[kIsA ? 0 : 1][trace_slot()][pairs_done - TRACE_PAIR0];
-        event_row[11] = i, event_row[12] = n_tiles;
+        event_row[@EVENTS@] = i, event_row[@EVENTS@ + 1] = n_tiles;
       }
       EVENT(0)
 """
-PAIR_EVENTS_BUFFER = ("static __device__ long long g_trace_events[2][2][16][13];"
-                      "  // [warpgroup][CTA][pair][events 0-10, then the pair's first page and the chunk's pages]\n")
+PAIR_EVENTS_BUFFER = ("static __device__ long long g_trace_events[2][2][16][@EVENTS@ + 2];"
+                      "  // [warpgroup][CTA][pair][field]\n")
 PAIR_EVENTS_PRINT = """\
       if (w == 0 && k == 0)
-        printf("TRACE events, cycles from A's start of each pair: A {%s}; B {%s}\\n", "%s", "%s");
+        printf("TRACE events, cycles from A's start of each pair: A {@NAMES_A@}; B {@NAMES_B@}\\n");
       for (int q = 0; q < 16; ++q) {
         const long long* e = g_trace_events[w][k][q];
         const long long start = g_trace_events[0][k][q][0];
         if (start == 0) break;
         printf("TRACE %s part %d pair %d (pages %lld-%lld of %lld):", w == 0 ? "A" : "B", g_trace_part[k],
-               TRACE_PAIR0 + q, e[11], e[11] + 1, e[12]);
-        for (int f = 0; f < (w == 0 ? 11 : 10); ++f) printf(" %lld", e[f] != 0 ? e[f] - start : -1);
+               TRACE_PAIR0 + q, e[@EVENTS@], e[@EVENTS@] + 1, e[@EVENTS@ + 1]);
+        for (int f = 0; f < (w == 0 ? @EVENTS_A@ : @EVENTS_B@); ++f) printf(" %lld", e[f] != 0 ? e[f] - start : -1);
         printf("\\n");
       }"""
 
@@ -258,16 +262,25 @@ MODES = ("timeline", "pair-waits", "pair-events")
 
 def _instrument_pair_events(text: str) -> tuple[str, str]:
     """The pair-events stamps in the kernel, and the printing kernel's body."""
+    counts = {role: len(names) for role, names in PAIR_EVENT_NAMES.items()}
+    tokens = {"@EVENTS@": str(max(counts.values())), "@EVENTS_A@": str(counts["A"]), "@EVENTS_B@": str(counts["B"])}
+    for role, names in PAIR_EVENT_NAMES.items():
+        tokens[f"@NAMES_{role}@"] = ", ".join(f"{k} {name}" for k, name in enumerate(names))
+
+    def fill(template: str) -> str:
+        for token, value in tokens.items():
+            template = template.replace(token, value)
+        return template
+
     text = _insert(text, [("    atomicMin(&g_trace_first_ns, static_cast<unsigned long long>(trace_ns0));\n",
                            PAIR_EVENTS_SETUP, True),
-                          ("      const bool has_k1 = i + 1 < n_tiles;\n", PAIR_EVENTS_TOP, False)])
+                          ("      const bool has_k1 = i + 1 < n_tiles;\n", fill(PAIR_EVENTS_TOP), False)])
     for role, anchors in PAIR_EVENTS.items():
         for k, anchor in enumerate(anchors, start=1):
             text = _replace(text, KERNEL, anchor.replace("|", ""), anchor.replace("|", f"        EVENT({k})\n"))
     text = _replace(text, KERNEL, "static __device__ int g_trace_part[2];\n",
-                    "static __device__ int g_trace_part[2];\n" + PAIR_EVENTS_BUFFER)
-    names = {role: ", ".join(f"{k} {name}" for k, name in enumerate(PAIR_EVENT_NAMES[role])) for role in "AB"}
-    return text, PAIR_EVENTS_PRINT.replace('"%s", "%s"', f'"{names["A"]}", "{names["B"]}"', 1)
+                    "static __device__ int g_trace_part[2];\n" + fill(PAIR_EVENTS_BUFFER))
+    return text, fill(PAIR_EVENTS_PRINT)
 
 
 def instrument(text: str, mode: str = "timeline") -> str:
