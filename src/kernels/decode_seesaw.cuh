@@ -96,8 +96,7 @@ __device__ __forceinline__ void load_tile(const DecodeParams& p, const CUtensorM
 }
 // Tiles [first, last], all by the calling thread: the loads a chunk starts with.
 __device__ __forceinline__ void load_tiles(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage& s,
-                                           int layer, int stage, int page, int first, int last) {
-  const uint64_t hint = hopper::kv_cache_hint();
+                                           int layer, uint64_t hint, int stage, int page, int first, int last) {
   for (int t = first; t <= last; ++t) load_tile(p, kv_map, s, layer, hint, stage, page, t);
 }
 
@@ -154,12 +153,12 @@ __device__ __forceinline__ int first_page(const DecodeParams& p, const Chunk& c,
 constexpr unsigned kPrimedStage0 = 1, kPrimedStage1 = 2, kPrimedQ = 4;
 template <typename T>
 __device__ __forceinline__ void issue_chunk_loads(const DecodeParams& p, const CUtensorMap* kv_map, const QSource& q,
-                                                  SharedStorage& s, int layer, const Chunk& c, unsigned done,
-                                                  int thread) {
+                                                  SharedStorage& s, int layer, uint64_t hint, const Chunk& c,
+                                                  unsigned done, int thread) {
 #pragma unroll
   for (int stage = 0; stage < 2; ++stage)
     if (thread == 0 && has_first_page(c, stage) && !(done & (kPrimedStage0 << stage)))
-      load_tiles(p, kv_map, s, layer, stage, first_page(p, c, stage), 0, kNumChunks - 1);
+      load_tiles(p, kv_map, s, layer, hint, stage, first_page(p, c, stage), 0, kNumChunks - 1);
   if (done & kPrimedQ) return;
   if (q.box_bytes == 0)
     hopper::issue_q_load<T>(p, s, c.seq, thread);
@@ -414,7 +413,7 @@ __device__ __forceinline__ void run_warpgroup(const DecodeParams& p, const CUten
     // its epilogue). Every earlier read of Q, the stages and P is complete either way: the previous chunk's
     // sums_ready exchange follows both warpgroups' last GEMMs.
     if (kIsA) {
-      issue_chunk_loads<T>(p, kv_map, q, s, layer, c, primed, thread);
+      issue_chunk_loads<T>(p, kv_map, q, s, layer, hint, c, primed, thread);
       primed = 0;  // from here on, the bits are the next chunk's
     }
     if (q.box_bytes > 0) {
@@ -618,7 +617,7 @@ __device__ __forceinline__ void run_warpgroup(const DecodeParams& p, const CUten
     if constexpr (kIsA) {
       Chunk next;
       if (next_chunk(p, walk, seq, next)) {
-        issue_chunk_loads<T>(p, kv_map, q, s, layer, next, primed, thread);
+        issue_chunk_loads<T>(p, kv_map, q, s, layer, hint, next, primed, thread);
         primed = kPrimedStage0 | kPrimedStage1 | kPrimedQ;
       }
     }
