@@ -11,6 +11,9 @@
 # it: for probes that compute wrong results on purpose.
 # Then the chunk-boundary row: b 512, s_k 1024 (fixed lengths), s_q 2, h_q 128, about 16 chunks per CTA, the row
 # that shows what a chunk boundary costs (benchmarks/NOTES.md, version 2.3); BOUNDARY_ROW=0 skips it.
+# ROUNDS=N (default 1) runs the bench N - 1 more times over the builds whose first one ran, each round in the
+# reverse order of the one before (A B C, then C B A, A B C, ...), so that the GPU's drift in clock and
+# temperature falls on every build alike: compare builds within a call, over all their rounds.
 # LOG_DIR gets one log per step and summary.txt: each step's last line, and the benchmarks' table rows.
 set -uo pipefail
 LOG_DIR=${1:?usage: scripts/compare_builds.sh LOG_DIR NAME=CUDA_FLAGS ...}
@@ -27,6 +30,20 @@ base_path=${PYTHONPATH:-}
 summary="$LOG_DIR/summary.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader >"$summary" 2>&1
 
+# One step of one build: the command's output to LOG_DIR/STEP_NAME.log, its last line (and a benchmark's table
+# rows) to the summary; returns the command's status.
+run_step() {
+  local name=$1 step=$2
+  shift 2
+  local log="$LOG_DIR/${step}_$name.log"
+  "$@" >"$log" 2>&1
+  local rc=$?
+  printf '%-8s %-8s rc=%-3s %s\n' "$name" "$step" "$rc" "$(tail -n 1 "$log")" | tee -a "$summary"
+  # The benchmarks' table rows too, so the summary alone compares the builds.
+  [ "$step" = check ] || grep -E '^ *[0-9]' "$log" | sed 's/^/    /' | tee -a "$summary"
+  return $rc
+}
+
 names=()
 for spec in "$@"; do
   name=${spec%%=*} flags=${spec#*=} source=.
@@ -40,6 +57,7 @@ for spec in "$@"; do
 done
 wait
 
+timed=()  # builds whose first bench ran, for ROUNDS
 for name in "${names[@]}"; do
   # Without the extension the package would time its pure-JAX fallback: a failed build must not be timed.
   if ! compgen -G "/tmp/variant_$name/_jax_flashmla_cuda*" >/dev/null; then
@@ -51,18 +69,26 @@ for name in "${names[@]}"; do
   [ "$CHECK_TESTS" = none ] || [[ $name == probe* ]] && steps=(bench)
   [ "${BOUNDARY_ROW:-1}" = 0 ] || steps+=(boundary)
   for step in "${steps[@]}"; do
-    log="$LOG_DIR/${step}_$name.log"
-    if [ $step = check ]; then
-      timeout 240 python3 -m pytest -q -m gpu -x -n 4 tests/test_gpu_kernels.py -k "$CHECK_TESTS" >"$log" 2>&1
-    elif [ $step = bench ]; then
-      timeout 240 python3 -m jax_flashmla.bench "${BENCH[@]}" --out "$LOG_DIR/bench_$name" >"$log" 2>&1
-    else
-      timeout 120 python3 -m jax_flashmla.bench "${BOUNDARY[@]}" --out "$LOG_DIR/boundary_$name" >"$log" 2>&1
-    fi
-    rc=$?
-    printf '%-8s %-8s rc=%-3s %s\n' "$name" "$step" "$rc" "$(tail -n 1 "$log")" | tee -a "$summary"
-    # The benchmarks' table rows too, so the summary alone compares the builds.
-    [ $step = check ] || grep -E '^ *[0-9]' "$log" | sed 's/^/    /' | tee -a "$summary"
-    [ $rc -eq 0 ] || break
+    case $step in
+      check) run_step "$name" check timeout 240 python3 -m pytest -q -m gpu -x -n 4 tests/test_gpu_kernels.py \
+               -k "$CHECK_TESTS" ;;
+      bench) run_step "$name" bench timeout 240 python3 -m jax_flashmla.bench "${BENCH[@]}" \
+               --out "$LOG_DIR/bench_$name" && timed+=("$name") ;;
+      boundary) run_step "$name" boundary timeout 120 python3 -m jax_flashmla.bench "${BOUNDARY[@]}" \
+                  --out "$LOG_DIR/boundary_$name" ;;
+    esac || break
+  done
+done
+
+for ((round = 2; round <= ${ROUNDS:-1}; round++)); do
+  order=("${timed[@]}")
+  if ((round % 2 == 0)); then
+    order=()
+    for ((k = ${#timed[@]} - 1; k >= 0; k--)); do order+=("${timed[k]}"); done
+  fi
+  for name in "${order[@]}"; do
+    export PYTHONPATH=/tmp/variant_$name${base_path:+:$base_path}
+    run_step "$name" "bench$round" timeout 240 python3 -m jax_flashmla.bench "${BENCH[@]}" \
+      --out "$LOG_DIR/bench${round}_$name"
   done
 done
