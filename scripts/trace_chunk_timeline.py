@@ -1,6 +1,7 @@
 """Writes a copy of the source tree whose seesaw kernel records where its time goes, in clock64 cycles.
 
-Usage: python3 scripts/trace_chunk_timeline.py OUT_DIR [--pair-waits | --pair-events]
+Usage: python3 scripts/trace_chunk_timeline.py OUT_DIR [--pair-waits | --pair-events | --tile-events]
+       python3 scripts/trace_chunk_timeline.py --summarize LOG   (the records of a --tile-events run)
   (default)     a timeline of each chunk: thread 0 of each warpgroup, in the CTAs of row block 0 and of parts
                 0 and gridDim.z / 2, stamps six points of every chunk (up to 8 chunks): loop top -> loads issued
                 -> Q landed -> first S done -> pairs done -> row sums exchanged -> epilogue done.
@@ -12,6 +13,14 @@ Usage: python3 scripts/trace_chunk_timeline.py OUT_DIR [--pair-waits | --pair-ev
                 A's start of the pair: which warpgroup waits for which, and what the tensor cores can have been
                 doing meanwhile. PAIR_EVENT_NAMES lists the events of each warpgroup. Long chunks show the
                 steady state: --batch 128 --seqlen 8192 in the command below.
+  --tile-events per page tile, in the same CTAs and pairs as --pair-events: when its refill was issued (lane 0 of
+                the issuing warp, just after its TMA) and when thread 0 of the warpgroup whose next S reads it began
+                and ended its wait for the tile, in cycles from A's start of the pair. A refill issued in a pair and
+                the wait of the next S issued in it concern the same page, so a tile waited for landed about when
+                the wait ended: that minus its issue is the refill's latency. Which tiles the pair waits for, and
+                how long a refill takes: on the memory rows (--s-q 1 --h-q 16, with --batch 128 --seqlen 8192 in
+                the command below) as on the compute rows. `--summarize LOG` reads the printed records back: per
+                stage and tile, the medians over the pairs, and the latency of the tiles waited for.
 Then, on the GPU machine (scripts/gpu_env.sh sourced):
   python3 -m pip install --no-build-isolation --no-deps --target /tmp/variant_trace OUT_DIR
   PYTHONPATH=/tmp/variant_trace:$PYTHONPATH python3 -m jax_flashmla.bench --batch 512 --seqlen 1024 \\
@@ -241,6 +250,74 @@ PAIR_EVENTS_PRINT = """\
       }"""
 
 
+# --- the tiles of each pair -------------------------------------------------------------------------------
+TILE_FIELDS = 3  # per tile: refill issued, wait begun, wait ended
+TILE_EVENTS_BUFFER = """\
+static __device__ long long g_tile_events[2][16][2][kNumChunks][3];  // [CTA][pair][stage][tile][TILE_FIELDS]
+static __device__ long long g_tile_pair[2][16][3];  // [CTA][pair]: A's start of the pair, its first page, the chunk's pages
+"""
+# The refills inside the pair loop go through this, which stamps each tile after its warp issued it.
+TILE_REFILL = """\
+__device__ __forceinline__ void traced_refill_tiles(long long* tile_row, const DecodeParams& p,
+                                                    const CUtensorMap* kv_map, SharedStorage& s, int layer,
+                                                    uint64_t hint, int stage, int page, int first, int last,
+                                                    int thread) {
+  refill_tiles(p, kv_map, s, layer, hint, stage, page, first, last, thread);
+  if (tile_row == nullptr || thread % 32 != 0) return;
+  const long long now = clock64();
+  for (int t = first + thread / 32; t <= last; t += 4) tile_row[(stage * kNumChunks + t) * 3] = now;
+}
+"""
+TILE_EVENTS = [  # (anchor, text inserted before it, or after it when the third field is True)
+    ("  SharedStorage& s;\n  const int thread;  // 0..127 within the warpgroup\n",
+     "  long long* tile_row = nullptr;  // traced: this pair's [stage][tile][3] records, or null\n", True),
+    ("// How Q reaches shared memory.", TILE_REFILL + "\n", False),
+    ("    atomicMin(&g_trace_first_ns, static_cast<unsigned long long>(trace_ns0));\n",
+     "#ifndef TRACE_PAIR0\n"
+     "#define TRACE_PAIR0 6  // the first pair recorded, counted over the CTA's chunks (-DTRACE_PAIR0=N for another)\n"
+     "#endif\n"
+     "  const bool tile_cta = trace_slot() >= 0 && trace_launch == TRACE_LAUNCH;\n", True),
+    ("      const bool has_k1 = i + 1 < n_tiles;\n",
+     "      wg.tile_row = nullptr;\n"
+     "      if (tile_cta && pairs_done >= TRACE_PAIR0 && pairs_done < TRACE_PAIR0 + 16) {\n"
+     "        wg.tile_row = &g_tile_events[trace_slot()][pairs_done - TRACE_PAIR0][0][0][0];\n"
+     "        if (kIsA && thread == 0) {\n"
+     "          long long* pair = g_tile_pair[trace_slot()][pairs_done - TRACE_PAIR0];\n"
+     "          pair[0] = clock64(), pair[1] = i, pair[2] = n_tiles;\n"
+     "        }\n"
+     "      }\n", False),
+    # The next chunk's first S is no pair's.
+    ("    // Epilogue: both halves share the row sums", "    wg.tile_row = nullptr;\n", False),
+]
+TILE_WAIT = ("{ const long long t0 = clock64(); wait_barrier(s.full[kStage][@T@], phase); "
+             "if (tile_row != nullptr && thread == 0) { tile_row[(kStage * kNumChunks + @T@) * 3 + 1] = t0; "
+             "tile_row[(kStage * kNumChunks + @T@) * 3 + 2] = clock64(); } }")
+TILE_EVENTS_REPLACE = [  # (old, new, count): in the whole kernel
+    ("      wait_barrier(s.full[kStage][t], phase);\n", "      " + TILE_WAIT.replace("@T@", "t") + "\n", 1),
+    ("      wait_barrier(s.full[kStage][kRopeTile], phase);\n",
+     "      " + TILE_WAIT.replace("@T@", "kRopeTile") + "\n", 1),
+]
+TILE_EVENTS_PRINT = """\
+      if (w != 0) continue;  // one warpgroup's pass prints both stages
+      if (k == 0)
+        printf("TRACE tiles: per tile t, t:issued/wait begun/wait ended, cycles from A's start of the pair (-1: none)\\n");
+      for (int q = 0; q < 16; ++q) {
+        const long long* pair = g_tile_pair[k][q];
+        if (pair[0] == 0) break;
+        for (int stage = 0; stage < 2; ++stage) {
+          const long long next = q + 1 < 16 ? g_tile_pair[k][q + 1][0] : 0;
+          printf("TRACE tiles part %d pair %d (pages %lld-%lld of %lld, %lld cycles) stage %d:", g_trace_part[k],
+                 TRACE_PAIR0 + q, pair[1], pair[1] + 1, pair[2], next != 0 ? next - pair[0] : -1, stage);
+          for (int t = 0; t < kNumChunks; ++t) {
+            const long long* e = g_tile_events[k][q][stage][t];
+            printf(" %d:%lld/%lld/%lld", t, e[0] != 0 ? e[0] - pair[0] : -1, e[1] != 0 ? e[1] - pair[0] : -1,
+                   e[2] != 0 ? e[2] - pair[0] : -1);
+          }
+          printf("\\n");
+        }
+      }"""
+
+
 def _insert(text: str, insertions) -> str:
     for anchor, insert, after in insertions:
         count = text.count(anchor)
@@ -257,7 +334,7 @@ def _replace(text: str, path: str, old: str, new: str, count: int = 1) -> str:
     return text.replace(old, new)
 
 
-MODES = ("timeline", "pair-waits", "pair-events")
+MODES = ("timeline", "pair-waits", "pair-events", "tile-events")
 
 
 def _instrument_pair_events(text: str) -> tuple[str, str]:
@@ -281,6 +358,59 @@ def _instrument_pair_events(text: str) -> tuple[str, str]:
     text = _replace(text, KERNEL, "static __device__ int g_trace_part[2];\n",
                     "static __device__ int g_trace_part[2];\n" + fill(PAIR_EVENTS_BUFFER))
     return text, fill(PAIR_EVENTS_PRINT)
+
+
+def _instrument_tile_events(text: str) -> str:
+    """The tile stamps in the kernel: every refill of the pair loop, and the S-tile waits."""
+    refill_call = "refill_tiles(p, kv_map, s, layer, hint, "
+    if text.count(refill_call) == 0:
+        sys.exit(f"{KERNEL}: no refill call {refill_call!r} found")
+    text = text.replace(refill_call, "traced_refill_tiles(wg.tile_row, p, kv_map, s, layer, hint, ")
+    text = _insert(text, TILE_EVENTS)
+    for old, new, count in TILE_EVENTS_REPLACE:
+        text = _replace(text, KERNEL, old, new, count)
+    return _replace(text, KERNEL, "static __device__ int g_trace_part[2];\n",
+                    "static __device__ int g_trace_part[2];\n" + TILE_EVENTS_BUFFER)
+
+
+TILE_LINE = re.compile(r"TRACE tiles part (\d+) pair (\d+) \(pages (\d+)-\d+ of (\d+), (-?\d+) cycles\) stage (\d):(.*)")
+WAITED = 100  # cycles: a wait longer than a try_wait that finds the tile landed
+
+
+def summarize_tile_events(lines, waited: int = WAITED) -> str:
+    """Per stage and tile, over the recorded pairs (all CTAs): medians of the refill's issue, of the wait's begin
+    and end, of the wait, and of the refill's latency (wait end minus issue) over the tiles waited for."""
+    import statistics
+
+    rows, pair_cycles = {}, {}
+    for line in lines:
+        m = TILE_LINE.search(line)
+        if not m:
+            continue
+        part, pair, stage = int(m.group(1)), int(m.group(2)), int(m.group(6))
+        if int(m.group(5)) > 0:
+            pair_cycles[(part, pair)] = int(m.group(5))
+        for field in m.group(7).split():
+            tile, values = field.split(":")
+            issued, begun, ended = (int(v) for v in values.split("/"))
+            rows.setdefault((stage, int(tile)), []).append((issued, begun, ended))
+    if not rows:
+        return "no tile records (lines starting 'TRACE tiles part')"
+
+    def median(values):
+        return f"{statistics.median(values):7.0f}" if values else "      -"
+
+    out = [f"{len(pair_cycles)} pairs with a length: median {median(list(pair_cycles.values())).strip()} cycles",
+           f"stage tile  pairs  issued   begun   ended    wait  waited (> {waited})  latency of those"]
+    for (stage, tile), records in sorted(rows.items()):
+        issued = [r[0] for r in records if r[0] >= 0]
+        begun = [r[1] for r in records if r[1] >= 0]
+        ended = [r[2] for r in records if r[2] >= 0]
+        waits = [r[2] - r[1] for r in records if r[1] >= 0 and r[2] >= 0]
+        latency = [r[2] - r[0] for r in records if r[0] >= 0 and r[1] >= 0 and r[2] - r[1] > waited]
+        out.append(f"{stage:5d} {tile:4d} {len(records):6d} {median(issued)} {median(begun)} {median(ended)} "
+                   f"{median(waits)} {len(latency):6d} of {len(waits):3d}     {median(latency)}")
+    return "\n".join(out)
 
 
 def instrument(text: str, mode: str = "timeline") -> str:
@@ -309,6 +439,9 @@ def instrument(text: str, mode: str = "timeline") -> str:
     elif mode == "pair-events":
         text, print_body = _instrument_pair_events(text)
         store = ""  # stored as they happen
+    elif mode == "tile-events":
+        text = _instrument_tile_events(text)
+        store, print_body = "", TILE_EVENTS_PRINT  # stored as they happen
     else:
         text = _insert(text, TIMELINE)
         store, print_body = TIMELINE_STORE, TIMELINE_PRINT
@@ -323,6 +456,9 @@ def instrument_launch(text: str) -> str:
 
 
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--summarize":
+        print(summarize_tile_events(pathlib.Path(sys.argv[2]).read_text().splitlines()))
+        return
     flags = {f"--{m}": m for m in MODES[1:]}
     args = [a for a in sys.argv[1:] if a not in flags]
     modes = [flags[a] for a in sys.argv[1:] if a in flags]

@@ -83,7 +83,7 @@ def test_seesaw_kernel_fits_its_registers_without_spills(ptxas_report):
     assert seesaw["spill_stores"] == 0 and seesaw["registers"] <= 255, seesaw
 
 
-@pytest.mark.parametrize("mode", ["timeline", "pair-waits", "pair-events"])
+@pytest.mark.parametrize("mode", ["timeline", "pair-waits", "pair-events", "tile-events"])
 def test_traced_copies_keep_the_wgmma_pipelined(tmp_path, mode, trace_script):
     src = tmp_path / "src"
     shutil.copytree(ROOT / "src", src)
