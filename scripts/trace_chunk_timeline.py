@@ -251,9 +251,8 @@ PAIR_EVENTS_PRINT = """\
 
 
 # --- the tiles of each pair -------------------------------------------------------------------------------
-TILE_FIELDS = 3  # per tile: refill issued, wait begun, wait ended
 TILE_EVENTS_BUFFER = """\
-static __device__ long long g_tile_events[2][16][2][kNumChunks][3];  // [CTA][pair][stage][tile][TILE_FIELDS]
+static __device__ long long g_tile_events[2][16][2][kNumChunks][3];  // [CTA][pair][stage][tile][issued, wait begun, ended]
 static __device__ long long g_tile_pair[2][16][3];  // [CTA][pair]: A's start of the pair, its first page, the chunk's pages
 """
 # The refills inside the pair loop go through this, which stamps each tile after its warp issued it.

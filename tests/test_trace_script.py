@@ -52,10 +52,11 @@ def test_tile_events_trace_every_refill_of_the_pair_loop_and_every_s_tile_wait(t
     assert traced.count("refill_tiles(p, kv_map, s, layer, hint, ") == 1
     assert traced.count("wait_barrier(s.full[kStage][") == 2 and traced.count("tile_row[(kStage * kNumChunks + ") == 4
     # Records are per pair: set at the pair's top, cleared before the epilogue, so a chunk's first S is none's.
+    loop = traced.index("    for (int i = 0; i < n_tiles; i += 2) {")
     loop_top = traced.index("      const bool has_k1 = i + 1 < n_tiles;")
     epilogue = traced.index("    // Epilogue: both halves share the row sums")
-    assert traced.rindex("      wg.tile_row = nullptr;\n", 0, loop_top) < loop_top
-    assert traced.rindex("    wg.tile_row = nullptr;\n", 0, epilogue) > loop_top
+    assert loop < traced.index("      wg.tile_row = nullptr;\n", loop) < loop_top
+    assert loop_top < traced.rindex("    wg.tile_row = nullptr;\n", 0, epilogue) < epilogue
 
 
 def test_tile_summary_takes_medians_per_stage_and_tile(trace_script):
