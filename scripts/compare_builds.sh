@@ -14,7 +14,8 @@
 # ROUNDS=N (default 1) runs the bench N - 1 more times over the builds whose first one ran, each round in the
 # reverse order of the one before (A B C, then C B A, A B C, ...), so that the GPU's drift in clock and
 # temperature falls on every build alike: compare builds within a call, over all their rounds.
-# LOG_DIR gets one log per step and summary.txt: each step's last line, and the benchmarks' table rows.
+# LOG_DIR gets one log per step and summary.txt: each step's last line, and the benchmarks' table rows, then
+# (scripts/summarize_builds.py) each build's mean kernel ms per row over its rounds against the first build's.
 set -uo pipefail
 LOG_DIR=${1:?usage: scripts/compare_builds.sh LOG_DIR NAME=CUDA_FLAGS ...}
 shift
@@ -92,3 +93,6 @@ for ((round = 2; round <= ${ROUNDS:-1}; round++)); do
       --out "$LOG_DIR/bench${round}_$name"
   done
 done
+
+# Every timed build's mean kernel time per row over its rounds, against the first build's.
+((${#timed[@]})) && python3 scripts/summarize_builds.py "$LOG_DIR" "${timed[@]}" | tee -a "$summary"
