@@ -55,6 +55,10 @@ PROLOGUE = """\
 #ifndef TRACE_LAUNCH
 #define TRACE_LAUNCH 3  // the launch recorded, counted from 0 (a warm one); build with -DTRACE_LAUNCH=N for another
 #endif
+// --pair-events and --tile-events record 16 pairs from this one on.
+#ifndef TRACE_PAIR0
+#define TRACE_PAIR0 6  // the first pair recorded, counted over the CTA's chunks (-DTRACE_PAIR0=N for another)
+#endif
 __device__ __forceinline__ long long trace_ns() {  // the global timer, in ns: with clock64, the SM clock
   long long ns;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
@@ -216,9 +220,6 @@ PAIR_EVENT_NAMES = {  # event 0 of both: the pair's start (the warpgroup's S of 
           "P0' V0_right issued", "P1 V1_right done", "P0' V0_right done", "next S1 issued", "next S1 done"],
 }
 PAIR_EVENTS_SETUP = """\
-#ifndef TRACE_PAIR0
-#define TRACE_PAIR0 6  // the first pair recorded, counted over the CTA's chunks (-DTRACE_PAIR0=N for another)
-#endif
   const bool event_cta = thread == 0 && trace_slot() >= 0 && trace_launch == TRACE_LAUNCH;
 #define EVENT(k) if (event_row) event_row[k] = clock64();
 """
@@ -272,9 +273,6 @@ TILE_EVENTS = [  # (anchor, text inserted before it, or after it when the third 
      "  long long* tile_row = nullptr;  // traced: this pair's [stage][tile][3] records, or null\n", True),
     ("// How Q reaches shared memory.", TILE_REFILL + "\n", False),
     ("    atomicMin(&g_trace_first_ns, static_cast<unsigned long long>(trace_ns0));\n",
-     "#ifndef TRACE_PAIR0\n"
-     "#define TRACE_PAIR0 6  // the first pair recorded, counted over the CTA's chunks (-DTRACE_PAIR0=N for another)\n"
-     "#endif\n"
      "  const bool tile_cta = trace_slot() >= 0 && trace_launch == TRACE_LAUNCH;\n", True),
     ("      const bool has_k1 = i + 1 < n_tiles;\n",
      "      wg.tile_row = nullptr;\n"
