@@ -95,4 +95,4 @@ for ((round = 2; round <= ${ROUNDS:-1}; round++)); do
 done
 
 # Every timed build's mean kernel time per row over its rounds, against the first build's.
-((${#timed[@]})) && python3 scripts/summarize_builds.py "$LOG_DIR" "${timed[@]}" | tee -a "$summary"
+if ((${#timed[@]})); then python3 scripts/summarize_builds.py "$LOG_DIR" "${timed[@]}" | tee -a "$summary"; fi

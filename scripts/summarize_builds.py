@@ -8,6 +8,7 @@ Usage: python3 scripts/summarize_builds.py LOG_DIR NAME [NAME ...]
 """
 import json
 import pathlib
+import re
 import statistics
 import sys
 
@@ -24,8 +25,13 @@ def row_label(key: tuple) -> str:
 def kernel_times(log_dir: pathlib.Path, name: str) -> dict[tuple, list[float]]:
     """Each bench row's kernel_ms over the build's rounds, in round order."""
     times: dict[tuple, list[float]] = {}
-    rounds = [log_dir / f"bench_{name}"]
-    rounds += sorted(log_dir.glob(f"bench[0-9]*_{name}"), key=lambda p: int(p.name[5:].split("_", 1)[0]))
+    # Exactly bench_NAME and benchR_NAME: no other build's folders, whatever the names, and a round that failed
+    # for this build leaves out that round only.
+    later = {}
+    for folder in log_dir.iterdir():
+        if match := re.fullmatch(rf"bench(\d+)_{re.escape(name)}", folder.name):
+            later[int(match.group(1))] = folder
+    rounds = [log_dir / f"bench_{name}"] + [later[r] for r in sorted(later)]
     for folder in rounds:
         path = folder / "results.json"
         if not path.exists():

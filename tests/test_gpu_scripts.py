@@ -58,6 +58,7 @@ def test_summarize_builds_means_each_builds_rounds_against_the_first(tmp_path):
     bench("bench2_head", [(4096, 1, 16, False, 0.22), (4096, 2, 128, True, 0.50)])
     bench("bench_new", [(4096, 1, 16, False, 0.19)])
     bench("bench3_new", [(4096, 1, 16, False, 0.19)])
+    bench("bench2_other_new", [(4096, 1, 16, False, 9.0)])  # another build's folder, whose name ends like this one's
     root = pathlib.Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, str(root / "scripts" / "summarize_builds.py"), str(tmp_path), "head",
                              "new"], capture_output=True, text=True)
