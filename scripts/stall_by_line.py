@@ -12,6 +12,12 @@ Usage: python3 scripts/stall_by_line.py NCU_SASS.csv LISTING --kernel NAME --fil
                 [FIRST, LAST] among its inlining chain (a helper called from that function counts for the call).
 Unlike scripts/stall_hotspots.py (one row per instruction), this says which statement of a warpgroup's loop
 the samples belong to, e.g. how much of a GEMM issue is back-pressure (HGMMA) and how much a TMA wait (BRA).
+  --fetch       instead, where the warps of the function wait for instructions (`no_instructions`): its hot code
+                (instructions executed at least P/2 times, P the count most of its instructions ran: once per
+                loop trip and warp) and the instructions with the most such samples, each with the run of code
+                just before it that ran less than half as often. The hot path jumps over such a run, so the
+                instruction is a branch target, and a taken branch to a line not in the instruction cache stalls
+                the warp (benchmarks/NOTES.md, version 2.11).
 """
 import argparse
 import collections
@@ -54,11 +60,14 @@ def main():
     parser.add_argument("--file", required=True)
     parser.add_argument("--lines", required=True, help="FIRST-LAST")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--fetch", action="store_true", help="the instruction-fetch stalls and the hot code")
     args = parser.parse_args()
     first, last = (int(x) for x in args.lines.split("-"))
     code = parse_listing(args.listing, args.kernel)
 
     col, body = read_sass_csv(args.csv_path)
+    if args.fetch:
+        return fetch_report(code, col, body, args.file, first, last, args.top)
     reasons = [n for n in col if n.startswith("stall_") and "(Not Issued)" not in n]
     base = min(int(r[col["Address"]], 16) for r in body)
 
@@ -88,6 +97,43 @@ def main():
         top_ops = ", ".join(f"{o} {c}" for o, c in ops[key].most_common(3))
         top_why = ", ".join(f"{w} {c}" for w, c in why[key].most_common(3))
         print(f"{key:>9} {n:>8} {n / total:>6.1%} {executed[key]:>9}  {text}\n{'':>36}{top_ops}\n{'':>36}{top_why}")
+
+
+def fetch_report(code, col, body, file, first, last, top):
+    """Prints the function's hot code and its largest `no_instructions` stalls, each with the run it jumped over."""
+    base = min(int(r[col["Address"]], 16) for r in body)
+    rows = []  # (offset, source, executed, no-instruction samples, line in the function or None), by address
+    for r in body:
+        offset = int(r[col["Address"]], 16) - base
+        inside = [line for (name, line) in code.get(offset, ("?", []))[1] if name == file and first <= line <= last]
+        rows.append((offset, r[col["Source"]].strip(), int(r[col["Instructions Executed"]] or 0),
+                     int(r[col["stall_no_inst"]] or 0), inside[0] if inside else None))
+    rows.sort()
+    mismatches = sum(code.get(offset, ("?",))[0] != opcode(source) for offset, source, *_ in rows)
+    if mismatches:
+        print(f"WARNING: {mismatches} of {len(rows)} opcodes differ: the listing is not the profiled build")
+    counts = collections.Counter(e for *_, e, _, line in rows if line is not None and e > 0)
+    if not counts:
+        print(f"no executed instruction of {file}:{first}-{last}")
+        return
+    trips = counts.most_common(1)[0][0]
+    mine = [r for r in rows if r[4] is not None]
+    hot = sum(1 for r in mine if r[2] >= trips / 2)
+    warm = sum(1 for r in mine if trips / 8 <= r[2] < trips / 2)
+    total = sum(r[3] for r in rows) or 1
+    print(f"P = {trips} (the most common execution count of the function's instructions)")
+    print(f"hot code: {hot} instructions ({hot * 16 / 1024:.1f} KB) executed >= P/2 times; {warm} more "
+          f"({warm * 16 / 1024:.1f} KB) P/8..P/2 times; of {len(mine)} attributed to {file}:{first}-{last}")
+    print(f"no_instructions samples: {total} in the kernel, {sum(r[3] for r in mine)} in the function")
+    print(f"{'offset':>8} {'samples':>8} {'share':>6} {'exec/P':>6} {'jumped over':>11}  line  instruction")
+    ranked = sorted(range(len(rows)), key=lambda i: -rows[i][3])[:top]
+    for i in sorted(ranked):
+        offset, source, executed, n, line = rows[i]
+        skipped = 0  # the run just before that ran less than half as often: what a taken branch jumped over
+        while i - skipped - 1 >= 0 and rows[i - skipped - 1][2] < executed / 2:
+            skipped += 1
+        print(f"{offset:>#8x} {n:>8} {n / total:>6.1%} {executed / trips:>6.2f} {skipped:>11}  {str(line):>4}  "
+              f"{source[:60]}")
 
 
 if __name__ == "__main__":

@@ -73,3 +73,42 @@ def test_summarize_builds_means_each_builds_rounds_against_the_first(tmp_path):
     empty = subprocess.run([sys.executable, str(root / "scripts" / "summarize_builds.py"), str(tmp_path), "other"],
                            capture_output=True, text=True)
     assert empty.stdout.startswith("no bench results")
+
+
+def test_stall_by_line_fetch_finds_the_branch_target_and_what_it_jumped_over(tmp_path):
+    """scripts/stall_by_line.py --fetch on a made-up listing and profile: P is the count most instructions ran,
+    the hot code is what ran at least P/2 times, and a no-instruction stall is shown with the run before it that
+    ran less than half as often (the cold code the hot path jumped over)."""
+    listing = tmp_path / "k.sass"
+    listing.write_text("\n".join([
+        ".text._Z6kernelv:",
+        '\t//## File "/src/k.cuh", line 10',
+        "        /*0000*/                   MOV R1, R2 ;",
+        "        /*0010*/               @P0 BRA `(.L_x_1) ;",
+        '\t//## File "/src/k.cuh", line 11',
+        "        /*0020*/                   FMUL R3, R3, R4 ;",
+        "        /*0030*/                   FMUL R5, R5, R4 ;",
+        ".L_x_1:",
+        '\t//## File "/src/k.cuh", line 12',
+        "        /*0040*/                   IADD3 R6, R6, 0x1, RZ ;",
+        "        /*0050*/                   EXIT ;",
+    ]) + "\n")
+    columns = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed", "stall_no_inst"]
+    rows = [("0x7f0000000000", "MOV R1, R2", 3, 100, 1), ("0x7f0000000010", "@P0 BRA 0x7f0000000040", 2, 100, 0),
+            ("0x7f0000000020", "FMUL R3, R3, R4", 1, 5, 0), ("0x7f0000000030", "FMUL R5, R5, R4", 0, 5, 0),
+            ("0x7f0000000040", "IADD3 R6, R6, 0x1, RZ", 60, 100, 50), ("0x7f0000000050", "EXIT", 1, 100, 0)]
+    profile = tmp_path / "k.csv"
+    profile.write_text('"Kernel Name","kernel()",\n' + ",".join(f'"{c}"' for c in columns) + "\n" +
+                       "".join(",".join(f'"{v}"' for v in row) + "\n" for row in rows))
+    root = pathlib.Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "scripts" / "stall_by_line.py"), str(profile), str(listing),
+                             "--kernel", "_Z6kernelv", "--file", "k.cuh", "--lines", "10-12", "--fetch"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert not lines[0].startswith("WARNING"), lines[0]
+    assert lines[0].startswith("P = 100 ")
+    assert lines[1].startswith("hot code: 4 instructions (0.1 KB) executed >= P/2 times; 0 more")
+    assert "51 in the kernel, 51 in the function" in lines[2]
+    target = next(line for line in lines if line.split()[0] == "0x40")
+    assert target.split()[1:6] == ["50", "98.0%", "1.00", "2", "12"]
