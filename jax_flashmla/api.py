@@ -53,7 +53,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         read: the kernels then read that layer in place. (Passing `pool[layer]` costs no copy either with
         jax 0.11 on an H100, whose dynamic-slice fusion hands the kernel an offset into the pool; `layer`
         does not rely on that.)
-      block_table: (b, max_pages_per_seq) int32 page ids; ids outside [0, num_pages) are ignored.
+      block_table: (b, max_pages_per_seq) int32 page ids, max_pages_per_seq <= 2**24; ids outside
+        [0, num_pages) are ignored.
       cache_seqlens: (b,) int32 KV lengths, clipped to [0, 64 * max_pages_per_seq].
       head_dim_v: value dim, 512.
       tile_scheduler_metadata, num_splits: from get_mla_metadata; computed here when omitted. Under a mesh

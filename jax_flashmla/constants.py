@@ -1,6 +1,7 @@
 """Sizes fixed by the kernels' design; the CUDA side mirrors them in src/mla_params.h."""
 
 PAGE_SIZE = 64  # tokens per KV-cache page, and the kernels' KV tile
+MAX_PAGES_PER_SEQ = 2**24  # block_table columns: token positions (64 a page) stay below 2^30 in int32
 BLOCK_M = 64  # query rows (s_q * heads per KV head) one kernel CTA serves
 METADATA_ROW_INTS = 8  # ints per tile_scheduler_metadata row
 SPLIT_OVERHEAD_BLOCKS = 5  # scheduler cost of a split's fixed work, in 64-token blocks

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from .constants import METADATA_ROW_INTS, PAGE_SIZE, SUPPORTED_HEAD_DIM_V, SUPPORTED_HEAD_DIMS
+from .constants import MAX_PAGES_PER_SEQ, METADATA_ROW_INTS, PAGE_SIZE, SUPPORTED_HEAD_DIM_V, SUPPORTED_HEAD_DIMS
 
 ATTENTION_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)  # float32 runs the reference on every platform
 
@@ -100,6 +100,9 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_m
     if block_table.shape[0] != batch or block_table.shape[1] == 0:
         raise ValueError(f"block_table must have shape ({batch}, max_pages_per_seq >= 1) to match q's batch, "
                          f"got {_describe(block_table)}")
+    if block_table.shape[1] > MAX_PAGES_PER_SEQ:
+        raise ValueError(f"block_table's max_pages_per_seq must be at most 2**24 ({MAX_PAGES_PER_SEQ}): the kernels "
+                         f"keep token positions (64 a page) in int32; got {_describe(block_table)}")
     check_seqlens(cache_seqlens, batch)
 
     if (tile_metadata is None) != (num_splits is None):

@@ -29,9 +29,10 @@
 
 namespace jax_flashmla {
 
-constexpr int kPageSize = 64;            // tokens per KV page, and the kernels' KV tile
-constexpr int kMetadataRowInts = 8;      // ints per tile_metadata row
-constexpr int kSplitOverheadBlocks = 5;  // scheduler's cost of a split's fixed work, in 64-token blocks
+constexpr int kPageSize = 64;             // tokens per KV page, and the kernels' KV tile
+constexpr int kMaxPagesPerSeq = 1 << 24;  // block_table columns: token positions stay below 2^30 in int32
+constexpr int kMetadataRowInts = 8;       // ints per tile_metadata row
+constexpr int kSplitOverheadBlocks = 5;   // scheduler's cost of a split's fixed work, in 64-token blocks
 
 enum class ElementType { kBF16, kFP16 };
 

@@ -1,10 +1,14 @@
 """Bad input is refused at trace time, naming the argument, what it got and what was expected."""
 
+import pathlib
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 import jax_flashmla as jfm
+from jax_flashmla import constants
 
 S = jax.ShapeDtypeStruct
 GOOD = dict(q=S((2, 1, 16, 576), jnp.bfloat16), k_cache=S((8, 64, 1, 576), jnp.bfloat16),
@@ -53,6 +57,8 @@ def test_good_input_passes():
      ["block_table must be int32"]),
     (dict(block_table=S((3, 4), jnp.int32)), ValueError, ["block_table must have shape (2, max_pages_per_seq", "(3, 4)"]),
     (dict(block_table=S((8,), jnp.int32)), ValueError, ["block_table must have rank 2"]),
+    (dict(block_table=S((2, 2**24 + 1), jnp.int32)), ValueError, ["max_pages_per_seq must be at most 2**24",
+                                                                 "(2, 16777217)"]),
     (dict(cache_seqlens=S((3,), jnp.int32)), ValueError, ["cache_seqlens must have shape (2,)", "(3,)"]),
     (dict(cache_seqlens=S((2,), jnp.float32)), TypeError, ["cache_seqlens must be int32", "float32"]),
 ])
@@ -95,3 +101,15 @@ def test_softmax_scale_checks():
         call(softmax_scale=-1.0)
     with pytest.raises(TypeError, match="Python float"):
         call(softmax_scale=jnp.float32(0.1))
+
+
+def test_constants_match_the_cuda_side():
+    """jax_flashmla/constants.py and src/mla_params.h state the same sizes (the limits checked here among them); a
+    change to one alone fails here."""
+    header = (pathlib.Path(__file__).resolve().parents[1] / "src" / "mla_params.h").read_text()
+    cuda = {name: eval(expr, {"__builtins__": {}}) for name, expr in
+            re.findall(r"constexpr int (k\w+) = ([0-9 <]+);", header)}
+    assert cuda["kPageSize"] == constants.PAGE_SIZE
+    assert cuda["kMaxPagesPerSeq"] == constants.MAX_PAGES_PER_SEQ
+    assert cuda["kMetadataRowInts"] == constants.METADATA_ROW_INTS
+    assert cuda["kSplitOverheadBlocks"] == constants.SPLIT_OVERHEAD_BLOCKS

@@ -62,7 +62,8 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
     return ffi::Error::InvalidArgument("jax_flashmla decode: q, k_cache and out must all be bf16 or all fp16");
   if (num_layers < 1 || kd[1] != kPageSize || kd[3] != head_dim || h_kv < 1 || h_q % h_kv != 0 || bd[0] != batch ||
       cache_seqlens.element_count() != batch || num_splits.element_count() != batch + 1 ||
-      md[1] != kMetadataRowInts || od[0] != batch || od[1] != s_q || od[2] != h_q)
+      bd[1] < 1 || bd[1] > kMaxPagesPerSeq || md[1] != kMetadataRowInts || od[0] != batch || od[1] != s_q ||
+      od[2] != h_q)
     return ffi::Error::InvalidArgument("jax_flashmla decode: inconsistent shapes, q " + dims_to_string(qd) +
                                        ", k_cache " + dims_to_string(all_kd) + ", block_table " + dims_to_string(bd));
   const int64_t q_rows = s_q * h_q / h_kv;
