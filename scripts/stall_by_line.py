@@ -52,6 +52,22 @@ def opcode(source):
     return words[1] if words[0].startswith("@") else words[0]
 
 
+def attribute(code, col, body, file, first, last):
+    """The profile's rows by address: (offset, row, the innermost line of FILE in [first, last] or None). Warns if
+    the listing's opcodes are not the profile's."""
+    base = min(int(r[col["Address"]], 16) for r in body)
+    rows, mismatches = [], 0
+    for r in body:
+        offset = int(r[col["Address"]], 16) - base
+        op, chain = code.get(offset, ("?", []))
+        mismatches += op != opcode(r[col["Source"]])
+        inside = [line for (name, line) in chain if name == file and first <= line <= last]
+        rows.append((offset, r, inside[0] if inside else None))
+    if mismatches:
+        print(f"WARNING: {mismatches} of {len(body)} opcodes differ: the listing is not the profiled build")
+    return sorted(rows, key=lambda row: row[0])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv_path")
@@ -66,28 +82,21 @@ def main():
     code = parse_listing(args.listing, args.kernel)
 
     col, body = read_sass_csv(args.csv_path)
+    rows = attribute(code, col, body, args.file, first, last)
     if args.fetch:
-        return fetch_report(code, col, body, args.file, first, last, args.top)
+        return fetch_report(rows, col, args.file, first, last, args.top)
     reasons = [n for n in col if n.startswith("stall_") and "(Not Issued)" not in n]
-    base = min(int(r[col["Address"]], 16) for r in body)
 
     samples, ops, why, executed = (collections.Counter(), collections.defaultdict(collections.Counter),
                                    collections.defaultdict(collections.Counter), collections.Counter())
-    mismatches = 0
-    for r in body:
-        offset = int(r[col["Address"]], 16) - base
-        op, chain = code.get(offset, ("?", []))
-        mismatches += op != opcode(r[col["Source"]])
-        inside = [line for (name, line) in chain if name == args.file and first <= line <= last]
-        key = inside[0] if inside else "elsewhere"
+    for _, r, line in rows:
+        key = "elsewhere" if line is None else line
         n = int(r[col["Warp Stall Sampling (All Samples)"]] or 0)
         samples[key] += n
         ops[key][opcode(r[col["Source"]])] += n
         executed[key] = max(executed[key], int(r[col["Instructions Executed"]] or 0))
         for reason in reasons:
             why[key][reason[len("stall_"):]] += int(r[col[reason]] or 0)
-    if mismatches:
-        print(f"WARNING: {mismatches} of {len(body)} opcodes differ: the listing is not the profiled build")
     total = sum(samples.values()) or 1
     source = open(next(p for p in [args.file, f"src/kernels/{args.file}"] if os.path.exists(p))).read().split("\n")
     print(f"{len(body)} instructions, {total} stall samples")
@@ -99,19 +108,11 @@ def main():
         print(f"{key:>9} {n:>8} {n / total:>6.1%} {executed[key]:>9}  {text}\n{'':>36}{top_ops}\n{'':>36}{top_why}")
 
 
-def fetch_report(code, col, body, file, first, last, top):
+def fetch_report(attributed, col, file, first, last, top):
     """Prints the function's hot code and its largest `no_instructions` stalls, each with the run it jumped over."""
-    base = min(int(r[col["Address"]], 16) for r in body)
-    rows = []  # (offset, source, executed, no-instruction samples, line in the function or None), by address
-    for r in body:
-        offset = int(r[col["Address"]], 16) - base
-        inside = [line for (name, line) in code.get(offset, ("?", []))[1] if name == file and first <= line <= last]
-        rows.append((offset, r[col["Source"]].strip(), int(r[col["Instructions Executed"]] or 0),
-                     int(r[col["stall_no_inst"]] or 0), inside[0] if inside else None))
-    rows.sort()
-    mismatches = sum(code.get(offset, ("?",))[0] != opcode(source) for offset, source, *_ in rows)
-    if mismatches:
-        print(f"WARNING: {mismatches} of {len(rows)} opcodes differ: the listing is not the profiled build")
+    # (offset, source, executed, no-instruction samples, line in the function or None), by address
+    rows = [(offset, r[col["Source"]].strip(), int(r[col["Instructions Executed"]] or 0),
+             int(r[col["stall_no_inst"]] or 0), line) for offset, r, line in attributed]
     counts = collections.Counter(e for *_, e, _, line in rows if line is not None and e > 0)
     if not counts:
         print(f"no executed instruction of {file}:{first}-{last}")
