@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The whole GPU run in one command, for the lent Hopper GPU (H100, H200): build, GPU tests, compute-sanitizer,
 # benchmark.
-# Usage: scripts/gpu_check.sh LOG_DIR [quick|seesaw]
+# Usage: scripts/gpu_check.sh LOG_DIR [quick|seesaw|narrow]
 #   LOG_DIR  where logs go (created); the last lines of each step are printed as a summary.
 #   quick    run a subset of the GPU grid (for iterating on a kernel).
 #   seesaw   for work on the seesaw kernel (src/kernels/decode_seesaw.cuh, the default on Hopper): the quick
 #            test subset, then (if they pass) memcheck, racecheck and the quick bench, each under a timeout
 #            because a schedule bug may deadlock; then the single-softmax kernel's quick bench
 #            (JAX_FLASHMLA_DECODE_KERNEL=hopper) for comparison. About 3 minutes when it works.
+#   narrow   the same for the opt-in narrow kernel (src/kernels/decode_narrow.cuh, JAX_FLASHMLA_DECODE_KERNEL=narrow,
+#            head groups of at most 32 query rows; wider ones fall back to the seesaw): its tests and the quick
+#            subset, memcheck and racecheck, then the memory-bound rows (h_q 16) timed with it and with the seesaw.
 # Environment: SKIP_BENCH=1 skips the benchmarks; BENCH_ARGS replaces the first one's flags (default --quick;
 # BENCH_ARGS="" runs the full grid); the second times a stacked two-layer pool (--quick --layers 2).
 # Offline machines: put wheels the image lacks (nvidia-cutlass) in .whl/ (scripts/gpu_env.sh installs them).
 set -uo pipefail
-LOG_DIR=${1:?usage: scripts/gpu_check.sh LOG_DIR [quick|seesaw]}
+LOG_DIR=${1:?usage: scripts/gpu_check.sh LOG_DIR [quick|seesaw|narrow]}
 MODE=${2:-full}
 mkdir -p "$LOG_DIR"
 cd "$(dirname "$0")/.."
@@ -50,19 +53,37 @@ sanitize() {
   return $rc
 }
 summarize() { echo; echo "== summary ($LOG_DIR)"; cat "$LOG_DIR/gpu.txt"; printf '%s\n' "${summary[@]}"; }
+# For work on one kernel: the quick test subset (and FILTER's tests), then, if they pass, memcheck (on
+# sanitize_cases.py's MEMCHECK_CASES) and racecheck on the small cases, each under a timeout because a schedule bug
+# may deadlock. Usage: kernel_checks PREFIX FILTER MEMCHECK_CASES
+kernel_checks() {
+  step "$1_tests" timeout 300 python3 -m pytest -q -m gpu -x -n 4 tests/test_gpu_kernels.py \
+    -k "$2 or not grid or (64-4-4096 or 6-2-140 or 2-1-20)" || return 1
+  step "$1_memcheck" timeout 150 bash -c "$(declare -f sanitize); sanitize memcheck $3"
+  step "$1_racecheck" timeout 150 bash -c "$(declare -f sanitize); sanitize racecheck small"
+  return 0  # the tests passed; the sanitizers' findings are in the summary
+}
 
 if [ "$MODE" = seesaw ]; then
   export JAX_FLASHMLA_DECODE_KERNEL=seesaw
-  if step seesaw_tests timeout 240 python3 -m pytest -q -m gpu -x -n 4 tests/test_gpu_kernels.py \
-    -k "not grid or (64-4-4096 or 6-2-140 or 2-1-20)"; then
-    step seesaw_memcheck timeout 150 bash -c "$(declare -f sanitize); sanitize memcheck"
-    step seesaw_racecheck timeout 120 bash -c "$(declare -f sanitize); sanitize racecheck small"
-    # Timed even when a sanitizer complains (the results matched): the numbers decide whether to go on.
+  # The bench runs even when a sanitizer complains (the results matched): the numbers decide whether to go on.
+  kernel_checks seesaw "2-1-140-16" "" &&
     step seesaw_bench timeout 120 python3 -m jax_flashmla.bench --quick --no-baseline --out "$LOG_DIR/seesaw_bench"
-  fi
   # The single-softmax kernel on the same machine, minutes apart: the comparison the seesaw has to win.
   JAX_FLASHMLA_DECODE_KERNEL=hopper step hopper_bench timeout 120 python3 -m jax_flashmla.bench --quick --no-baseline \
     --out "$LOG_DIR/hopper_bench"
+  summarize
+  exit 0
+fi
+
+if [ "$MODE" = narrow ]; then
+  export JAX_FLASHMLA_DECODE_KERNEL=narrow
+  if kernel_checks narrow "narrow or 2-1-140-16" small; then
+    for kernel in narrow seesaw; do
+      JAX_FLASHMLA_DECODE_KERNEL=$kernel step ${kernel}_bench timeout 150 python3 -m jax_flashmla.bench --h-q 16 \
+        --s-q 1,2 --seqlen 4096,16384 --no-baseline --out "$LOG_DIR/${kernel}_bench"
+    done
+  fi
   summarize
   exit 0
 fi

@@ -25,6 +25,8 @@ def main(small: bool):
     cases.test_hostile_runtime_values_stay_in_bounds(SEED)
     print("case: grid b2 s_q2 s_k140 h_q16 causal bf16", flush=True)
     cases.test_flashmla_grid(2, 2, 140, 16, 1, True, True, jnp.bfloat16, SEED)
+    print("case: grid b2 s_q1 s_k140 h_q16 bf16", flush=True)  # 16 query rows: the narrow kernel's 16-wide form
+    cases.test_flashmla_grid(2, 1, 140, 16, 1, True, False, jnp.bfloat16, SEED)
     if not small:
         print("case: the rest", flush=True)
         cases.test_flashmla_grid(6, 4, 140, 64, 2, True, True, jnp.float16, SEED)

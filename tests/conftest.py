@@ -1,6 +1,7 @@
 import importlib.util
 import os
 import pathlib
+import shutil
 
 import jax
 import pytest
@@ -42,3 +43,17 @@ def trace_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="session")
+def cuda_build_tools():
+    """(nvcc, the nvidia-cutlass wheel's source root): what compiling the kernels needs; CI has both."""
+    nvcc = shutil.which("nvcc")
+    try:
+        import cutlass_library
+        cutlass = pathlib.Path(cutlass_library.__file__).parent / "source"
+    except ImportError:
+        cutlass = None
+    if nvcc is None or cutlass is None or not (cutlass / "include" / "cute" / "tensor.hpp").exists():
+        pytest.skip("needs nvcc and the nvidia-cutlass wheel (the CUDA build's requirements)")
+    return pathlib.Path(nvcc), cutlass

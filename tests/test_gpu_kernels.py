@@ -100,6 +100,32 @@ def test_single_softmax_kernel(dtype, monkeypatch, rng_seed):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("h_q,h_kv,s_q", [(16, 1, 1), (16, 1, 2), (8, 1, 3), (32, 2, 1), (4, 1, 1), (10, 1, 3)])
+def test_narrow_kernel(h_q, h_kv, s_q, dtype, monkeypatch, rng_seed):
+    """The tokens-as-M kernel for head groups of at most 32 query rows (JAX_FLASHMLA_DECODE_KERNEL=narrow, opt-in
+    until measured): 16- and 32-wide instantiations, head groups that leave columns empty, splits and single-split
+    sequences, causal and not, partial pages, NaN in a neighbouring sequence's Q, and hostile lengths and page
+    ids."""
+    monkeypatch.setenv("JAX_FLASHMLA_DECODE_KERNEL", "narrow")
+    rng = np.random.default_rng([rng_seed, h_q, h_kv, s_q])
+    for batch, s_k in ((8, 2048), (64, 140)):  # mostly split; mostly not
+        seqlens = lengths(rng, batch, s_k, True, zero_one=True)
+        problem = make_problem(rng, batch=batch, s_q=s_q, h_q=h_q, h_kv=h_kv, seqlens=seqlens, dtype=dtype)
+        for causal in (False, True):
+            check_against_reference(problem, causal, dtype)
+    seqlens = lengths(rng, 6, 300, True, zero_one=False)
+    seqlens[1::2] = 0
+    p = make_problem(rng, batch=6, s_q=s_q, h_q=h_q, h_kv=h_kv, seqlens=seqlens, dtype=dtype)
+    check_against_reference(p, True, dtype, kernel_q=p.q.at[1::2].set(jnp.nan))
+    p = make_problem(rng, batch=4, s_q=s_q, h_q=h_q, h_kv=h_kv, seqlens=np.array([256, 130, 64, 70], np.int32),
+                     dtype=dtype, spare_pages=0)
+    table = np.asarray(p.block_table).copy()
+    table[1, 1], table[2, 0] = -7, UNUSED_PAGE_ID
+    hostile = type(p)(p.q, p.k_cache, jnp.asarray(table), jnp.asarray(np.array([10_000, 130, 64, -5], np.int32)))
+    check_against_reference(hostile, False, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_head_dim_512_and_all_empty(dtype, rng_seed):
     rng = np.random.default_rng(rng_seed)
     seqlens = lengths(rng, 5, 300, True, zero_one=True)

@@ -6,7 +6,7 @@ computes the right answer, each wgmma waiting for the one before, and no correct
 shapes of branches around an S issued in the epilogue did exactly that (benchmarks/NOTES.md, "The next
 chunk's first S behind the stores"). Register spills are the same kind of silent loss. This test compiles the
 bf16 instantiation with the build's flags and `ptxas -v`, and fails on either. (The single-softmax kernel
-spills 16 bytes, as it long has; only the default seesaw kernel is held to none.) It does the same for the
+spills 16 bytes, as it long has; the seesaw and narrow kernels are held to none.) It does the same for the
 copies scripts/trace_chunk_timeline.py writes, whose records must not change what they measure: a printf in
 the decode kernel serialized it (C7510) until the records moved to a printing kernel of their own.
 """
@@ -22,19 +22,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SERIALIZED = "wgmma.mma_async instructions are serialized"
 
 
-def _cutlass_root():
-    try:
-        import cutlass_library
-    except ImportError:
-        return None
-    root = pathlib.Path(cutlass_library.__file__).parent / "source"
-    return root if (root / "include" / "cute" / "tensor.hpp").exists() else None
-
-
-def _ptxas_report(src: pathlib.Path, out_dir: pathlib.Path) -> str:
-    nvcc, cutlass = shutil.which("nvcc"), _cutlass_root()
-    if nvcc is None or cutlass is None:
-        pytest.skip("needs nvcc and the nvidia-cutlass wheel (the CUDA build's requirements)")
+def _ptxas_report(src: pathlib.Path, out_dir: pathlib.Path, tools) -> str:
+    nvcc, cutlass = tools
     # The flags of CMakeLists.txt's jfm_kernels target, for sm_90a.
     command = [nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
                "--use_fast_math", "-lineinfo", f"-I{src}", f"-I{cutlass / 'include'}",
@@ -46,8 +35,8 @@ def _ptxas_report(src: pathlib.Path, out_dir: pathlib.Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def ptxas_report(tmp_path_factory):
-    return _ptxas_report(ROOT / "src", tmp_path_factory.mktemp("codegen"))
+def ptxas_report(tmp_path_factory, cuda_build_tools):
+    return _ptxas_report(ROOT / "src", tmp_path_factory.mktemp("codegen"), cuda_build_tools)
 
 
 def _kernels(report: str) -> dict[str, dict]:
@@ -71,25 +60,27 @@ def _kernels(report: str) -> dict[str, dict]:
 
 def test_no_decode_kernel_has_its_wgmma_serialized(ptxas_report):
     kernels = _kernels(ptxas_report)
-    hopper = [name for name in kernels if "seesaw" in name or "hopper" in name]
-    assert len(hopper) == 2, f"expected the seesaw and single-softmax kernels, found {list(kernels)}"
+    hopper = [name for name in kernels if "seesaw" in name or "hopper" in name or "narrow" in name]
+    assert len(hopper) == 4, f"expected the seesaw, single-softmax and two narrow kernels, found {list(kernels)}"
     for name in hopper:
         serialized = [note for note in kernels[name]["notes"] if SERIALIZED in note]
         assert not serialized, f"{name}: {serialized}"
 
 
-def test_seesaw_kernel_fits_its_registers_without_spills(ptxas_report):
-    (seesaw,) = [info for name, info in _kernels(ptxas_report).items() if "seesaw" in name]
-    assert seesaw["spill_stores"] == 0 and seesaw["registers"] <= 255, seesaw
+def test_seesaw_and_narrow_kernels_fit_their_registers_without_spills(ptxas_report):
+    kernels = [info for name, info in _kernels(ptxas_report).items() if "seesaw" in name or "narrow" in name]
+    assert len(kernels) == 3
+    for info in kernels:
+        assert info["spill_stores"] == 0 and info["registers"] <= 255, info
 
 
 @pytest.mark.parametrize("mode", ["timeline", "pair-waits", "pair-events", "tile-events"])
-def test_traced_copies_keep_the_wgmma_pipelined(tmp_path, mode, trace_script):
+def test_traced_copies_keep_the_wgmma_pipelined(tmp_path, mode, trace_script, cuda_build_tools):
     src = tmp_path / "src"
     shutil.copytree(ROOT / "src", src)
     kernel, launch = tmp_path / trace_script.KERNEL, tmp_path / trace_script.LAUNCH
     kernel.write_text(trace_script.instrument(kernel.read_text(), mode))
     launch.write_text(trace_script.instrument_launch(launch.read_text()))
-    kernels = _kernels(_ptxas_report(src, tmp_path))
+    kernels = _kernels(_ptxas_report(src, tmp_path, cuda_build_tools))
     (seesaw,) = [info for name, info in kernels.items() if "seesaw" in name and "decode_kernel" in name]
     assert not [note for note in seesaw["notes"] if SERIALIZED in note], seesaw["notes"]

@@ -325,26 +325,31 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const Chunk&
   }
 }
 
-// Writes the LSE of a thread's two rows (lane % 4 == 0 writes for its quad): the natural log of the row's sum
-// of exp(scaled score), from its maximum m (base 2, scaled) and its sum. FlashMLA's +inf for a query that saw
+// Writes the LSE of query row `row` (< q_rows) of this CTA's head group: the natural log of the row's sum of
+// exp(scaled score), from its maximum m (base 2, scaled) and its sum. FlashMLA's +inf for a query that saw
 // nothing; -inf in a split's partial, where it means "adds nothing".
+__device__ __forceinline__ void store_row_lse(const DecodeParams& p, const Chunk& c, int row, float m, float sum,
+                                              int group) {
+  const int head_kv = blockIdx.y;
+  const bool seen = sum > 0.f;
+  const float lse = seen ? (m + log2f(sum)) * 0.6931471805599453f : INFINITY;
+  if (c.final_output) {
+    const int s_idx = row / group, head = head_kv * group + row % group;
+    p.lse[(static_cast<size_t>(c.seq) * p.h_q + head) * p.s_q + s_idx] = lse;
+  } else {
+    const size_t slot = (static_cast<size_t>(c.split) * p.h_kv + head_kv) * p.q_rows + row;
+    p.lse_accum[slot] = seen ? lse : -INFINITY;
+  }
+}
+
+// The LSE of a thread's two rows (lane % 4 == 0 writes for its quad).
 __device__ __forceinline__ void store_lse(const DecodeParams& p, const Chunk& c, const float m[2], const float sum[2],
                                           int row0, int group, int warp, int lane) {
   if (lane % 4 == 0) {
-    const int head_kv = blockIdx.y;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = row0 + warp * 16 + lane / 4 + 8 * h;
-      if (row >= p.q_rows) continue;
-      const bool seen = sum[h] > 0.f;
-      const float lse = seen ? (m[h] + log2f(sum[h])) * 0.6931471805599453f : INFINITY;
-      if (c.final_output) {
-        const int s_idx = row / group, head = head_kv * group + row % group;
-        p.lse[(static_cast<size_t>(c.seq) * p.h_q + head) * p.s_q + s_idx] = lse;
-      } else {
-        const size_t slot = (static_cast<size_t>(c.split) * p.h_kv + head_kv) * p.q_rows + row;
-        p.lse_accum[slot] = seen ? lse : -INFINITY;
-      }
+      if (row < p.q_rows) store_row_lse(p, c, row, m[h], sum[h], group);
     }
   }
 }

@@ -1,0 +1,541 @@
+// Split-KV MLA decode, Hopper (sm_90a), d = 576, dv = 512, for head groups of at most 32 query rows (the
+// memory-bound shapes: s_q * h_q / h_kv <= 32). Opt-in while it has not been measured on a GPU:
+// JAX_FLASHMLA_DECODE_KERNEL=narrow (decode_launch.cuh).
+//
+// Why: the seesaw kernel (decode_seesaw.cuh) puts the query rows in wgmma's M, which is at least 64, so on a head
+// group of 16 rows three quarters of its tensor work multiplies zero rows, and the pages wait in shared memory
+// for it (benchmarks/NOTES.md, version 2.11). Here the page's 64 tokens are M and the kN query rows are N:
+//   S^T (64 x kN)  = K (64 x 576) Q^T             m64nKNk16, K from the page, Q K-major, both shared memory
+//   O^T (512 x kN) += V^T (512 x 64) P^T (64 x kN) eight m64nKNk16 blocks, V^T an MN-major view of the page's
+//                                                  dims 0-511, P^T written by stmatrix.trans
+// Each tensor instruction then reads a 64x16 tile of the page once, and the query side is only kN wide.
+// The softmax runs over M: a row's 64 scores lie in four warps, so each page's row maxima meet in shared
+// memory (one warpgroup barrier). The row sums stay per thread until the chunk's end.
+//
+// The page stream: a producer warp (lane 0) walks the same chunks as the consumer and loads each page as
+// nine 64x64 tiles (the rope dims first) into a ring of kSlots 8 KiB slots, one full/empty mbarrier pair per
+// slot. Since every tensor instruction reads one tile, a slot is freed as soon as its page no longer needs it:
+// the rope tile after S, the other eight after P V. The ring holds more than 2.5 pages; the seesaw kernel
+// holds two whole stages.
+//
+// The consumer warpgroup, per page n: waits S(n); frees the rope tile; masks, row maxima (the exchange), P;
+// writes P^T; zeroes the page's rows past its valid tokens (they may hold NaN, and P V multiplies them by 0);
+// rescales O^T; issues P V(n) and S(n+1); waits P V(n) and frees the page's other tiles.
+#pragma once
+
+#include "kernels/decode_hopper.cuh"
+
+namespace jax_flashmla {
+namespace narrow {
+
+using namespace cute;
+using hopper::CuteType;
+using hopper::kBlockN;
+using hopper::kChunkBytes;
+using hopper::kChunkCols;
+using hopper::kHeadDim;
+using hopper::kHeadDimV;
+using hopper::kNumChunks;
+
+constexpr int kConsumerThreads = 128;
+constexpr int kThreads = kConsumerThreads + 32;  // + the producer warp
+constexpr int kTilesPerPage = kNumChunks;        // 9: the rope tile, then dims 0-511 in eight tiles
+constexpr int kVTiles = kTilesPerPage - 1;
+constexpr int kTileElems = kBlockN * kChunkCols;
+constexpr int kBarConsumer = 1;  // named barrier of the consumer warpgroup
+constexpr int kSmemLimit = 227 * 1024;
+
+// The dims tile that a page's i-th tile in the ring holds: the rope tile (8) first, since S frees it first.
+__device__ __forceinline__ int dims_tile(int i) { return i == 0 ? kNumChunks - 1 : i - 1; }
+
+template <int kN>
+struct Storage {
+  static constexpr int kQBytes = kN * kHeadDim * 2;
+  static constexpr int kPBytes = kN * kBlockN * 2;
+  static constexpr int kFixedBytes = kQBytes + kPBytes + (2 * 4 * kN + 2 * 4 * kN) * 4 + 1024 /* alignment */;
+  static constexpr int kSlots = (kSmemLimit - kFixedBytes) / (kChunkBytes + 2 * 8);
+};
+
+template <int kN>
+struct alignas(1024) SharedStorage {
+  static constexpr int kSlots = Storage<kN>::kSlots;
+  uint16_t ring[kSlots][kTileElems];  // 8 KiB slots, each one 64x64 TMA box (128-byte swizzle)
+  uint16_t q[kN * kHeadDim];          // nine kN x 64 tiles, K-major, 128-byte swizzle
+  uint16_t p[kN * kBlockN];           // P (kN x 64 tokens), K-major: P^T as wgmma's B
+  float max_part[2][4][kN];           // each warp's row maxima over its 16 tokens, by page parity
+  float sum_part[2][4][kN];           // each warp's row sums at a chunk's end, by chunk parity
+  uint64_t full[kSlots];              // the slot holds its tile (or was skipped: a page outside the pool)
+  uint64_t empty[kSlots];             // the consumer's four warps are done with the slot
+};
+template <int kN>
+constexpr int smem_bytes() {
+  return sizeof(SharedStorage<kN>) + 1024;
+}
+static_assert(smem_bytes<16>() <= kSmemLimit && smem_bytes<32>() <= kSmemLimit);
+static_assert(SharedStorage<16>::kSlots >= 2 * kTilesPerPage && SharedStorage<32>::kSlots >= 2 * kTilesPerPage,
+              "the ring must hold the page in P V and the next page's S");
+
+template <typename E, int kN>
+struct Layouts {
+  // A page tile as S's A operand: 64 tokens x 64 dims, dims contiguous.
+  using KTile = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kBlockN>, Int<kChunkCols>>{}));
+  // The same bytes as P V's A operand: 64 dims x 64 tokens, dims contiguous (MN-major).
+  using VTile = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{}, Shape<Int<kChunkCols>, Int<kBlockN>>{}));
+  using QTile = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kN>, Int<kChunkCols>>{}));
+  using P = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kN>, Int<kBlockN>>{}));
+};
+
+// Byte offset of element (row, col) of a K-major tile whose rows are 128 bytes (64 16-bit columns), with the
+// 128-byte swizzle: what Layouts::P and each 64-column block of Layouts::Q hold (tests/host checks it against
+// CuTe's layouts).
+__host__ __device__ __forceinline__ int swizzled_row_offset(int row, int col) {
+  return row * 128 + ((((col % 64) / 8) ^ (row % 8)) * 16) + (col % 8) * 2;
+}
+
+// Where a page's tiles sit in the ring: its first tile's slot and that slot's phase. The next eight follow,
+// wrapping around.
+template <int kSlots>
+struct RingPosition {
+  int slot = 0;
+  uint32_t phase = 0;
+
+  __device__ __forceinline__ int slot_of(int i, uint32_t& phase_of) const {
+    int at = slot + i;
+    phase_of = phase;
+    if (at >= kSlots) at -= kSlots, phase_of ^= 1;
+    return at;
+  }
+  __device__ __forceinline__ RingPosition next_page() const {
+    RingPosition r = *this;
+    r.slot += kTilesPerPage;
+    if (r.slot >= kSlots) r.slot -= kSlots, r.phase ^= 1;
+    return r;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// The producer warp: lane 0 loads every page of the part's chunks, tile by tile, as the ring frees slots.
+template <int kN>
+__device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage<kN>& s) {
+  constexpr int kSlots = SharedStorage<kN>::kSlots;
+  if (threadIdx.x % 32 != 0) return;
+  const int head_kv = blockIdx.y, layer = pool_layer(p);
+  const uint64_t hint = hopper::kv_cache_hint();
+  int slot = 0;
+  uint32_t phase = 0;
+  const PartWalk walk(p);
+  for (int seq = walk.first; seq <= walk.last; ++seq) {
+    const Chunk c = walk.chunk(p, seq);
+    if (c.skip) continue;
+    for (int block = c.block_begin; block < c.block_end; ++block) {
+      const int page = page_of(p, c.seq, block);
+      const bool in_pool = page_in_pool(p, page);
+#pragma unroll 1
+      for (int i = 0; i < kTilesPerPage; ++i) {
+        wait_barrier(s.empty[slot], phase ^ 1);  // a fresh barrier's "previous" phase counts as complete
+        if (in_pool) {
+          set_barrier_transaction_bytes(s.full[slot], kChunkBytes);
+          SM90_TMA_LOAD_4D::copy(kv_map, &s.full[slot], hint, reinterpret_cast<char*>(s.ring[slot]),
+                                 dims_tile(i) * kChunkCols, head_kv, page * kPageSize, layer);
+        } else {
+          arrive_barrier(s.full[slot]);  // nothing to load: the consumer masks the page and zeroes its V rows
+        }
+        if (++slot == kSlots) slot = 0, phase ^= 1;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The consumer warpgroup.
+
+// Q's kN rows of this head group into s.q by cp.async; rows past q_rows are zero-filled. Completes at
+// hopper::wait_q_load().
+template <typename T, int kN>
+__device__ __forceinline__ void issue_q_load(const DecodeParams& p, SharedStorage<kN>& s, int seq, int thread) {
+  const int head_kv = blockIdx.y, group = p.h_q / p.h_kv;
+  const int warp = thread / 32, lane = thread % 32;
+  char* base = reinterpret_cast<char*>(s.q);
+  constexpr int kVecsPerRow = kHeadDim / 8;
+#pragma unroll 1
+  for (int row = warp; row < kN; row += 4) {
+    const bool real = row < p.q_rows;
+    const int s_idx = row / group, head = head_kv * group + row % group;
+    const T* src = real ? static_cast<const T*>(p.q) + ((static_cast<size_t>(seq) * p.s_q + s_idx) * p.h_q + head) * kHeadDim
+                        : static_cast<const T*>(p.q);  // not read: a source size of 0 zero-fills
+#pragma unroll
+    for (int v = lane; v < kVecsPerRow; v += 32) {
+      const int col = v * 8;
+      const int offset = (col / kChunkCols) * (kN * 128) + swizzled_row_offset(row, col);
+      const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(base + offset));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src + (real ? col : 0)),
+                   "r"(real ? 16 : 0)
+                   : "memory");
+    }
+  }
+}
+
+// A thread's part of an S^T or O^T accumulator (m64nKN C fragment): value v is M row
+// 16 * warp + lane / 4 + 8 * ((v / 2) % 2) and N column 8 * (v / 4) + 2 * (lane % 4) + v % 2. The thread's
+// kN / 4 distinct columns are numbered j = 2 * (v / 4) + v % 2.
+__host__ __device__ __forceinline__ int fragment_m(int v, int lane, int warp) { return 16 * warp + lane / 4 + 8 * ((v / 2) % 2); }
+__host__ __device__ __forceinline__ int fragment_column(int j, int lane) { return 8 * (j / 2) + 2 * (lane % 4) + j % 2; }
+__host__ __device__ __forceinline__ int column_index(int v) { return 2 * (v / 4) + v % 2; }
+
+// Writes P (the scores' exponentials, in tS's registers as S^T) to s.p as P, K-major, with stmatrix.trans:
+// 32-bit word u of a thread packs values 2u and 2u + 1, so words 4k..4k+3 are the 8x8 matrices (tokens
+// 8 * (u % 2).., columns 8 * (u / 2)..) of the warp's 16 tokens, and .trans stores each matrix's column r (one
+// query row, 8 tokens) as the 16 contiguous bytes that lane 8i + r addresses (p_row_address).
+__host__ __device__ __forceinline__ int p_row_address(int k, int lane, int warp) {
+  const int i = lane / 8, r = lane % 8;
+  return swizzled_row_offset(16 * k + 8 * (i / 2) + r, 16 * warp + 8 * (i % 2));
+}
+template <typename T, int kN, typename Acc>
+__device__ __forceinline__ void store_p(SharedStorage<kN>& s, const Acc& acc, int thread) {
+  const int warp = thread / 32, lane = thread % 32;
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(s.p));
+#pragma unroll
+  for (int k = 0; k < kN / 16; ++k) {
+    uint32_t w[4];
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      const int u = 4 * k + m;
+      const auto pair = Element<T>::from_float2(acc(2 * u), acc(2 * u + 1));
+      w[m] = reinterpret_cast<const uint32_t&>(pair);
+    }
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                     base + p_row_address(k, lane, warp)),
+                 "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                 : "memory");
+  }
+}
+
+// Zeroes tokens [first, 64) of a page's eight V tiles (the ring's slots 1-8 of the page).
+template <int kN>
+__device__ __forceinline__ void zero_v_rows(SharedStorage<kN>& s, const RingPosition<SharedStorage<kN>::kSlots>& page,
+                                            int first, int thread) {
+  const int vecs = (kBlockN - first) * (kChunkCols / 8);  // 16-byte vectors per tile
+#pragma unroll 1
+  for (int t = 1; t < kTilesPerPage; ++t) {
+    uint32_t unused;
+    char* tile = reinterpret_cast<char*>(s.ring[page.slot_of(t, unused)]);
+    for (int idx = thread; idx < vecs; idx += kConsumerThreads)
+      *reinterpret_cast<uint4*>(tile + (first + idx / 8) * 128 + (idx % 8) * 16) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <typename T, int kN>
+struct Consumer {
+  using E = typename CuteType<T>::type;
+  static constexpr int kSlots = SharedStorage<kN>::kSlots;
+  static constexpr int kColumns = kN / 4;  // distinct query rows per thread
+  using Position = RingPosition<kSlots>;
+
+  SharedStorage<kN>& s;
+  const int thread, warp, lane;
+
+  __device__ explicit Consumer(SharedStorage<kN>& s_)
+      : s(s_), thread(threadIdx.x), warp(threadIdx.x / 32), lane(threadIdx.x % 32) {}
+
+  __device__ auto mma_s() const {
+    return make_tiled_mma(GMMA::ss_op_selector<E, E, float, Shape<Int<kBlockN>, Int<kN>, Int<kChunkCols>>>());
+  }
+  __device__ auto mma_pv() const {
+    return make_tiled_mma(GMMA::ss_op_selector<E, E, float, Shape<Int<kChunkCols>, Int<kN>, Int<kBlockN>>,
+                                               GMMA::Major::MN, GMMA::Major::K>());
+  }
+
+  // Frees slots [first, last] of a page: lane 0 of each warp, after that warp's wgmma wait.
+  __device__ __forceinline__ void release(const Position& page, int first, int last) const {
+    if (lane != 0) return;
+#pragma unroll 1
+    for (int i = first; i <= last; ++i) {
+      uint32_t unused;
+      arrive_barrier(s.empty[page.slot_of(i, unused)]);
+    }
+  }
+
+  // Issues S^T = K Q^T over a page's nine tiles as they land, as one commit group. Q's descriptors are made
+  // per tile from an address the compiler cannot see through: else it hoists all 36 out of the page loop and
+  // holds them in 72 registers (kN = 32 then spilled).
+  template <typename AccS>
+  __device__ __forceinline__ void issue_scores(AccS& acc, const Position& page) const {
+    auto mma = mma_s();
+    auto thr = mma.get_thread_slice(thread);
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+    mma.accumulate_ = GMMA::ScaleOut::Zero;
+    CUTE_UNROLL
+    for (int i = 0; i < kTilesPerPage; ++i) {
+      uint32_t phase;
+      const int slot = page.slot_of(i, phase);
+      wait_barrier(s.full[slot], phase);
+      Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.ring[slot])), typename Layouts<E, kN>::KTile{});
+      Tensor tK = thr.partition_fragment_A(sK);
+      uint32_t q_tile = static_cast<uint32_t>(__cvta_generic_to_shared(s.q)) + dims_tile(i) * kN * 128;
+      asm volatile("" : "+r"(q_tile));
+      Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(__cvta_shared_to_generic(q_tile))),
+                              typename Layouts<E, kN>::QTile{});
+      Tensor tQ = thr.partition_fragment_B(sQ);
+      CUTE_UNROLL
+      for (int k = 0; k < kChunkCols / 16; ++k) {
+        cute::gemm(mma, tK(_, _, k), tQ(_, _, k), acc);
+        mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+    }
+    warpgroup_commit_batch();
+    warpgroup_fence_operand(acc);
+  }
+
+  // Issues O^T += V^T P^T over a page's eight V tiles, as one commit group.
+  template <typename AccO, typename FragP>
+  __device__ __forceinline__ void issue_pv(AccO (&acc)[kVTiles], const FragP& tP, const Position& page) const {
+    auto mma = mma_pv();
+    auto thr = mma.get_thread_slice(thread);
+    CUTE_UNROLL
+    for (int b = 0; b < kVTiles; ++b) warpgroup_fence_operand(acc[b]);
+    warpgroup_arrive();
+    mma.accumulate_ = GMMA::ScaleOut::One;
+    CUTE_UNROLL
+    for (int b = 0; b < kVTiles; ++b) {
+      uint32_t unused;
+      Tensor sV = make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.ring[page.slot_of(b + 1, unused)])),
+                              typename Layouts<E, kN>::VTile{});
+      Tensor tV = thr.partition_fragment_A(sV);
+      CUTE_UNROLL
+      for (int k = 0; k < kBlockN / 16; ++k) cute::gemm(mma, tV(_, _, k), tP(_, _, k), acc[b]);
+    }
+    warpgroup_commit_batch();
+    CUTE_UNROLL
+    for (int b = 0; b < kVTiles; ++b) warpgroup_fence_operand(acc[b]);
+  }
+
+  // The page's scores to P in place: masks tokens at or past `visible` (per column), raises each column's
+  // running maximum m (base 2, scaled) to the page's, through the warps' exchange in s.max_part[parity], and
+  // returns each column's rescale factor 2^(m_old - m_new). sum: this thread's part of each column's sum.
+  template <typename AccS>
+  __device__ __forceinline__ void softmax(AccS& acc, const int (&visible)[kColumns], float scale_log2, int parity,
+                                          float (&m)[kColumns], float (&sum)[kColumns],
+                                          float (&factor)[kColumns]) const {
+    float col_max[kColumns];
+#pragma unroll
+    for (int j = 0; j < kColumns; ++j) col_max[j] = -INFINITY;
+    bool whole = true;
+#pragma unroll
+    for (int j = 0; j < kColumns; ++j) whole = whole && visible[j] >= kBlockN;
+    if (whole) {
+#pragma unroll
+      for (int v = 0; v < size(acc); ++v) col_max[column_index(v)] = fmaxf(col_max[column_index(v)], acc(v));
+    } else {
+#pragma unroll
+      for (int v = 0; v < size(acc); ++v) {
+        acc(v) = fragment_m(v, lane, warp) < visible[column_index(v)] ? acc(v) : -INFINITY;
+        col_max[column_index(v)] = fmaxf(col_max[column_index(v)], acc(v));
+      }
+    }
+    // Over the warp's 16 tokens (lanes with the same lane % 4), then over the four warps.
+#pragma unroll
+    for (int j = 0; j < kColumns; ++j) {
+      col_max[j] = fmaxf(col_max[j], __shfl_xor_sync(0xffffffffu, col_max[j], 4));
+      col_max[j] = fmaxf(col_max[j], __shfl_xor_sync(0xffffffffu, col_max[j], 8));
+      col_max[j] = fmaxf(col_max[j], __shfl_xor_sync(0xffffffffu, col_max[j], 16));
+    }
+    if (lane < 4) {
+#pragma unroll
+      for (int j = 0; j < kColumns; ++j) s.max_part[parity][warp][fragment_column(j, lane)] = col_max[j];
+    }
+    hopper::named_sync(kBarConsumer, kConsumerThreads);
+#pragma unroll
+    for (int j = 0; j < kColumns; ++j) {
+      const int col = fragment_column(j, lane);
+      const float page_max = fmaxf(fmaxf(s.max_part[parity][0][col], s.max_part[parity][1][col]),
+                                   fmaxf(s.max_part[parity][2][col], s.max_part[parity][3][col]));
+      const float m_new = fmaxf(m[j], page_max * scale_log2);
+      factor[j] = exp2f(m[j] - (m_new == -INFINITY ? 0.f : m_new));
+      m[j] = m_new;
+    }
+    float page_sum[kColumns];
+#pragma unroll
+    for (int j = 0; j < kColumns; ++j) page_sum[j] = 0.f;
+#pragma unroll
+    for (int v = 0; v < size(acc); ++v) {
+      const int j = column_index(v);
+      const float m_use = m[j] == -INFINITY ? 0.f : m[j];  // a column with no key yet keeps P = 0, not NaN
+      acc(v) = exp2f(fmaf(acc(v), scale_log2, -m_use));
+      page_sum[j] += acc(v);
+    }
+#pragma unroll
+    for (int j = 0; j < kColumns; ++j) sum[j] = sum[j] * factor[j] + page_sum[j];
+  }
+
+  template <typename AccO>
+  __device__ __forceinline__ void rescale(AccO (&acc)[kVTiles], const float (&factor)[kColumns]) const {
+    bool ones = true;
+#pragma unroll
+    for (int j = 0; j < kColumns; ++j) ones = ones && factor[j] == 1.f;
+    if (__all_sync(0xffffffffu, ones)) return;
+#pragma unroll
+    for (int b = 0; b < kVTiles; ++b)
+#pragma unroll
+      for (int v = 0; v < size(acc[b]); ++v) acc[b](v) *= factor[column_index(v)];
+  }
+
+  // The chunk's end: the column sums meet across the warpgroup (s.sum_part[parity]); O^T / sum goes to out
+  // (or the split's partial), and lanes 0-3 of warp 0 write the LSE of their columns.
+  template <typename AccO>
+  __device__ __forceinline__ void epilogue(const DecodeParams& p, const Chunk& c, const AccO (&acc)[kVTiles],
+                                           const float (&m)[kColumns], float (&sum)[kColumns], int parity) const {
+    const int head_kv = blockIdx.y, group = p.h_q / p.h_kv;
+#pragma unroll
+    for (int j = 0; j < kColumns; ++j) {
+      sum[j] += __shfl_xor_sync(0xffffffffu, sum[j], 4);
+      sum[j] += __shfl_xor_sync(0xffffffffu, sum[j], 8);
+      sum[j] += __shfl_xor_sync(0xffffffffu, sum[j], 16);
+    }
+    if (lane < 4) {
+#pragma unroll
+      for (int j = 0; j < kColumns; ++j) s.sum_part[parity][warp][fragment_column(j, lane)] = sum[j];
+    }
+    hopper::named_sync(kBarConsumer, kConsumerThreads);
+    float total[kColumns], inv_sum[kColumns];
+#pragma unroll
+    for (int j = 0; j < kColumns; ++j) {
+      const int col = fragment_column(j, lane);
+      // The warps' sums in a fixed order, so that the result does not depend on which warp came first.
+      total[j] = (s.sum_part[parity][0][col] + s.sum_part[parity][1][col]) +
+                 (s.sum_part[parity][2][col] + s.sum_part[parity][3][col]);
+      inv_sum[j] = total[j] > 0.f ? 1.f / total[j] : 0.f;
+    }
+    // O^T's values to their rows. The accumulators are read on every thread and only the stores predicated
+    // (reading them on a divergent path makes ptxas serialize the wgmmas).
+#pragma unroll
+    for (int b = 0; b < kVTiles; ++b)
+#pragma unroll
+      for (int v = 0; v < size(acc[b]); ++v) {
+        const int row = fragment_column(column_index(v), lane);
+        const int dim = b * kChunkCols + fragment_m(v, lane, warp);
+        const float value = acc[b](v) * inv_sum[column_index(v)];
+        const bool real = row < p.q_rows;
+        const int safe_row = real ? row : 0;
+        if (real && c.final_output) {
+          const int s_idx = safe_row / group, head = head_kv * group + safe_row % group;
+          T* out = static_cast<T*>(p.out) + ((static_cast<size_t>(c.seq) * p.s_q + s_idx) * p.h_q + head) * kHeadDimV;
+          out[dim] = Element<T>::from_float2(value, 0.f).x;
+        }
+        if (real && !c.final_output)
+          p.o_accum[((static_cast<size_t>(c.split) * p.h_kv + head_kv) * p.q_rows + safe_row) * kHeadDimV + dim] = value;
+      }
+    if (warp == 0 && lane < 4) {
+#pragma unroll
+      for (int j = 0; j < kColumns; ++j) {
+        const int row = fragment_column(j, lane);
+        if (row < p.q_rows) hopper::store_row_lse(p, c, row, m[j], total[j], group);
+      }
+    }
+  }
+
+  __device__ __forceinline__ void run(const DecodeParams& p) {
+    const int group = p.h_q / p.h_kv;
+    const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+    auto mma_s_ = mma_s();
+    auto mma_pv_ = mma_pv();
+    Tensor sP = make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.p)), typename Layouts<E, kN>::P{});
+    Tensor tP = mma_pv_.get_thread_slice(thread).partition_fragment_B(sP);
+    Tensor tS = partition_fragment_C(mma_s_, Shape<Int<kBlockN>, Int<kN>>{});
+    using AccO = decltype(partition_fragment_C(mma_pv_, Shape<Int<kChunkCols>, Int<kN>>{}));
+    AccO tO[kVTiles];
+    static_assert(decltype(size(tS))::value == kN / 2 && decltype(size(tO[0]))::value == kN / 2);
+    static_assert(decltype(size<2>(tP))::value == kBlockN / 16);
+
+    Position page;          // the ring position of the next page to consume
+    int pages_done = 0;     // the parity of s.max_part
+    int chunks_done = 0;    // the parity of s.sum_part
+    const PartWalk walk(p);
+    for (int seq = walk.first; seq <= walk.last; ++seq) {
+      const Chunk c = walk.chunk(p, seq);
+      if (c.skip) continue;
+      const int n_pages = c.block_end - c.block_begin;
+      // Visible keys of this thread's columns: [0, limit). A column past q_rows is never stored: it sees every
+      // key, so that it does not send its thread down the masked path on every page (it may compute NaN from the
+      // rows past a partial page, but every step keeps the columns apart).
+      int limit[kColumns];
+#pragma unroll
+      for (int j = 0; j < kColumns; ++j) {
+        const int row = fragment_column(j, lane);
+        limit[j] = row >= p.q_rows ? kMaxPagesPerSeq * kPageSize
+                                   : (p.causal ? c.length - p.s_q + row / group + 1 : c.length);
+      }
+      float m[kColumns], sum[kColumns];
+#pragma unroll
+      for (int j = 0; j < kColumns; ++j) m[j] = -INFINITY, sum[j] = 0.f;
+#pragma unroll
+      for (int b = 0; b < kVTiles; ++b) clear(tO[b]);
+
+      if (n_pages > 0) {
+        // The previous chunk's S are complete on every warp: its epilogue's barrier follows their waits.
+        issue_q_load<T, kN>(p, s, c.seq, thread);
+        hopper::wait_q_load();
+        hopper::fence_async_shared();
+        hopper::named_sync(kBarConsumer, kConsumerThreads);
+        int valid = hopper::valid_tokens(p, c, c.block_begin);
+        issue_scores(tS, page);
+        for (int n = 0; n < n_pages; ++n) {
+          const int block = c.block_begin + n;
+          warpgroup_wait<0>();  // S(n); P V(n - 1) was waited for already
+          release(page, 0, 0);  // the rope tile
+          int visible[kColumns];
+#pragma unroll
+          for (int j = 0; j < kColumns; ++j) visible[j] = min(valid, limit[j] - block * kBlockN);
+          float factor[kColumns];
+          softmax(tS, visible, scale_log2, pages_done & 1, m, sum, factor);
+          // Every warp is past its wait for S(n) (the exchange's barrier), so P V(n - 1) no longer reads s.p
+          // and S(n) no longer reads the page's rows past `valid`.
+          store_p<T, kN>(s, tS, thread);
+          if (valid < kBlockN) zero_v_rows(s, page, valid, thread);
+          hopper::fence_async_shared();
+          hopper::named_sync(kBarConsumer, kConsumerThreads);
+          rescale(tO, factor);
+          issue_pv(tO, tP, page);
+          const Position this_page = page;
+          page = page.next_page();
+          ++pages_done;
+          if (n + 1 < n_pages) {
+            valid = hopper::valid_tokens(p, c, block + 1);
+            issue_scores(tS, page);
+            warpgroup_wait<1>();
+          } else {
+            warpgroup_wait<0>();
+          }
+          release(this_page, 1, kVTiles);
+        }
+      }
+      epilogue(p, c, tO, m, sum, chunks_done & 1);
+      ++chunks_done;
+    }
+  }
+};
+
+template <typename T, int kN>
+__global__ void __launch_bounds__(kThreads, 1)
+    decode_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap kv_map) {
+  extern __shared__ char smem_raw[];
+  SharedStorage<kN>& s = hopper::aligned_shared_storage<SharedStorage<kN>>(smem_raw);
+  if (threadIdx.x == 0) {
+#pragma unroll 1
+    for (int slot = 0; slot < SharedStorage<kN>::kSlots; ++slot) {
+      initialize_barrier(s.full[slot], 1);
+      initialize_barrier(s.empty[slot], 4);  // lane 0 of each consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (hopper::warp_uniform_warpgroup() == 0) {
+    Consumer<T, kN> consumer(s);
+    consumer.run(p);
+  } else {
+    produce<kN>(p, &kv_map, s);
+  }
+}
+
+}  // namespace narrow
+}  // namespace jax_flashmla
