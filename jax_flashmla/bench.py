@@ -59,6 +59,7 @@ import datetime
 import functools
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -423,6 +424,8 @@ def environment() -> dict:
         "jax_version": jax.__version__,
         "jaxlib_version": jaxlib.__version__,
         "jax_flashmla_version": __version__,
+        # The Hopper kernel picked by hand (hopper, narrow: src/kernels/decode_launch.cuh); None is the default.
+        "decode_kernel_env": os.environ.get("JAX_FLASHMLA_DECODE_KERNEL"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "method": METHOD,
     }
@@ -621,6 +624,8 @@ def main(argv=None) -> int:
     rows = build_grid(args)
     peaks_note = resolve_peaks(args, env["device_kind"])
     print(f"jax {env['jax_version']}, jax_flashmla {env['jax_flashmla_version']}; {backend_note(env)}")
+    if env["decode_kernel_env"]:
+        print(f"JAX_FLASHMLA_DECODE_KERNEL={env['decode_kernel_env']}: that kernel where it applies")
     print(peaks_note)
     print(f"{len(rows)} rows, {args.dtype}, {args.iters} iters x {args.repeats} repeats, warm-up {args.warmup}")
     if args.iters < MIN_REPORTED_ITERS:

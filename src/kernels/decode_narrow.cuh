@@ -20,7 +20,8 @@
 //
 // The consumer warpgroup, per page n: waits S(n); frees the rope tile; masks, row maxima (the exchange), P;
 // writes P^T; zeroes the page's rows past its valid tokens (they may hold NaN, and P V multiplies them by 0);
-// rescales O^T; issues P V(n) and S(n+1); waits P V(n) and frees the page's other tiles.
+// rescales O^T; issues P V(n) and S(n+1); waits P V(n) and frees the page's other tiles. After a chunk's last S
+// it issues the next chunk's Q (cp.async), which then lands behind the last P V and the epilogue.
 #pragma once
 
 #include "kernels/decode_hopper.cuh"
@@ -72,7 +73,7 @@ constexpr int smem_bytes() {
   return sizeof(SharedStorage<kN>) + 1024;
 }
 static_assert(smem_bytes<16>() <= kSmemLimit && smem_bytes<32>() <= kSmemLimit);
-static_assert(SharedStorage<16>::kSlots >= 2 * kTilesPerPage && SharedStorage<32>::kSlots >= 2 * kTilesPerPage,
+static_assert(SharedStorage<16>::kSlots >= kVTiles + kTilesPerPage && SharedStorage<32>::kSlots >= kVTiles + kTilesPerPage,
               "the ring must hold the page in P V and the next page's S");
 
 template <typename E, int kN>
@@ -434,6 +435,16 @@ struct Consumer {
     }
   }
 
+  // Issues the Q load of the chunk after `seq` if it has pages to compute (called after the chunk's last S), so that
+  // it lands behind this chunk's last P V and epilogue. Returns whether it did.
+  __device__ __forceinline__ bool prefetch_next_q(const DecodeParams& p, const PartWalk& walk, int seq) const {
+    if (seq >= walk.last) return false;
+    const Chunk next = walk.chunk(p, seq + 1);
+    if (next.skip || next.block_end <= next.block_begin) return false;
+    issue_q_load<T, kN>(p, s, next.seq, thread);
+    return true;
+  }
+
   __device__ __forceinline__ void run(const DecodeParams& p) {
     const int group = p.h_q / p.h_kv;
     const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
@@ -450,14 +461,14 @@ struct Consumer {
     Position page;          // the ring position of the next page to consume
     int pages_done = 0;     // the parity of s.max_part
     int chunks_done = 0;    // the parity of s.sum_part
+    bool q_issued = false;  // this chunk's Q load was issued by the previous chunk
     const PartWalk walk(p);
     for (int seq = walk.first; seq <= walk.last; ++seq) {
       const Chunk c = walk.chunk(p, seq);
       if (c.skip) continue;
       const int n_pages = c.block_end - c.block_begin;
       // Visible keys of this thread's columns: [0, limit). A column past q_rows is never stored: it sees every
-      // key, so that it does not send its thread down the masked path on every page (it may compute NaN from the
-      // rows past a partial page, but every step keeps the columns apart).
+      // valid key, so that it does not send its thread down the masked path on every page.
       int limit[kColumns];
 #pragma unroll
       for (int j = 0; j < kColumns; ++j) {
@@ -473,7 +484,8 @@ struct Consumer {
 
       if (n_pages > 0) {
         // The previous chunk's S are complete on every warp: its epilogue's barrier follows their waits.
-        issue_q_load<T, kN>(p, s, c.seq, thread);
+        if (!q_issued) issue_q_load<T, kN>(p, s, c.seq, thread);
+        q_issued = false;
         hopper::wait_q_load();
         hopper::fence_async_shared();
         hopper::named_sync(kBarConsumer, kConsumerThreads);
@@ -488,6 +500,8 @@ struct Consumer {
           for (int j = 0; j < kColumns; ++j) visible[j] = min(valid, limit[j] - block * kBlockN);
           float factor[kColumns];
           softmax(tS, visible, scale_log2, pages_done & 1, m, sum, factor);
+          // Past the exchange's barrier every warp has waited for this S; after the chunk's last, Q is free.
+          if (n + 1 == n_pages) q_issued = prefetch_next_q(p, walk, seq);
           // Every warp is past its wait for S(n) (the exchange's barrier), so P V(n - 1) no longer reads s.p
           // and S(n) no longer reads the page's rows past `valid`.
           store_p<T, kN>(s, tS, thread);
@@ -499,15 +513,22 @@ struct Consumer {
           const Position this_page = page;
           page = page.next_page();
           ++pages_done;
-          if (n + 1 < n_pages) {
-            valid = hopper::valid_tokens(p, c, block + 1);
-            issue_scores(tS, page);
-            warpgroup_wait<1>();
-          } else {
+          // The last page leaves the loop here, so that the back edge always has S(n + 1) in flight: with both
+          // paths reaching it, ptxas added a full wait before the release below, and page n's V tiles stayed
+          // held until page n + 1 had landed.
+          if (n + 1 == n_pages) {
             warpgroup_wait<0>();
+            release(this_page, 1, kVTiles);
+            break;
           }
+          valid = hopper::valid_tokens(p, c, block + 1);
+          issue_scores(tS, page);
+          warpgroup_wait<1>();  // P V(n)
           release(this_page, 1, kVTiles);
         }
+        // Nothing is in flight here (the last page waited for everything), but ptxas cannot see that the loop
+        // only ends through that page, and would add this wait inside the epilogue.
+        warpgroup_wait<0>();
       }
       epilogue(p, c, tO, m, sum, chunks_done & 1);
       ++chunks_done;
