@@ -50,8 +50,9 @@ inline bool device_is_hopper(int device) {
 }
 
 // On Hopper the seesaw schedule (decode_seesaw.cuh) runs; JAX_FLASHMLA_DECODE_KERNEL=hopper selects the older
-// single-softmax kernel (decode_hopper.cuh), kept to compare against. Read at every launch, so a test can switch
-// it; under CUDA graphs the captured choice stays.
+// single-softmax kernel (decode_hopper.cuh), kept to compare against, and =narrow the tokens-as-M kernel
+// (decode_narrow.cuh) for head groups of at most 32 query rows. Read at every launch, so a test can switch it;
+// under CUDA graphs the captured choice stays.
 inline bool decode_kernel_selected(const char* name) {
   const char* choice = std::getenv("JAX_FLASHMLA_DECODE_KERNEL");
   return choice != nullptr && std::strcmp(choice, name) == 0;

@@ -20,8 +20,8 @@
 //
 // The consumer warpgroup, per page n: waits S(n); frees the rope tile; masks, row maxima (the exchange), P;
 // writes P^T; zeroes the page's rows past its valid tokens (they may hold NaN, and P V multiplies them by 0);
-// rescales O^T; issues P V(n) and S(n+1); waits P V(n) and frees the page's other tiles. After a chunk's last S
-// it issues the next chunk's Q (cp.async), which then lands behind the last P V and the epilogue.
+// rescales O^T; issues P V(n), waits for it and frees the page's other tiles; issues S(n+1). After a chunk's
+// last S it issues the next chunk's Q (cp.async), which then lands behind the last P V and the epilogue.
 #pragma once
 
 #include "kernels/decode_hopper.cuh"
@@ -513,21 +513,18 @@ struct Consumer {
           const Position this_page = page;
           page = page.next_page();
           ++pages_done;
-          // The last page leaves the loop here, so that the back edge always has S(n + 1) in flight: with both
-          // paths reaching it, ptxas added a full wait before the release below, and page n's V tiles stayed
-          // held until page n + 1 had landed.
-          if (n + 1 == n_pages) {
-            warpgroup_wait<0>();
-            release(this_page, 1, kVTiles);
-            break;
-          }
-          valid = hopper::valid_tokens(p, c, block + 1);
-          issue_scores(tS, page);
-          warpgroup_wait<1>();  // P V(n)
+          // P V(n) is waited for before S(n + 1) is issued, because that issue waits for page n + 1's tiles to
+          // land: page n's V tiles must not stay held meanwhile. On the memory-bound rows the consumer mostly
+          // waits for pages, and the ring's free slots are the bytes in flight.
+          warpgroup_wait<0>();
           release(this_page, 1, kVTiles);
+          if (n + 1 < n_pages) {
+            valid = hopper::valid_tokens(p, c, block + 1);
+            issue_scores(tS, page);
+          }
         }
-        // Nothing is in flight here (the last page waited for everything), but ptxas cannot see that the loop
-        // only ends through that page, and would add this wait inside the epilogue.
+        // Nothing is in flight here, but ptxas cannot see that the last page issued no S, and would add this
+        // wait inside the epilogue.
         warpgroup_wait<0>();
       }
       epilogue(p, c, tO, m, sum, chunks_done & 1);
