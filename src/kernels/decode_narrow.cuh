@@ -407,25 +407,35 @@ struct Consumer {
                  (s.sum_part[parity][2][col] + s.sum_part[parity][3][col]);
       inv_sum[j] = total[j] > 0.f ? 1.f / total[j] : 0.f;
     }
-    // O^T's values to their rows. The accumulators are read on every thread and only the stores predicated
-    // (reading them on a divergent path makes ptxas serialize the wgmmas).
+    // Column by column: its row of out (a single split) or of the split's partial, null past q_rows, then its
+    // two values in each of the eight blocks. The divisions by the group run once per column, and the row is
+    // computed from a lane number the compiler cannot see through (else it hoists the pointers out of the page
+    // loop and holds them in registers there). The accumulators are read on every thread and only the stores
+    // predicated (reading them on a divergent path makes ptxas serialize the wgmmas).
+    int my_lane = lane;
+    asm volatile("" : "+r"(my_lane));
 #pragma unroll
-    for (int b = 0; b < kVTiles; ++b)
+    for (int j = 0; j < kColumns; ++j) {
+      const int row = fragment_column(j, my_lane);
+      const bool real = row < p.q_rows;
+      const int s_idx = row / group, head = head_kv * group + row % group;
+      T* out_row = real && c.final_output
+                       ? static_cast<T*>(p.out) + ((static_cast<size_t>(c.seq) * p.s_q + s_idx) * p.h_q + head) * kHeadDimV
+                       : nullptr;
+      float* partial_row = real && !c.final_output
+                               ? p.o_accum + ((static_cast<size_t>(c.split) * p.h_kv + head_kv) * p.q_rows + row) * kHeadDimV
+                               : nullptr;
 #pragma unroll
-      for (int v = 0; v < size(acc[b]); ++v) {
-        const int row = fragment_column(column_index(v), lane);
-        const int dim = b * kChunkCols + fragment_m(v, lane, warp);
-        const float value = acc[b](v) * inv_sum[column_index(v)];
-        const bool real = row < p.q_rows;
-        const int safe_row = real ? row : 0;
-        if (real && c.final_output) {
-          const int s_idx = safe_row / group, head = head_kv * group + safe_row % group;
-          T* out = static_cast<T*>(p.out) + ((static_cast<size_t>(c.seq) * p.s_q + s_idx) * p.h_q + head) * kHeadDimV;
-          out[dim] = Element<T>::from_float2(value, 0.f).x;
+      for (int b = 0; b < kVTiles; ++b)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int v = 4 * (j / 2) + j % 2 + 2 * half;  // column_index(v) == j
+          const int dim = b * kChunkCols + fragment_m(v, lane, warp);
+          const float value = acc[b](v) * inv_sum[j];
+          if (out_row != nullptr) out_row[dim] = Element<T>::from_float2(value, 0.f).x;
+          if (partial_row != nullptr) partial_row[dim] = value;
         }
-        if (real && !c.final_output)
-          p.o_accum[((static_cast<size_t>(c.split) * p.h_kv + head_kv) * p.q_rows + safe_row) * kHeadDimV + dim] = value;
-      }
+    }
     if (warp == 0 && lane < 4) {
 #pragma unroll
       for (int j = 0; j < kColumns; ++j) {
