@@ -73,8 +73,8 @@ constexpr int smem_bytes() {
   return sizeof(SharedStorage<kN>) + 1024;
 }
 static_assert(smem_bytes<16>() <= kSmemLimit && smem_bytes<32>() <= kSmemLimit);
-static_assert(SharedStorage<16>::kSlots >= kVTiles + kTilesPerPage && SharedStorage<32>::kSlots >= kVTiles + kTilesPerPage,
-              "the ring must hold the page in P V and the next page's S");
+static_assert(SharedStorage<16>::kSlots >= 2 * kTilesPerPage && SharedStorage<32>::kSlots >= 2 * kTilesPerPage,
+              "the ring holds at least two pages, so that the next one loads while one is computed");
 
 template <typename E, int kN>
 struct Layouts {
@@ -504,6 +504,7 @@ struct Consumer {
         for (int n = 0; n < n_pages; ++n) {
           const int block = c.block_begin + n;
           warpgroup_wait<0>();  // S(n); P V(n - 1) was waited for already
+          warpgroup_fence_operand(tS);
           release(page, 0, 0);  // the rope tile
           int visible[kColumns];
 #pragma unroll
@@ -527,6 +528,8 @@ struct Consumer {
           // land: page n's V tiles must not stay held meanwhile. On the memory-bound rows the consumer mostly
           // waits for pages, and the ring's free slots are the bytes in flight.
           warpgroup_wait<0>();
+#pragma unroll
+          for (int b = 0; b < kVTiles; ++b) warpgroup_fence_operand(tO[b]);
           release(this_page, 1, kVTiles);
           if (n + 1 < n_pages) {
             valid = hopper::valid_tokens(p, c, block + 1);
