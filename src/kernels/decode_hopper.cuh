@@ -159,20 +159,19 @@ __device__ __forceinline__ void zero_rows(uint16_t* stage, int first_row, int th
   }
 }
 
-// Q rows of this CTA into s.q (swizzled like the pages); rows past q_rows are zero-filled. cp.async copies
-// global to shared memory without registers, so all of a thread's 16-byte copies are in flight at once (a
-// load-then-store loop waited one memory latency per row: about 13% of consumer 1's time per chunk). One
-// warp per row at a time, so the row's address arithmetic is done once per row. Storage: any shared storage
-// with this kernel's `q` (the seesaw kernel's too). The copies complete at the issuing thread's wait_q_load().
-template <typename T, typename Storage>
-__device__ __forceinline__ void issue_q_load(const DecodeParams& p, Storage& s, int seq, int thread) {
-  const int head_kv = blockIdx.y, row0 = grid_row_block() * kBlockM;
-  const int group = p.h_q / p.h_kv;
+// cp.async copies of query rows [row0, row0 + kRows) of this CTA's head group, for sequence `seq`, to shared memory
+// at `base`: row r's column col at byte offset_of(r, col); rows past q_rows are zero-filled. cp.async copies global
+// to shared memory without registers, so all of a thread's 16-byte copies are in flight at once (a load-then-store
+// loop waited one memory latency per row: about 13% of consumer 1's time per chunk). One warp per row at a time, so
+// the row's address arithmetic is done once per row. The copies complete at the issuing thread's wait_q_load().
+template <typename T, int kRows, int kRowUnroll, typename OffsetOf>
+__device__ __forceinline__ void issue_q_rows(const DecodeParams& p, char* base, int row0, int seq, int thread,
+                                             OffsetOf offset_of) {
+  const int head_kv = blockIdx.y, group = p.h_q / p.h_kv;
   const int warp = thread / 32, lane = thread % 32;
-  char* base = reinterpret_cast<char*>(s.q);
   constexpr int kVecsPerRow = kHeadDim / 8;
-#pragma unroll 4
-  for (int r = warp; r < kBlockM; r += 4) {
+#pragma unroll kRowUnroll
+  for (int r = warp; r < kRows; r += 4) {
     const int row = row0 + r;
     const bool real = row < p.q_rows;
     const int s_idx = row / group, head = head_kv * group + row % group;
@@ -180,12 +179,20 @@ __device__ __forceinline__ void issue_q_load(const DecodeParams& p, Storage& s, 
                         : static_cast<const T*>(p.q);  // not read: a source size of 0 zero-fills
 #pragma unroll
     for (int v = lane; v < kVecsPerRow; v += 32) {
-      const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(base + swizzled_offset(r, v * 8)));
+      const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(base + offset_of(r, v * 8)));
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src + (real ? v * 8 : 0)),
                    "r"(real ? 16 : 0)
                    : "memory");
     }
   }
+}
+
+// Q rows of this CTA into s.q, swizzled like the pages. Storage: any shared storage with this kernel's `q` (the
+// seesaw kernel's too).
+template <typename T, typename Storage>
+__device__ __forceinline__ void issue_q_load(const DecodeParams& p, Storage& s, int seq, int thread) {
+  issue_q_rows<T, kBlockM, 4>(p, reinterpret_cast<char*>(s.q), grid_row_block() * kBlockM, seq, thread,
+                              [](int r, int col) { return swizzled_offset(r, col); });
 }
 
 __device__ __forceinline__ void wait_q_load() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }

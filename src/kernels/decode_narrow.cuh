@@ -150,30 +150,13 @@ __device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap
 // ---------------------------------------------------------------------------------------------------------
 // The consumer warpgroup.
 
-// Q's kN rows of this head group into s.q by cp.async; rows past q_rows are zero-filled. Completes at
+// Q's kN rows of this head group into s.q (nine kN x 64 tiles); rows past q_rows are zero-filled. Completes at
 // hopper::wait_q_load().
 template <typename T, int kN>
 __device__ __forceinline__ void issue_q_load(const DecodeParams& p, SharedStorage<kN>& s, int seq, int thread) {
-  const int head_kv = blockIdx.y, group = p.h_q / p.h_kv;
-  const int warp = thread / 32, lane = thread % 32;
-  char* base = reinterpret_cast<char*>(s.q);
-  constexpr int kVecsPerRow = kHeadDim / 8;
-#pragma unroll 1
-  for (int row = warp; row < kN; row += 4) {
-    const bool real = row < p.q_rows;
-    const int s_idx = row / group, head = head_kv * group + row % group;
-    const T* src = real ? static_cast<const T*>(p.q) + ((static_cast<size_t>(seq) * p.s_q + s_idx) * p.h_q + head) * kHeadDim
-                        : static_cast<const T*>(p.q);  // not read: a source size of 0 zero-fills
-#pragma unroll
-    for (int v = lane; v < kVecsPerRow; v += 32) {
-      const int col = v * 8;
-      const int offset = (col / kChunkCols) * (kN * 128) + swizzled_row_offset(row, col);
-      const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(base + offset));
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src + (real ? col : 0)),
-                   "r"(real ? 16 : 0)
-                   : "memory");
-    }
-  }
+  hopper::issue_q_rows<T, kN, 1>(p, reinterpret_cast<char*>(s.q), 0, seq, thread, [](int r, int col) {
+    return (col / kChunkCols) * (kN * 128) + swizzled_row_offset(r, col);
+  });
 }
 
 // A thread's part of an S^T or O^T accumulator (m64nKN C fragment): value v is M row
