@@ -1,10 +1,11 @@
 """The narrow decode kernel's index arithmetic, checked on the host (CI has no GPU to run the kernel).
 
-src/kernels/decode_narrow.cuh writes its offsets and fragment coordinates by hand: the cp.async offsets of Q,
-the stmatrix.trans addresses of P, which query row and token each accumulator value is, and the claim that a
-page tile read through CuTe's MN-major V^T layout is the bytes TMA wrote. tests/host/narrow_layouts.cu checks
-each against CuTe's layouts and partitions (and the stmatrix store, emulated lane by lane from the PTX ISA's
-description) for both element types and both widths, on the host.
+src/kernels/decode_narrow.cuh writes its offsets and fragment coordinates by hand: the cp.async offsets of Q
+(and that each tile's descriptor reads Q there), the stmatrix.trans addresses of P, which query row and token
+each accumulator value is, and the claim that a page tile read through CuTe's MN-major V^T layout is the bytes
+TMA wrote. tests/host/narrow_layouts.cu checks each against CuTe's layouts and partitions (and the stmatrix
+store, emulated lane by lane from the PTX ISA's description) for both element types and both widths, on the
+host.
 """
 
 import pathlib

@@ -93,6 +93,12 @@ __host__ __device__ __forceinline__ int swizzled_row_offset(int row, int col) {
   return row * 128 + ((((col % 64) / 8) ^ (row % 8)) * 16) + (col % 8) * 2;
 }
 
+// Byte offset of Q's element (row, col) in s.q: nine tiles of kN rows x 64 columns, one after the other.
+template <int kN>
+__host__ __device__ __forceinline__ int q_byte_offset(int row, int col) {
+  return (col / kChunkCols) * (kN * 128) + swizzled_row_offset(row, col);
+}
+
 // Where a page's tiles sit in the ring: its first tile's slot and that slot's phase. The next eight follow,
 // wrapping around.
 template <int kSlots>
@@ -155,15 +161,19 @@ __device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap
 template <typename T, int kN>
 __device__ __forceinline__ void issue_q_load(const DecodeParams& p, SharedStorage<kN>& s, int seq, int thread) {
   hopper::issue_q_rows<T, kN, 1>(p, reinterpret_cast<char*>(s.q), 0, seq, thread, [](int r, int col) {
-    return (col / kChunkCols) * (kN * 128) + swizzled_row_offset(r, col);
+    return q_byte_offset<kN>(r, col);
   });
 }
 
 // A thread's part of an S^T or O^T accumulator (m64nKN C fragment): value v is M row
 // 16 * warp + lane / 4 + 8 * ((v / 2) % 2) and N column 8 * (v / 4) + 2 * (lane % 4) + v % 2. The thread's
 // kN / 4 distinct columns are numbered j = 2 * (v / 4) + v % 2.
-__host__ __device__ __forceinline__ int fragment_m(int v, int lane, int warp) { return 16 * warp + lane / 4 + 8 * ((v / 2) % 2); }
-__host__ __device__ __forceinline__ int fragment_column(int j, int lane) { return 8 * (j / 2) + 2 * (lane % 4) + j % 2; }
+__host__ __device__ __forceinline__ int fragment_m(int v, int lane, int warp) {
+  return 16 * warp + lane / 4 + 8 * ((v / 2) % 2);
+}
+__host__ __device__ __forceinline__ int fragment_column(int j, int lane) {
+  return 8 * (j / 2) + 2 * (lane % 4) + j % 2;
+}
 __host__ __device__ __forceinline__ int column_index(int v) { return 2 * (v / 4) + v % 2; }
 
 // Writes P (the scores' exponentials, in tS's registers as S^T) to s.p as P, K-major, with stmatrix.trans:
@@ -256,7 +266,8 @@ struct Consumer {
       wait_barrier(s.full[slot], phase);
       Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.ring[slot])), typename Layouts<E, kN>::KTile{});
       Tensor tK = thr.partition_fragment_A(sK);
-      uint32_t q_tile = static_cast<uint32_t>(__cvta_generic_to_shared(s.q)) + dims_tile(i) * kN * 128;
+      uint32_t q_tile =
+          static_cast<uint32_t>(__cvta_generic_to_shared(s.q)) + q_byte_offset<kN>(0, dims_tile(i) * kChunkCols);
       asm volatile("" : "+r"(q_tile));
       Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(__cvta_shared_to_generic(q_tile))),
                               typename Layouts<E, kN>::QTile{});

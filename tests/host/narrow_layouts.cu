@@ -45,11 +45,16 @@ void check_layouts() {
       EXPECT_EQ(byte_offset<E>(typename L::VTile{}, dim, token), tma_box_offset(token, dim), "VTile(%d, %d)", dim,
                 token);
     }
-  // Q's tiles (the cp.async offsets) and P (the stmatrix addresses).
+  // Q: where the cp.async puts (row, col) is where S's descriptor of its tile reads it. And P (the stmatrix
+  // addresses).
+  for (int row = 0; row < kN; ++row)
+    for (int col = 0; col < kHeadDim; ++col) {
+      const int tile = col / 64;
+      EXPECT_EQ(q_byte_offset<kN>(0, 64 * tile) + byte_offset<E>(typename L::QTile{}, row, col % 64),
+                q_byte_offset<kN>(row, col), "kN %d Q(%d, %d)", kN, row, col);
+    }
   for (int row = 0; row < kN; ++row)
     for (int col = 0; col < 64; ++col) {
-      EXPECT_EQ(byte_offset<E>(typename L::QTile{}, row, col), swizzled_row_offset(row, col), "kN %d QTile(%d, %d)",
-                kN, row, col);
       EXPECT_EQ(byte_offset<E>(typename L::P{}, row, col), swizzled_row_offset(row, col), "kN %d P(%d, %d)", kN, row,
                 col);
     }
