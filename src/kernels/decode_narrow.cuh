@@ -82,12 +82,13 @@ struct Layouts {
   using KTile = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kBlockN>, Int<kChunkCols>>{}));
   // The same bytes as P V's A operand: 64 dims x 64 tokens, dims contiguous (MN-major).
   using VTile = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{}, Shape<Int<kChunkCols>, Int<kBlockN>>{}));
+  // One of Q's nine 64-dim tiles as S's B operand (q_byte_offset places them), and P as P V's B operand.
   using QTile = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kN>, Int<kChunkCols>>{}));
   using P = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kN>, Int<kBlockN>>{}));
 };
 
 // Byte offset of element (row, col) of a K-major tile whose rows are 128 bytes (64 16-bit columns), with the
-// 128-byte swizzle: what Layouts::P and each 64-column block of Layouts::Q hold (tests/host checks it against
+// 128-byte swizzle: what Layouts::P and Layouts::QTile hold (tests/host/narrow_layouts.cu checks it against
 // CuTe's layouts).
 __host__ __device__ __forceinline__ int swizzled_row_offset(int row, int col) {
   return row * 128 + ((((col % 64) / 8) ^ (row % 8)) * 16) + (col % 8) * 2;
