@@ -9,8 +9,9 @@
 #            because a schedule bug may deadlock; then the single-softmax kernel's quick bench
 #            (JAX_FLASHMLA_DECODE_KERNEL=hopper) for comparison. About 3 minutes when it works.
 #   narrow   the same for the opt-in narrow kernel (src/kernels/decode_narrow.cuh, JAX_FLASHMLA_DECODE_KERNEL=narrow,
-#            head groups of at most 32 query rows; wider ones fall back to the seesaw): its tests and the quick
-#            subset, memcheck and racecheck, then the memory-bound rows (h_q 16) timed with it and with the seesaw.
+#            head groups of at most 32 query rows; wider ones fall back to the seesaw): one case under a short
+#            timeout, then its tests and the quick subset, memcheck and racecheck, then the memory-bound rows (h_q 16)
+#            timed with it and with the seesaw.
 # Environment: SKIP_BENCH=1 skips the benchmarks; BENCH_ARGS replaces the first one's flags (default --quick;
 # BENCH_ARGS="" runs the full grid); the second times a stacked two-layer pool (--quick --layers 2).
 # Offline machines: put wheels the image lacks (nvidia-cutlass) in .whl/ (scripts/gpu_env.sh installs them).
@@ -78,7 +79,9 @@ fi
 
 if [ "$MODE" = narrow ]; then
   export JAX_FLASHMLA_DECODE_KERNEL=narrow
-  if kernel_checks narrow "narrow or 2-1-140-16" small; then
+  # One case first, under a short timeout: a schedule bug that hangs then costs two minutes, not the tests' five.
+  if step narrow_smoke timeout 150 python3 -m pytest -q -m gpu -x tests/test_gpu_kernels.py -k "narrow and 16-1-1-bfloat16" &&
+    kernel_checks narrow "narrow or 2-1-140-16" small; then
     for kernel in narrow seesaw; do
       JAX_FLASHMLA_DECODE_KERNEL=$kernel step ${kernel}_bench timeout 150 python3 -m jax_flashmla.bench --h-q 16 \
         --s-q 1,2 --seqlen 4096,16384 --no-baseline --out "$LOG_DIR/${kernel}_bench"
