@@ -177,14 +177,17 @@ __host__ __device__ __forceinline__ int fragment_column(int j, int lane) {
 }
 __host__ __device__ __forceinline__ int column_index(int v) { return 2 * (v / 4) + v % 2; }
 
-// Writes P (the scores' exponentials, in tS's registers as S^T) to s.p as P, K-major, with stmatrix.trans:
-// 32-bit word u of a thread packs values 2u and 2u + 1, so words 4k..4k+3 are the 8x8 matrices (tokens
-// 8 * (u % 2).., columns 8 * (u / 2)..) of the warp's 16 tokens, and .trans stores each matrix's column r (one
-// query row, 8 tokens) as the 16 contiguous bytes that lane 8i + r addresses (p_row_address).
+// The byte offset in s.p that lane `lane` of `warp` gives store_p's stmatrix k (query rows 16k..16k+15): where
+// row r of its matrix i = lane / 8 (r = lane % 8) goes.
 __host__ __device__ __forceinline__ int p_row_address(int k, int lane, int warp) {
   const int i = lane / 8, r = lane % 8;
   return swizzled_row_offset(16 * k + 8 * (i / 2) + r, 16 * warp + 8 * (i % 2));
 }
+
+// Writes P (the scores' exponentials, in tS's registers as S^T) to s.p as P, K-major, with stmatrix.trans:
+// 32-bit word u of a thread packs values 2u and 2u + 1, so words 4k..4k+3 are the 8x8 matrices (tokens
+// 8 * (u % 2).., columns 8 * (u / 2)..) of the warp's 16 tokens, and .trans stores each matrix's column r (one
+// query row, 8 tokens) as the 16 contiguous bytes that lane 8i + r addresses (p_row_address).
 template <typename T, int kN, typename Acc>
 __device__ __forceinline__ void store_p(SharedStorage<kN>& s, const Acc& acc, int thread) {
   const int warp = thread / 32, lane = thread % 32;
