@@ -86,12 +86,11 @@ cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream) {
       return launch_with_smem<hopper::decode_kernel<T>, hopper::kThreads, hopper::kSmemBytes>(device, grid, stream, p,
                                                                                              kv_map);
     // Not yet measured on a GPU, so opt-in: the tokens as wgmma's M, for head groups of up to 32 query rows.
-    if (decode_kernel_selected("narrow") && p.q_rows <= 16)
-      return launch_with_smem<narrow::decode_kernel<T, 16>, narrow::kThreads, narrow::smem_bytes<16>()>(device, grid,
-                                                                                                       stream, p, kv_map);
     if (decode_kernel_selected("narrow") && p.q_rows <= 32)
-      return launch_with_smem<narrow::decode_kernel<T, 32>, narrow::kThreads, narrow::smem_bytes<32>()>(device, grid,
-                                                                                                       stream, p, kv_map);
+      return p.q_rows <= 16 ? launch_with_smem<narrow::decode_kernel<T, 16>, narrow::kThreads,
+                                               narrow::smem_bytes<16>()>(device, grid, stream, p, kv_map)
+                            : launch_with_smem<narrow::decode_kernel<T, 32>, narrow::kThreads,
+                                               narrow::smem_bytes<32>()>(device, grid, stream, p, kv_map);
     CUtensorMap q_map{};  // unused where q_box_bytes is 0
     int q_box_bytes = 0;
     if (cudaError_t err = make_q_tensor_map(&q_map, p, element_type_of<T>(), &q_box_bytes); err != cudaSuccess)

@@ -309,6 +309,29 @@ struct Consumer {
     for (int b = 0; b < kVTiles; ++b) warpgroup_fence_operand(acc[b]);
   }
 
+  // Each column's combination (op: max or sum) over the warpgroup's 64 tokens, in every thread that holds the
+  // column: over the warp's 16 (lanes with the same lane % 4), then over the four warps through `part` and a
+  // barrier, in a fixed order so that the result does not depend on which warp came first.
+  template <typename Op>
+  __device__ __forceinline__ void reduce_columns(float (&values)[kColumns], float (&part)[4][kN], Op op) const {
+#pragma unroll
+    for (int j = 0; j < kColumns; ++j) {
+      values[j] = op(values[j], __shfl_xor_sync(0xffffffffu, values[j], 4));
+      values[j] = op(values[j], __shfl_xor_sync(0xffffffffu, values[j], 8));
+      values[j] = op(values[j], __shfl_xor_sync(0xffffffffu, values[j], 16));
+    }
+    if (lane < 4) {
+#pragma unroll
+      for (int j = 0; j < kColumns; ++j) part[warp][fragment_column(j, lane)] = values[j];
+    }
+    hopper::named_sync(kBarConsumer, kConsumerThreads);
+#pragma unroll
+    for (int j = 0; j < kColumns; ++j) {
+      const int col = fragment_column(j, lane);
+      values[j] = op(op(part[0][col], part[1][col]), op(part[2][col], part[3][col]));
+    }
+  }
+
   // The page's scores to P in place: masks tokens at or past `visible` (per column), raises each column's
   // running maximum m (base 2, scaled) to the page's, through the warps' exchange in s.max_part[parity], and
   // returns each column's rescale factor 2^(m_old - m_new). sum: this thread's part of each column's sum.
@@ -332,24 +355,10 @@ struct Consumer {
         col_max[column_index(v)] = fmaxf(col_max[column_index(v)], acc(v));
       }
     }
-    // Over the warp's 16 tokens (lanes with the same lane % 4), then over the four warps.
+    reduce_columns(col_max, s.max_part[parity], [](float a, float b) { return fmaxf(a, b); });
 #pragma unroll
     for (int j = 0; j < kColumns; ++j) {
-      col_max[j] = fmaxf(col_max[j], __shfl_xor_sync(0xffffffffu, col_max[j], 4));
-      col_max[j] = fmaxf(col_max[j], __shfl_xor_sync(0xffffffffu, col_max[j], 8));
-      col_max[j] = fmaxf(col_max[j], __shfl_xor_sync(0xffffffffu, col_max[j], 16));
-    }
-    if (lane < 4) {
-#pragma unroll
-      for (int j = 0; j < kColumns; ++j) s.max_part[parity][warp][fragment_column(j, lane)] = col_max[j];
-    }
-    hopper::named_sync(kBarConsumer, kConsumerThreads);
-#pragma unroll
-    for (int j = 0; j < kColumns; ++j) {
-      const int col = fragment_column(j, lane);
-      const float page_max = fmaxf(fmaxf(s.max_part[parity][0][col], s.max_part[parity][1][col]),
-                                   fmaxf(s.max_part[parity][2][col], s.max_part[parity][3][col]));
-      const float m_new = fmaxf(m[j], page_max * scale_log2);
+      const float m_new = fmaxf(m[j], col_max[j] * scale_log2);
       factor[j] = exp2f(m[j] - (m_new == -INFINITY ? 0.f : m_new));
       m[j] = m_new;
     }
@@ -383,28 +392,15 @@ struct Consumer {
   // (or the split's partial), and lanes 0-3 of warp 0 write the LSE of their columns.
   template <typename AccO>
   __device__ __forceinline__ void epilogue(const DecodeParams& p, const Chunk& c, const AccO (&acc)[kVTiles],
-                                           const float (&m)[kColumns], float (&sum)[kColumns], int parity) const {
+                                           const float (&m)[kColumns], const float (&sum)[kColumns],
+                                           int parity) const {
     const int head_kv = blockIdx.y, group = p.h_q / p.h_kv;
-#pragma unroll
-    for (int j = 0; j < kColumns; ++j) {
-      sum[j] += __shfl_xor_sync(0xffffffffu, sum[j], 4);
-      sum[j] += __shfl_xor_sync(0xffffffffu, sum[j], 8);
-      sum[j] += __shfl_xor_sync(0xffffffffu, sum[j], 16);
-    }
-    if (lane < 4) {
-#pragma unroll
-      for (int j = 0; j < kColumns; ++j) s.sum_part[parity][warp][fragment_column(j, lane)] = sum[j];
-    }
-    hopper::named_sync(kBarConsumer, kConsumerThreads);
     float total[kColumns], inv_sum[kColumns];
 #pragma unroll
-    for (int j = 0; j < kColumns; ++j) {
-      const int col = fragment_column(j, lane);
-      // The warps' sums in a fixed order, so that the result does not depend on which warp came first.
-      total[j] = (s.sum_part[parity][0][col] + s.sum_part[parity][1][col]) +
-                 (s.sum_part[parity][2][col] + s.sum_part[parity][3][col]);
-      inv_sum[j] = total[j] > 0.f ? 1.f / total[j] : 0.f;
-    }
+    for (int j = 0; j < kColumns; ++j) total[j] = sum[j];
+    reduce_columns(total, s.sum_part[parity], [](float a, float b) { return a + b; });
+#pragma unroll
+    for (int j = 0; j < kColumns; ++j) inv_sum[j] = total[j] > 0.f ? 1.f / total[j] : 0.f;
     // Column by column: its row of out (a single split) or of the split's partial, null past q_rows, then its
     // two values in each of the eight blocks. The divisions by the group run once per column, and the row is
     // computed from a lane number the compiler cannot see through (else it hoists the pointers out of the page
