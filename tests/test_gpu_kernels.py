@@ -79,10 +79,15 @@ def test_neighbouring_query_rows_never_leak(h_q, h_kv, s_q, causal, rng_seed):
     sequence; groups like 48, 96 or 12 load Q with cp.async and zero-fill. NaN in the Q of every other sequence
     (a padded batch slot of length 0) must reach neither its neighbours nor its own output."""
     rng = np.random.default_rng([rng_seed, h_q, h_kv, s_q, causal])
+    check_nan_neighbours(rng, s_q=s_q, h_q=h_q, h_kv=h_kv, causal=causal, dtype=jnp.bfloat16)
+
+
+def check_nan_neighbours(rng, *, s_q, h_q, h_kv, causal, dtype):
+    """Six sequences, every other one empty with NaN in its Q: the kernel must match the reference given clean Q."""
     seqlens = lengths(rng, 6, 300, True, zero_one=False)
     seqlens[1::2] = 0
-    p = make_problem(rng, batch=6, s_q=s_q, h_q=h_q, h_kv=h_kv, seqlens=seqlens, dtype=jnp.bfloat16)
-    check_against_reference(p, causal, jnp.bfloat16, kernel_q=p.q.at[1::2].set(jnp.nan))
+    p = make_problem(rng, batch=6, s_q=s_q, h_q=h_q, h_kv=h_kv, seqlens=seqlens, dtype=dtype)
+    check_against_reference(p, causal, dtype, kernel_q=p.q.at[1::2].set(jnp.nan))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -113,16 +118,8 @@ def test_narrow_kernel(h_q, h_kv, s_q, dtype, monkeypatch, rng_seed):
         problem = make_problem(rng, batch=batch, s_q=s_q, h_q=h_q, h_kv=h_kv, seqlens=seqlens, dtype=dtype)
         for causal in (False, True):
             check_against_reference(problem, causal, dtype)
-    seqlens = lengths(rng, 6, 300, True, zero_one=False)
-    seqlens[1::2] = 0
-    p = make_problem(rng, batch=6, s_q=s_q, h_q=h_q, h_kv=h_kv, seqlens=seqlens, dtype=dtype)
-    check_against_reference(p, True, dtype, kernel_q=p.q.at[1::2].set(jnp.nan))
-    p = make_problem(rng, batch=4, s_q=s_q, h_q=h_q, h_kv=h_kv, seqlens=np.array([256, 130, 64, 70], np.int32),
-                     dtype=dtype, spare_pages=0)
-    table = np.asarray(p.block_table).copy()
-    table[1, 1], table[2, 0] = -7, UNUSED_PAGE_ID
-    hostile = type(p)(p.q, p.k_cache, jnp.asarray(table), jnp.asarray(np.array([10_000, 130, 64, -5], np.int32)))
-    check_against_reference(hostile, False, dtype)
+    check_nan_neighbours(rng, s_q=s_q, h_q=h_q, h_kv=h_kv, causal=True, dtype=dtype)
+    check_against_reference(hostile_problem(rng, s_q=s_q, h_q=h_q, h_kv=h_kv, dtype=dtype), False, dtype)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -139,17 +136,21 @@ def test_head_dim_512_and_all_empty(dtype, rng_seed):
 def test_hostile_runtime_values_stay_in_bounds(rng_seed):
     """Lengths past the table, negative lengths, out-of-range and negative page ids: the reference's
     semantics (clip lengths, ignore bad pages), no fault."""
-    rng = np.random.default_rng(rng_seed)
+    problem = hostile_problem(np.random.default_rng(rng_seed), s_q=2, h_q=16, h_kv=1, dtype=jnp.bfloat16)
+    for causal in (False, True):
+        check_against_reference(problem, causal, jnp.bfloat16)
+
+
+def hostile_problem(rng, *, s_q, h_q, h_kv, dtype):
+    """Four sequences whose lengths and block table hold the hostile values."""
     # Sequence 0 owns all 4 pages of its table row, so the length clipped to the capacity reads real keys.
     seqlens = np.array([256, 130, 64, 70], np.int32)
-    p = make_problem(rng, batch=4, s_q=2, h_q=16, h_kv=1, seqlens=seqlens, dtype=jnp.bfloat16, spare_pages=0)
+    p = make_problem(rng, batch=4, s_q=s_q, h_q=h_q, h_kv=h_kv, seqlens=seqlens, dtype=dtype, spare_pages=0)
     table = np.asarray(p.block_table).copy()
     table[1, 1] = -7  # a negative id inside the length
     table[2, 0] = UNUSED_PAGE_ID  # a huge id inside the length
     hostile = jnp.asarray(np.array([10_000, 130, 64, -5], np.int32))  # past capacity; negative
-    for causal in (False, True):
-        problem = type(p)(p.q, p.k_cache, jnp.asarray(table), hostile)
-        check_against_reference(problem, causal, jnp.bfloat16)
+    return type(p)(p.q, p.k_cache, jnp.asarray(table), hostile)
 
 
 @pytest.mark.parametrize("head_dim", [576, 512], ids=["hopper_kernel", "portable_kernel"])
