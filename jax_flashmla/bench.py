@@ -426,6 +426,8 @@ def environment() -> dict:
         "jax_flashmla_version": __version__,
         # The Hopper kernel picked by hand (hopper, narrow: src/kernels/decode_launch.cuh); None is the default.
         "decode_kernel_env": os.environ.get("JAX_FLASHMLA_DECODE_KERNEL"),
+        # JAX_FLASHMLA_COMBINE=separate: the combine kernel merges the splits even where the decode kernel can.
+        "combine_env": os.environ.get("JAX_FLASHMLA_COMBINE"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "method": METHOD,
     }
@@ -626,6 +628,8 @@ def main(argv=None) -> int:
     print(f"jax {env['jax_version']}, jax_flashmla {env['jax_flashmla_version']}; {backend_note(env)}")
     if env["decode_kernel_env"]:
         print(f"JAX_FLASHMLA_DECODE_KERNEL={env['decode_kernel_env']}: that kernel where it applies")
+    if env["combine_env"]:
+        print(f"JAX_FLASHMLA_COMBINE={env['combine_env']}: how the splits are merged")
     print(peaks_note)
     print(f"{len(rows)} rows, {args.dtype}, {args.iters} iters x {args.repeats} repeats, warm-up {args.warmup}")
     if args.iters < MIN_REPORTED_ITERS:

@@ -3,13 +3,14 @@
 Two primitives, both internal (jax_flashmla.api is the public face):
   mla_metadata_p  cache_seqlens -> (tile_metadata, num_splits)                    param: num_parts
   mla_decode_p    q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer
-                  -> (out, lse, o_accum, lse_accum)                               params below
+                  -> (out, lse, o_accum, lse_accum, split_arrivals)               params below
 k_cache is one layer's pool (num_pages, 64, h_kv, d), or a stacked pool (num_layers, num_pages, 64, h_kv, d)
 of which the decode reads layer `layer` (an int32 scalar operand, clamped into range like a dynamic index;
 0 for a one-layer pool). The kernels read that layer in place, whether the index is static or traced.
-o_accum/lse_accum are the split-KV partials. They are results of the custom call so that XLA owns their
-memory for as long as the kernels run (FFI scratch memory is released when the handler returns, before
-the kernels on the stream are done); the public function drops them.
+o_accum/lse_accum are the split-KV partials, and split_arrivals counts them as they are stored (for a decode
+kernel that merges the splits itself). They are results of the custom call so that XLA owns their memory for
+as long as the kernels run (FFI scratch memory is released when the handler returns, before the kernels on the
+stream are done); the public function drops them.
 
 Lowering: the `cuda` platform gets the FFI custom calls when the extension is loaded and the process's GPUs
 are Hopper (sm_90, what the kernels are built for); every other platform (and float32 inputs, which the
@@ -87,9 +88,19 @@ mla_decode_p.def_impl(functools.partial(dispatch.apply_primitive, mla_decode_p))
 
 
 def accum_shapes(batch, num_parts, h_kv, q_rows, head_dim_v):
-    """Split-KV partial buffers: one slot per possible split (at most b + num_parts of them)."""
+    """Split-KV scratch: the partials, one slot per possible split (at most b + num_parts of them), and a count
+    of stored partials per sequence, KV head and row block."""
     splits = batch + num_parts
-    return (splits, h_kv, q_rows, head_dim_v), (splits, h_kv, q_rows)
+    return (splits, h_kv, q_rows, head_dim_v), (splits, h_kv, q_rows), (batch, h_kv, -(-q_rows // BLOCK_M))
+
+
+ACCUM_DTYPES = (jnp.float32, jnp.float32, jnp.int32)
+
+
+def _accum_zeros(*args, mapped=()):
+    """Scratch results with no defined content, as zeros that XLA drops once nothing reads them; `mapped`: leading
+    dims (a batching rule's)."""
+    return tuple(jnp.zeros((*mapped, *shape), dtype) for shape, dtype in zip(accum_shapes(*args), ACCUM_DTYPES))
 
 
 def _split_like_q(q, dims):
@@ -108,10 +119,10 @@ def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_metadata,
     del block_table, cache_seqlens, num_splits, layer, softmax_scale, causal, poison_outputs
     batch, s_q, h_q, _ = q.shape
     h_kv = k_cache.shape[-2]
-    o_shape, l_shape = accum_shapes(batch, tile_metadata.shape[0], h_kv, s_q * h_q // h_kv, head_dim_v)
+    scratch = accum_shapes(batch, tile_metadata.shape[0], h_kv, s_q * h_q // h_kv, head_dim_v)
     return (ShapedArray((batch, s_q, h_q, head_dim_v), q.dtype, sharding=_split_like_q(q, (0, None, 2, None))),
             ShapedArray((batch, h_q, s_q), jnp.float32, sharding=_split_like_q(q, (0, 2, None))),
-            ShapedArray(o_shape, jnp.float32), ShapedArray(l_shape, jnp.float32))
+            *(ShapedArray(shape, dtype) for shape, dtype in zip(scratch, ACCUM_DTYPES)))
 
 
 def _decode_reference(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer, *, head_dim_v,
@@ -121,11 +132,9 @@ def _decode_reference(q, k_cache, block_table, cache_seqlens, tile_metadata, num
         k_cache = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False)  # clamps, as the kernels do
     out, lse = mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v=head_dim_v,
                                     softmax_scale=softmax_scale, causal=causal)
-    # The partials are scratch with no defined content; zeros that XLA drops once nothing reads them.
     batch, s_q, h_q, _ = q.shape
     h_kv = k_cache.shape[-2]
-    o_shape, l_shape = accum_shapes(batch, tile_metadata.shape[0], h_kv, s_q * h_q // h_kv, head_dim_v)
-    return out, lse, jnp.zeros(o_shape, jnp.float32), jnp.zeros(l_shape, jnp.float32)
+    return out, lse, *_accum_zeros(batch, tile_metadata.shape[0], h_kv, s_q * h_q // h_kv, head_dim_v)
 
 
 _decode_reference_lowering = mlir.lower_fun(_decode_reference, multiple_results=True)
@@ -168,15 +177,14 @@ def _decode_batch(args, dims, **params):
     flat_seqlens = cache_seqlens.reshape(size * batch)
     num_parts = tile_metadata.shape[-2]
     flat_md, flat_splits = mla_metadata_p.bind(flat_seqlens, num_parts=num_parts)
-    out, lse, o_accum, lse_accum = mla_decode_p.bind(
+    out, lse, o_accum, *_ = mla_decode_p.bind(
         q.reshape(size * batch, *q.shape[2:]), k_cache, block_table.reshape(size * batch, -1), flat_seqlens,
         flat_md, flat_splits, layer, **params)
     out = out.reshape(size, batch, *out.shape[1:])
     lse = lse.reshape(size, batch, *lse.shape[1:])
-    # Partials of a folded launch have no per-element meaning; hand back zeros of the mapped shape.
-    o_shape, l_shape = accum_shapes(batch, num_parts, o_accum.shape[1], o_accum.shape[2], o_accum.shape[3])
-    return ((out, lse, jnp.zeros((size, *o_shape), jnp.float32), jnp.zeros((size, *l_shape), jnp.float32)),
-            (0, 0, 0, 0))
+    # Scratch of a folded launch has no per-element meaning; hand back zeros of the mapped shape.
+    scratch = _accum_zeros(batch, num_parts, o_accum.shape[1], o_accum.shape[2], o_accum.shape[3], mapped=(size,))
+    return (out, lse, *scratch), (0,) * 5
 
 
 batching.primitive_batchers[mla_decode_p] = _decode_batch

@@ -228,9 +228,9 @@ def _named(mesh, *dims) -> NamedSharding:
 
 def _decode_global(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer, head_dim_v,
                    softmax_scale, causal, poison_outputs):
-    out, lse, _, _ = mla_decode_p.bind(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer,
-                                       head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal,
-                                       poison_outputs=poison_outputs)
+    out, lse, *_ = mla_decode_p.bind(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer,
+                                     head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal,
+                                     poison_outputs=poison_outputs)
     return out, lse
 
 

@@ -10,8 +10,10 @@
 #            (JAX_FLASHMLA_DECODE_KERNEL=hopper) for comparison. About 3 minutes when it works.
 #   narrow   the same for the opt-in narrow kernel (src/kernels/decode_narrow.cuh, JAX_FLASHMLA_DECODE_KERNEL=narrow,
 #            head groups of at most 32 query rows; wider ones fall back to the seesaw): one case under a short
-#            timeout, then its tests and the quick subset, memcheck and racecheck, then the memory-bound rows (h_q 16)
-#            timed with it and with the seesaw.
+#            timeout, the layout probe (scripts/layout_probe.py; on the seesaw too where it finds a fault), its
+#            tests and the quick subset, then the memory-bound rows (h_q 16) timed with it (its splits merged in the
+#            kernel, then by the combine kernel: JAX_FLASHMLA_COMBINE=separate) and with the seesaw, then memcheck
+#            and racecheck.
 # Environment: SKIP_BENCH=1 skips the benchmarks; BENCH_ARGS replaces the first one's flags (default --quick;
 # BENCH_ARGS="" runs the full grid); the second times a stacked two-layer pool (--quick --layers 2).
 # Offline machines: put wheels the image lacks (nvidia-cutlass) in .whl/ (scripts/gpu_env.sh installs them).
@@ -56,12 +58,19 @@ sanitize() {
 summarize() { echo; echo "== summary ($LOG_DIR)"; cat "$LOG_DIR/gpu.txt"; printf '%s\n' "${summary[@]}"; }
 # For work on one kernel: the quick test subset (and FILTER's tests, if any), then, if they pass, memcheck (on
 # sanitize_cases.py's MEMCHECK_CASES) and racecheck on the small cases, each under a timeout because a schedule bug
-# may deadlock. Usage: kernel_checks PREFIX FILTER MEMCHECK_CASES
-kernel_checks() {
+# may deadlock. Usage: kernel_checks PREFIX FILTER MEMCHECK_CASES (or its two halves, kernel_tests PREFIX FILTER
+# and kernel_sanitizers PREFIX MEMCHECK_CASES)
+kernel_tests() {
   step "$1_tests" timeout 300 python3 -m pytest -q -m gpu -x -n 4 tests/test_gpu_kernels.py \
-    -k "${2:+$2 or }not grid or (64-4-4096 or 6-2-140 or 2-1-20)" || return 1
-  step "$1_memcheck" timeout 150 bash -c "$(declare -f sanitize); sanitize memcheck $3"
+    -k "${2:+$2 or }not grid or (64-4-4096 or 6-2-140 or 2-1-20)"
+}
+kernel_sanitizers() {
+  step "$1_memcheck" timeout 150 bash -c "$(declare -f sanitize); sanitize memcheck $2"
   step "$1_racecheck" timeout 150 bash -c "$(declare -f sanitize); sanitize racecheck small"
+}
+kernel_checks() {
+  kernel_tests "$1" "$2" || return 1
+  kernel_sanitizers "$1" "$3"
   return 0  # the tests passed; the sanitizers' findings are in the summary
 }
 
@@ -80,12 +89,27 @@ fi
 if [ "$MODE" = narrow ]; then
   export JAX_FLASHMLA_DECODE_KERNEL=narrow
   # One case first, under a short timeout: a schedule bug that hangs then costs two minutes, not the tests' five.
-  if step narrow_smoke timeout 150 python3 -m pytest -q -m gpu -x tests/test_gpu_kernels.py -k "narrow and 16-1-1-bfloat16" &&
-    kernel_checks narrow "narrow or 2-1-140-16" small; then
-    for kernel in narrow seesaw; do
-      JAX_FLASHMLA_DECODE_KERNEL=$kernel step ${kernel}_bench timeout 150 python3 -m jax_flashmla.bench --h-q 16 \
-        --s-q 1,2 --seqlen 4096,16384 --no-baseline --out "$LOG_DIR/${kernel}_bench"
+  step narrow_smoke timeout 150 python3 -m pytest -q -m gpu -x tests/test_gpu_kernels.py -k "narrow and 16-1-1-bfloat16"
+  smoke=$?
+  # Unless it hung: the layout probe, which says where a wrong result comes from, for both widths of the narrow
+  # kernel and two KV heads; where it finds one, the same problems on the seesaw too (its control).
+  if [ $smoke -ne 124 ]; then
+    for shape in "16 1 1" "16 1 2" "32 2 1"; do
+      read -r h_q h_kv s_q <<<"$shape"
+      name=probe_h${h_q}_kv${h_kv}_s${s_q}
+      step narrow_$name timeout 90 python3 scripts/layout_probe.py --h-q $h_q --h-kv $h_kv --s-q $s_q ||
+        JAX_FLASHMLA_DECODE_KERNEL=seesaw step seesaw_$name timeout 90 python3 scripts/layout_probe.py --h-q $h_q \
+          --h-kv $h_kv --s-q $s_q
     done
+  fi
+  # The benches before the sanitizers: if the call runs out of time, what is lost can run in the next one.
+  if [ $smoke -eq 0 ] && kernel_tests narrow "narrow or 2-1-140-16"; then
+    memory_rows() { step "$1" timeout 150 python3 -m jax_flashmla.bench --h-q 16 --s-q 1,2 --seqlen 4096,16384 \
+      --no-baseline --out "$LOG_DIR/$1"; }
+    memory_rows narrow_bench  # the splits merged in the kernel
+    JAX_FLASHMLA_COMBINE=separate memory_rows narrow_combine_bench  # the splits merged by the combine kernel
+    JAX_FLASHMLA_DECODE_KERNEL=seesaw memory_rows seesaw_bench
+    kernel_sanitizers narrow small
   fi
   summarize
   exit 0

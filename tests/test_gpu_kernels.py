@@ -10,6 +10,7 @@ import pytest
 
 import jax_flashmla as jfm
 from jax_flashmla import scheduler
+from jax_flashmla.primitives import mla_decode_p
 from jax_flashmla.reference import mla_decode_reference
 
 from cases import UNUSED_PAGE_ID, lengths, make_problem
@@ -120,6 +121,43 @@ def test_narrow_kernel(h_q, h_kv, s_q, dtype, monkeypatch, rng_seed):
             check_against_reference(problem, causal, dtype)
     check_nan_neighbours(rng, s_q=s_q, h_q=h_q, h_kv=h_kv, causal=True, dtype=dtype)
     check_against_reference(hostile_problem(rng, s_q=s_q, h_q=h_q, h_kv=h_kv, dtype=dtype), False, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("h_q,h_kv,s_q,merged", [(16, 1, 1, True), (8, 1, 2, True), (10, 1, 1, True),
+                                                 (32, 2, 1, True), (16, 1, 2, False)])
+def test_narrow_kernel_merges_splits_as_the_combine_does(h_q, h_kv, s_q, merged, dtype, monkeypatch, rng_seed):
+    """The narrow kernel of 16 query rows merges a sequence's splits itself: the CTA that stores the last partial
+    (split_arrivals counts them) merges all of them in split order with the combine kernel's arithmetic. So out
+    and lse are the combine kernel's (JAX_FLASHMLA_COMBINE=separate) bit for bit, whichever CTA finished last.
+    The 32-row kernel leaves the merge to the combine kernel."""
+    monkeypatch.setenv("JAX_FLASHMLA_DECODE_KERNEL", "narrow")
+    rng = np.random.default_rng([rng_seed, h_q, h_kv, s_q])
+    seqlens = lengths(rng, 16, 2048, True, zero_one=True)
+    p = make_problem(rng, batch=16, s_q=s_q, h_q=h_q, h_kv=h_kv, seqlens=seqlens, dtype=dtype)
+    md, splits = jfm.get_mla_metadata(p.cache_seqlens, s_q * h_q // h_kv, h_kv)
+    n_splits = np.diff(np.asarray(splits))
+    assert (n_splits > 1).sum() >= 4, n_splits  # the schedule splits several sequences
+    results = {}
+    for combine in ("separate", "in_kernel"):
+        monkeypatch.setenv("JAX_FLASHMLA_COMBINE", combine)
+        # A fresh jit for each setting, so that nothing compiled or captured under the other one is reused.
+        decode = jax.jit(lambda *args: mla_decode_p.bind(*args, head_dim_v=512, softmax_scale=576 ** -0.5,
+                                                         causal=True, poison_outputs=True))
+        results[combine] = [np.asarray(x) for x in decode(p.q, p.k_cache, p.block_table, p.cache_seqlens, md, splits,
+                                                          jnp.int32(0))]
+    out_separate, lse_separate, *_, arrivals_separate = results["separate"]
+    out_merged, lse_merged, *_, arrivals_merged = results["in_kernel"]
+    # Which path ran: the in-kernel merge counted every split of the split sequences; the combine left the poison.
+    assert np.all(arrivals_separate == -1)
+    if merged:  # (b, h_kv, 1): each KV head's CTAs count their own arrivals
+        want = np.where(n_splits > 1, n_splits, 0)
+        np.testing.assert_array_equal(arrivals_merged, np.broadcast_to(want[:, None, None], arrivals_merged.shape))
+    else:
+        assert np.all(arrivals_merged == -1)
+    np.testing.assert_array_equal(out_merged.view(np.uint16), out_separate.view(np.uint16))
+    np.testing.assert_array_equal(lse_merged, lse_separate)
+    check_against_reference(p, True, dtype)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

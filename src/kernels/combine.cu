@@ -1,6 +1,7 @@
 // Merges the split-KV partials of sequences with more than one split: one warp per query row, the splits
-// in index order (so the result does not depend on which CTA finished first). Also home of the element-type
-// dispatch for the decode launcher.
+// in index order (so the result does not depend on which CTA finished first). decode_narrow.cuh's in-kernel
+// merge does the same arithmetic in the same order. Also home of the element-type dispatch for the decode
+// launcher.
 #include <cmath>
 
 #include "kernels/element.cuh"
@@ -8,11 +9,12 @@
 
 namespace jax_flashmla {
 
-cudaError_t launch_decode_bf16(const DecodeParams& p, cudaStream_t stream);
-cudaError_t launch_decode_fp16(const DecodeParams& p, cudaStream_t stream);
+cudaError_t launch_decode_bf16(const DecodeParams& p, cudaStream_t stream, bool* splits_merged);
+cudaError_t launch_decode_fp16(const DecodeParams& p, cudaStream_t stream, bool* splits_merged);
 
-cudaError_t launch_decode(const DecodeParams& params, ElementType type, cudaStream_t stream) {
-  return type == ElementType::kBF16 ? launch_decode_bf16(params, stream) : launch_decode_fp16(params, stream);
+cudaError_t launch_decode(const DecodeParams& params, ElementType type, cudaStream_t stream, bool* splits_merged) {
+  return type == ElementType::kBF16 ? launch_decode_bf16(params, stream, splits_merged)
+                                    : launch_decode_fp16(params, stream, splits_merged);
 }
 
 namespace {

@@ -53,18 +53,40 @@ inline bool device_is_hopper(int device) {
 // single-softmax kernel (decode_hopper.cuh), kept to compare against, and =narrow the tokens-as-M kernel
 // (decode_narrow.cuh) for head groups of at most 32 query rows. Read at every launch, so a test can switch it;
 // under CUDA graphs the captured choice stays.
-inline bool decode_kernel_selected(const char* name) {
-  const char* choice = std::getenv("JAX_FLASHMLA_DECODE_KERNEL");
-  return choice != nullptr && std::strcmp(choice, name) == 0;
+inline bool environment_says(const char* variable, const char* value) {
+  const char* choice = std::getenv(variable);
+  return choice != nullptr && std::strcmp(choice, value) == 0;
 }
+inline bool decode_kernel_selected(const char* name) { return environment_says("JAX_FLASHMLA_DECODE_KERNEL", name); }
 
 template <typename T>
 constexpr ElementType element_type_of() {
   return std::is_same_v<T, __nv_bfloat16> ? ElementType::kBF16 : ElementType::kFP16;
 }
 
+// Launches the narrow kernel of width kN. At kN = 16 it merges each sequence's splits itself (the CTA that stores
+// the last partial), which saves the combine launch and its wait for the whole grid, unless
+// JAX_FLASHMLA_COMBINE=separate asks for the combine kernel (to compare the two).
+template <typename T, int kN>
+cudaError_t launch_narrow(DecodeParams p, int device, dim3 grid, cudaStream_t stream, const CUtensorMap& kv_map,
+                          bool* splits_merged) {
+  p.merge_splits = narrow::merges_splits<kN>() && p.split_arrivals != nullptr &&
+                   !environment_says("JAX_FLASHMLA_COMBINE", "separate");
+  if (p.merge_splits) {
+    const size_t counters = static_cast<size_t>(p.batch) * p.h_kv * grid.x;
+    if (cudaError_t err = cudaMemsetAsync(p.split_arrivals, 0, counters * sizeof(int32_t), stream); err != cudaSuccess)
+      return err;
+  }
+  const cudaError_t err =
+      launch_with_smem<narrow::decode_kernel<T, kN>, narrow::kThreads, narrow::smem_bytes<kN>()>(device, grid, stream,
+                                                                                                p, kv_map);
+  *splits_merged = err == cudaSuccess && p.merge_splits;
+  return err;
+}
+
 template <typename T>
-cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream, bool* splits_merged) {
+  *splits_merged = false;
   if (p.head_dim % 8 != 0 || p.head_dim > simt::kMaxHeadDim || p.head_dim_v != simt::kHeadDimV ||
       p.h_kv < 1 || p.h_q % p.h_kv != 0 || p.num_parts < 1 || p.max_pages < 1 || p.q_rows < 1 || p.num_layers < 1 ||
       p.layer_index == nullptr)
@@ -72,8 +94,8 @@ cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream) {
   int device = 0;
   if (cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
   if (device < 0 || device >= kMaxDevices) return cudaErrorInvalidDevice;
-  static_assert(simt::kBlockM == hopper::kBlockM, "the kernels share one grid: 64 query rows per CTA");
-  const int row_blocks = (p.q_rows + hopper::kBlockM - 1) / hopper::kBlockM;
+  static_assert(simt::kBlockM == kRowBlock && hopper::kBlockM == kRowBlock, "the kernels share one grid");
+  const int row_blocks = (p.q_rows + kRowBlock - 1) / kRowBlock;
   const dim3 grid(row_blocks, p.h_kv, p.num_parts);  // the order part_walk.cuh's grid_* functions read
 
   // TMA coordinates are int32: the pool's token count must fit (it always does for real pools).
@@ -87,10 +109,8 @@ cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream) {
                                                                                              kv_map);
     // Not yet measured on a GPU, so opt-in: the tokens as wgmma's M, for head groups of up to 32 query rows.
     if (decode_kernel_selected("narrow") && p.q_rows <= 32)
-      return p.q_rows <= 16 ? launch_with_smem<narrow::decode_kernel<T, 16>, narrow::kThreads,
-                                               narrow::smem_bytes<16>()>(device, grid, stream, p, kv_map)
-                            : launch_with_smem<narrow::decode_kernel<T, 32>, narrow::kThreads,
-                                               narrow::smem_bytes<32>()>(device, grid, stream, p, kv_map);
+      return p.q_rows <= 16 ? launch_narrow<T, 16>(p, device, grid, stream, kv_map, splits_merged)
+                            : launch_narrow<T, 32>(p, device, grid, stream, kv_map, splits_merged);
     CUtensorMap q_map{};  // unused where q_box_bytes is 0
     int q_box_bytes = 0;
     if (cudaError_t err = make_q_tensor_map(&q_map, p, element_type_of<T>(), &q_box_bytes); err != cudaSuccess)
