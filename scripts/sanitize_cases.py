@@ -2,8 +2,9 @@
 
 Covers the scheduler, split-KV decode and combine kernels on: varied lengths with an empty sequence,
 causal s_q > 1, h_kv = 2, head dim 512, a layer read in place from a stacked pool, and hostile runtime
-values (lengths past the table, negative lengths, out-of-range and negative page ids). Each result is
-also checked against the reference.
+values (lengths past the table, negative lengths, out-of-range and negative page ids, schedules computed for
+other lengths or made of arbitrary integers). Each result is also checked against the reference, except
+those of the hostile schedules, which are undefined.
 Usage: python scripts/sanitize_cases.py [small]
 """
 
@@ -13,6 +14,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 import test_gpu_kernels as cases  # noqa: E402
 
@@ -23,6 +25,9 @@ def main(small: bool):
     # Each case is announced, so a sanitizer report (printed after its kernel) can be traced to one.
     print("case: hostile runtime values", flush=True)
     cases.test_hostile_runtime_values_stay_in_bounds(SEED)
+    print("case: hostile schedules (metadata for other lengths, arbitrary integers, int32 extremes)", flush=True)
+    for _ in cases.hostile_metadata_problems(np.random.default_rng(SEED), 576):
+        pass
     print("case: grid b2 s_q2 s_k140 h_q16 causal bf16", flush=True)
     cases.test_flashmla_grid(2, 2, 140, 16, 1, True, True, jnp.bfloat16, SEED)
     print("case: grid b2 s_q1 s_k140 h_q16 bf16", flush=True)  # 16 query rows: the narrow kernel's 16-wide form
@@ -33,7 +38,10 @@ def main(small: bool):
         cases.test_head_dim_512_and_all_empty(jnp.bfloat16, SEED)
         cases.test_metadata_kernel_matches_spec(SEED)
         cases.test_stacked_pool_reads_its_layer(576, jnp.bfloat16, SEED)
-    print("sanitize cases: all results match the reference")
+        print("case: hostile schedules, head dim 512 (the portable kernel)", flush=True)
+        for _ in cases.hostile_metadata_problems(np.random.default_rng(SEED), 512):
+            pass
+    print("sanitize cases: every result checked matches the reference")
 
 
 if __name__ == "__main__":

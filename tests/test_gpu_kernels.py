@@ -179,6 +179,38 @@ def test_hostile_runtime_values_stay_in_bounds(rng_seed):
         check_against_reference(problem, causal, jnp.bfloat16)
 
 
+@pytest.mark.parametrize("kernel,head_dim", [("seesaw", 576), ("narrow", 576), ("portable", 512)])
+def test_hostile_metadata_stays_in_bounds(kernel, head_dim, monkeypatch, rng_seed):
+    """The schedule is a runtime value too. One computed for other lengths, arbitrary integers, or the extremes of
+    int32 make the results undefined, but no kernel (split-KV, in-kernel merge, combine) may fault or read or write
+    out of bounds: compute-sanitizer's memcheck runs this (scripts/sanitize_cases.py). Afterwards the right
+    schedule still gives the right answer."""
+    monkeypatch.setenv("JAX_FLASHMLA_DECODE_KERNEL", "narrow" if kernel == "narrow" else "seesaw")
+    for problem, causal in hostile_metadata_problems(np.random.default_rng(rng_seed), head_dim):
+        check_against_reference(problem, causal, jnp.bfloat16)
+
+
+def hostile_metadata_problems(rng, head_dim):
+    """Decodes under hostile schedules (run, then discarded), then the problem, to check with the right one."""
+    batch = 6
+    seqlens = lengths(rng, batch, 700, True, zero_one=True)
+    p = make_problem(rng, batch=batch, s_q=1, h_q=16, h_kv=1, seqlens=seqlens, dtype=jnp.bfloat16, head_dim=head_dim)
+    md, splits = jfm.get_mla_metadata(p.cache_seqlens, 16, 1)
+    parts = md.shape[0]
+    int_min, int_max = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+    schedules = [jfm.get_mla_metadata(jnp.asarray(seqlens * 3 + 64), 16, 1),  # for longer sequences
+                 jfm.get_mla_metadata(jnp.asarray(seqlens // 3), 16, 1),  # for shorter ones
+                 (rng.integers(-3, 1000, md.shape).astype(np.int32), rng.integers(-5, batch + parts + 5, batch + 1)),
+                 (rng.choice([int_min, -1, 0, 1, int_max], md.shape).astype(np.int32),
+                  rng.choice([int_min, -1, 0, 1, batch + parts, int_max], batch + 1))]
+    for hostile_md, hostile_splits in schedules:
+        out, lse = jfm.flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, p.cache_seqlens, 512,
+                                              jnp.asarray(hostile_md, jnp.int32), jnp.asarray(hostile_splits, jnp.int32),
+                                              causal=True, poison_outputs=True)
+        jax.block_until_ready((out, lse))
+        yield p, True
+
+
 def hostile_problem(rng, *, s_q, h_q, h_kv, dtype):
     """Four sequences whose lengths and block table hold the hostile values."""
     # Sequence 0 owns all 4 pages of its table row, so the length clipped to the capacity reads real keys.
