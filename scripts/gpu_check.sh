@@ -12,8 +12,8 @@
 #            head groups of at most 32 query rows; wider ones fall back to the seesaw): one case under a short
 #            timeout, the layout probe (scripts/layout_probe.py; on the seesaw too where it finds a fault), its
 #            tests and the quick subset, then the memory-bound rows (h_q 16) timed with it (its splits merged in the
-#            kernel, then by the combine kernel: JAX_FLASHMLA_COMBINE=separate) and with the seesaw, then memcheck
-#            and racecheck.
+#            kernel, then by the combine kernel: JAX_FLASHMLA_COMBINE=separate) and with the seesaw, and b 8 with
+#            both merges, then memcheck and racecheck.
 # Environment: SKIP_BENCH=1 skips the benchmarks; BENCH_ARGS replaces the first one's flags (default --quick;
 # BENCH_ARGS="" runs the full grid); the second times a stacked two-layer pool (--quick --layers 2).
 # Offline machines: put wheels the image lacks (nvidia-cutlass) in .whl/ (scripts/gpu_env.sh installs them).
@@ -109,6 +109,11 @@ if [ "$MODE" = narrow ]; then
     memory_rows narrow_bench  # the splits merged in the kernel
     JAX_FLASHMLA_COMBINE=separate memory_rows narrow_combine_bench  # the splits merged by the combine kernel
     JAX_FLASHMLA_DECODE_KERNEL=seesaw memory_rows seesaw_bench
+    # Few sequences, so many splits each: where a merge costs most (about 16 splits a sequence here).
+    for combine in in_kernel separate; do
+      JAX_FLASHMLA_COMBINE=$combine step narrow_b8_${combine}_bench timeout 90 python3 -m jax_flashmla.bench \
+        --batch 8 --h-q 16 --s-q 1 --seqlen 16384 --causal off --no-baseline --out "$LOG_DIR/narrow_b8_${combine}_bench"
+    done
     kernel_sanitizers narrow small
   fi
   summarize
