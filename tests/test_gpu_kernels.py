@@ -191,7 +191,8 @@ def test_hostile_metadata_stays_in_bounds(kernel, head_dim, monkeypatch, rng_see
 
 
 def hostile_metadata_problems(rng, head_dim):
-    """Decodes under hostile schedules (run, then discarded), then the problem, to check with the right one."""
+    """Runs the problem's decode under each hostile schedule (its results discarded), and after each yields the
+    problem, to be checked with the right schedule."""
     batch = 6
     seqlens = lengths(rng, batch, 700, True, zero_one=True)
     p = make_problem(rng, batch=batch, s_q=1, h_q=16, h_kv=1, seqlens=seqlens, dtype=jnp.bfloat16, head_dim=head_dim)
@@ -200,7 +201,10 @@ def hostile_metadata_problems(rng, head_dim):
     int_min, int_max = np.iinfo(np.int32).min, np.iinfo(np.int32).max
     schedules = [jfm.get_mla_metadata(jnp.asarray(seqlens * 3 + 64), 16, 1),  # for longer sequences
                  jfm.get_mla_metadata(jnp.asarray(seqlens // 3), 16, 1),  # for shorter ones
-                 (rng.integers(-3, 1000, md.shape).astype(np.int32), rng.integers(-5, batch + parts + 5, batch + 1)),
+                 # Each field near its own range: batches, blocks, the first split; and wrong prefix sums.
+                 (np.stack([rng.integers(lo, hi, parts) for lo, hi in
+                            ((-2, batch + 2), (-3, 40), (-2, batch + 2), (-3, 40), (-2, 6), (-1, 2), (-1, 2), (-1, 2))],
+                           axis=1).astype(np.int32), rng.integers(-5, batch + parts + 5, batch + 1)),
                  (rng.choice([int_min, -1, 0, 1, int_max], md.shape).astype(np.int32),
                   rng.choice([int_min, -1, 0, 1, batch + parts, int_max], batch + 1))]
     for hostile_md, hostile_splits in schedules:
