@@ -258,11 +258,12 @@ def main(argv=None) -> int:
     import jax_flashmla as jfm
 
     kernel = os.environ.get("JAX_FLASHMLA_DECODE_KERNEL", "(default)")
+    combine = os.environ.get("JAX_FLASHMLA_COMBINE", "(default)")
     on_gpu = jax.default_backend() == "gpu"
     where = ("CUDA kernels" if jfm.kernels_available() else f"reference: {jfm.why_kernels_unavailable()}") if on_gpu \
         else "the pure-JAX reference (no GPU)"
     print(f"layout probe: {jax.devices()[0].device_kind}, {where}, JAX_FLASHMLA_DECODE_KERNEL={kernel}, "
-          f"s_q {args.s_q}, h_q {args.h_q}, h_kv {args.h_kv}", flush=True)
+          f"JAX_FLASHMLA_COMBINE={combine}, s_q {args.s_q}, h_q {args.h_q}, h_kv {args.h_kv}", flush=True)
     if on_gpu and not jfm.kernels_available():
         return 2  # the reference would pass for the kernels
     failed = 0
