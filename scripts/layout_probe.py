@@ -12,6 +12,8 @@ Each probe's keys make the answer a known value per output element, exact in bf1
   KV head's keys the row read.
 - `rope`: as `tokens`, but the scores come from the rope dims alone (token t of the first page at rope dim
   (5 t + 11) % 64, a permutation, so that the rope tile cannot pass for value dims 0-63).
+- `causal` (s_q > 1): as `tokens`, causal, and each row's own token is the last key its query token may see,
+  L - s_q + s; the next key, the first it must not see, scores 4 more. A mask off by one either way shows.
 Sequences of 384, 300 and 81 tokens (partial pages; slots no sequence owns hold NaN) on a scattered block table,
 scheduled over 1, 2, 8 and 32 SMs: single chunks written directly, several chunks per CTA, and 2- to 6-way splits
 merged.
@@ -38,7 +40,7 @@ HEAD_MARKER_DIM = DV - 1  # tokens and rope probes: value dim 511 holds the KV h
 LENGTHS = (384, 300, 81)
 NUM_SMS = (1, 2, 8, 32)
 UNUSED_PAGE_ID = 2147480000
-PROBES = ("dim_low", "dim_block", "tokens", "rope")
+PROBES = ("dim_low", "dim_block", "tokens", "rope", "causal")  # causal: s_q > 1 only
 OUT_TOLERANCE = 1e-2  # absolute: the right values are exact codes (0-63) or 1 and 0 up to e^-32
 LSE_TOLERANCE = 1e-3  # absolute: ln L, or a row's peak score up to 383 e^-32
 
@@ -51,11 +53,15 @@ class Probe:
     block_table: np.ndarray
     seqlens: np.ndarray
     softmax_scale: float
+    causal: bool
 
 
-def target_token(row: int, length: int, name: str) -> int:
-    """The token query row `row` attends in the `tokens` and `rope` probes: distinct rows, distinct tokens (23 is
-    prime to every length used), spread over the pages and over each page's tokens."""
+def target_token(name: str, row: int, length: int, s_q: int, h_q: int) -> int:
+    """The token query row `row` (= s * h_q + h) attends in the `tokens`, `rope` and `causal` probes. For the first
+    two, distinct rows get distinct tokens (23 is prime to every length used), spread over the pages and over each
+    page's tokens; for `causal`, the last key its query token s may see."""
+    if name == "causal":
+        return length - s_q + row // h_q
     return (23 * row + 7) % (PAGE if name == "rope" else length)
 
 
@@ -74,6 +80,7 @@ def build(name: str, *, s_q: int, h_q: int, h_kv: int, lengths=LENGTHS, seed: in
     seqlens = np.asarray(lengths, np.int32)
     assert max(lengths) < HEAD_MARKER_DIM and min(lengths) >= PAGE and all(length % 23 for length in lengths)
     assert s_q * h_q <= (PAGE if name == "rope" else min(lengths)), "tau(row) must be distinct over a sequence's rows"
+    assert name != "causal" or s_q > 1, "the causal probe needs s_q > 1"
     pages_needed = -(-seqlens // PAGE)
     max_pages = int(pages_needed.max()) + 1
     num_pages = int(pages_needed.sum()) + 2
@@ -98,13 +105,15 @@ def build(name: str, *, s_q: int, h_q: int, h_kv: int, lengths=LENGTHS, seed: in
                 if name == "rope" and t < PAGE:
                     key[:, rope_dim(t)] = 1.0
             k_cache[table[i, t // PAGE], t % PAGE] = key
-        if name in ("tokens", "rope"):
+        if name in ("tokens", "rope", "causal"):
             for s in range(s_q):
                 for h in range(h_q):
                     row = s * h_q + h
-                    tau = target_token(row, length, name)
+                    tau = target_token(name, row, length, s_q, h_q)
                     q[i, s, h, rope_dim(tau) if name == "rope" else tau] = peak_score(row)
-    return Probe(name, q, k_cache, table, seqlens, 1.0)
+                    if name == "causal" and tau + 1 < length:
+                        q[i, s, h, tau + 1] = peak_score(row) + 4  # must stay masked
+    return Probe(name, q, k_cache, table, seqlens, 1.0, name == "causal")
 
 
 def expected(probe: Probe):
@@ -116,11 +125,12 @@ def expected(probe: Probe):
     for i, length in enumerate(probe.seqlens):
         keys = np.stack([probe.k_cache[probe.block_table[i, t // PAGE], t % PAGE] for t in range(length)])
         for s in range(s_q):
+            visible = length - s_q + s + 1 if probe.causal else length  # FlashMLA's causal alignment
             for h in range(h_q):
-                scores = keys[:, h // group].astype(np.float64) @ probe.q[i, s, h] * probe.softmax_scale
+                scores = keys[:visible, h // group].astype(np.float64) @ probe.q[i, s, h] * probe.softmax_scale
                 top = scores.max()
                 weights = np.exp(scores - top)
-                out[i, s, h] = weights @ keys[:, h // group, :DV] / weights.sum()
+                out[i, s, h] = weights @ keys[:visible, h // group, :DV] / weights.sum()
                 lse[i, h, s] = np.log(weights.sum()) + top
     return out, lse
 
@@ -187,11 +197,11 @@ def _diagnose_tokens(probe, out, rows, group, limit):
     the row attended instead, and whose token that was."""
     findings = []
     batch, s_q, h_q, _ = out.shape
-    owners = [{target_token(s * h_q + h, int(probe.seqlens[i]), probe.name): (s, h)
+    owners = [{target_token(probe.name, s * h_q + h, int(probe.seqlens[i]), s_q, h_q): (s, h)
                for s in range(s_q) for h in range(h_q)} for i in range(batch)]
     for i, s, h in rows[:limit]:
         row = out[i, s, h]
-        want = target_token(s * h_q + h, int(probe.seqlens[i]), probe.name)
+        want = target_token(probe.name, s * h_q + h, int(probe.seqlens[i]), s_q, h_q)
         where = f"seq {i} s {s} head {h}"
         if not np.isfinite(row).all():
             findings.append(f"{where}: {int((~np.isfinite(row)).sum())} values not finite")
@@ -204,8 +214,11 @@ def _diagnose_tokens(probe, out, rows, group, limit):
         elif got == want:
             findings.append(f"{where}: its own token {want}, with weight {tokens[got]:.3f}; the row sums to "
                             f"{tokens.sum():.3f} (wants 1): a normalisation or merge fault")
+        elif probe.name == "causal" and got == want + 1:
+            findings.append(f"{where}: peaks {tokens[got]:.3f} at token {got}, the first key its query token must not "
+                            f"see: the causal mask lets one key too many through")
         else:
-            owner = owners[i].get(got)
+            owner = owners[i].get(got) if probe.name != "causal" else None
             whose = f"; that is query row (s {owner[0]}, head {owner[1]})'s token" if owner else ""
             findings.append(f"{where}: peaks {tokens[got]:.3f} at dim {got} (token {got % PAGE} of page {got // PAGE},"
                             f" if the dim probes pass{whose}), wants token {want % PAGE} of page {want // PAGE}")
@@ -226,7 +239,7 @@ def run(probe: Probe, dtype, num_sms: int):
 
     out, lse = _jitted_decode()(jnp.asarray(probe.q, dtype), jnp.asarray(probe.k_cache, dtype),
                                 jnp.asarray(probe.block_table), jnp.asarray(probe.seqlens), num_sms,
-                                probe.softmax_scale)
+                                probe.softmax_scale, probe.causal)
     return np.asarray(out, np.float64), np.asarray(lse, np.float64)
 
 
@@ -235,13 +248,14 @@ def _jitted_decode():
     import jax
     import jax_flashmla as jfm
 
-    def decode(q, k_cache, block_table, seqlens, num_sms, softmax_scale):
+    def decode(q, k_cache, block_table, seqlens, num_sms, softmax_scale, causal):
         s_q, h_q, h_kv = q.shape[1], q.shape[2], k_cache.shape[2]
         md, splits = jfm.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv, num_sms=num_sms)
         return jfm.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, DV, md, splits,
-                                          softmax_scale=softmax_scale, causal=False, poison_outputs=True)
+                                          softmax_scale=softmax_scale, causal=causal, poison_outputs=True)
 
-    return jax.jit(decode, static_argnums=(4, 5))  # one compile per shape, dtype and schedule, shared by the probes
+    # One compile per shape, dtype, schedule and mask, shared by the probes.
+    return jax.jit(decode, static_argnums=(4, 5, 6))
 
 
 def main(argv=None) -> int:
@@ -268,6 +282,8 @@ def main(argv=None) -> int:
         return 2  # the reference would pass for the kernels
     failed = 0
     for name in args.probes.split(","):
+        if name == "causal" and args.s_q == 1:
+            continue  # one query token sees every key, causal or not
         probe = build(name, s_q=args.s_q, h_q=args.h_q, h_kv=args.h_kv)
         want_out, want_lse = expected(probe)
         for dtype_name in args.dtypes.split(","):

@@ -22,8 +22,9 @@ def tokens_probe():
     return probe, *probe_script.expected(probe)
 
 
-@pytest.mark.parametrize("name", probe_script.PROBES)
-@pytest.mark.parametrize("s_q,h_q,h_kv", [(1, 16, 1), (2, 16, 2)])
+@pytest.mark.parametrize("name,s_q,h_q,h_kv", [(name, *shape) for name in probe_script.PROBES
+                                                for shape in ((1, 16, 1), (2, 16, 2), (3, 8, 1))
+                                                if name != "causal" or shape[0] > 1])  # causal needs s_q > 1
 def test_reference_meets_the_probes(name, s_q, h_q, h_kv, rng_seed):
     """Through the public API (the pure-JAX reference here; the kernels on a GPU), split and unsplit schedules."""
     probe = probe_script.build(name, s_q=s_q, h_q=h_q, h_kv=h_kv, seed=rng_seed)
@@ -35,7 +36,7 @@ def test_reference_meets_the_probes(name, s_q, h_q, h_kv, rng_seed):
 
 def test_probe_values_are_exact_in_16_bits():
     for name in probe_script.PROBES:
-        probe = probe_script.build(name, s_q=1, h_q=16, h_kv=1)
+        probe = probe_script.build(name, s_q=2, h_q=16, h_kv=1)
         for dtype in (jnp.bfloat16, jnp.float16):
             for array in (probe.q, probe.k_cache):
                 rounded = np.asarray(jnp.asarray(array, dtype), np.float32)
@@ -51,14 +52,14 @@ def test_answers_have_the_structure_the_diagnosis_reads():
     assert np.array_equal(out[0, 0, 0], np.arange(512) % 64)
     assert np.allclose(lse[:, 0, 0], np.log(probe_script.LENGTHS))
     marker = probe_script.HEAD_MARKER_DIM
-    for name in ("tokens", "rope"):
+    for name in ("tokens", "rope", "causal"):
         probe = probe_script.build(name, s_q=2, h_q=4, h_kv=2)
         out, lse = probe_script.expected(probe)
         for i, length in enumerate(probe.seqlens):
             for s in range(2):
                 for h in range(4):
                     row = s * 4 + h
-                    tau = probe_script.target_token(row, int(length), name)
+                    tau = probe_script.target_token(name, row, int(length), 2, 4)
                     assert np.argmax(out[i, s, h, :marker]) == tau and out[i, s, h, tau] > 0.999
                     assert out[i, s, h, marker] == pytest.approx(h // 2 + 1)  # its KV head's keys
                     assert lse[i, h, s] == pytest.approx(probe_script.peak_score(row), abs=1e-9)
@@ -92,11 +93,11 @@ def test_diagnosis_names_tokens_off_within_a_page(tokens_probe):
     for i, length in enumerate(probe.seqlens):
         for s in range(2):
             for h in range(8):
-                tau = probe_script.target_token(s * 8 + h, int(length), "tokens")
+                tau = probe_script.target_token("tokens", s * 8 + h, int(length), 2, 8)
                 out[i, s, h, tau ^ 8] = 1.0
     findings = probe_script.diagnose(probe, out, want_lse.copy(), want_out, want_lse)
     assert findings[0].startswith("out: ")
-    tau = probe_script.target_token(0, int(probe.seqlens[0]), "tokens")
+    tau = probe_script.target_token("tokens", 0, int(probe.seqlens[0]), 2, 8)
     assert f"seq 0 s 0 head 0: peaks 1.000 at dim {tau ^ 8} " in findings[1], findings
     assert f"wants token {tau % 64} of page {tau // 64}" in findings[1]
 
@@ -109,7 +110,7 @@ def test_diagnosis_of_rows_without_a_peak_or_with_a_wrong_weight(tokens_probe):
     out[0, 0, 1] *= 0.5
     findings = probe_script.diagnose(probe, out, want_lse.copy(), want_out, want_lse)
     assert any(line.startswith("seq 0 s 0 head 0: no single token") for line in findings), findings
-    tau = probe_script.target_token(1, int(probe.seqlens[0]), "tokens")
+    tau = probe_script.target_token("tokens", 1, int(probe.seqlens[0]), 2, 8)
     assert any(line.startswith(f"seq 0 s 0 head 1: its own token {tau}, with weight 0.500") for line in findings)
     assert any(line.startswith("seq 0 s 0 head 1: dim 511 holds 0.500: weights that do not sum to 1") for line in
                findings), findings
@@ -161,3 +162,22 @@ def test_main_on_this_machine(capsys):
     assert probe_script.main(["--probes", "rope", "--dtypes", "float16", "--h-q", "4"]) == 0
     printed = capsys.readouterr().out
     assert "rope      float16  32 SMs: ok" in printed and printed.rstrip().endswith("all ok")
+
+
+def test_diagnosis_names_a_causal_mask_off_by_one():
+    """One key too many (a row peaks at the first key its query token must not see), or one too few (its own key
+    masked, so no key stands out)."""
+    probe = probe_script.build("causal", s_q=3, h_q=4, h_kv=1)
+    want_out, want_lse = probe_script.expected(probe)
+    loose = probe_script.build("causal", s_q=3, h_q=4, h_kv=1)
+    loose.causal = False  # every query token sees every key: s 0 and 1 reach their trap
+    out, _ = probe_script.expected(loose)
+    findings = probe_script.diagnose(probe, out, want_lse.copy(), want_out, want_lse)
+    tau = probe_script.target_token("causal", 0, int(probe.seqlens[0]), 3, 4)
+    assert any(line.startswith(f"seq 0 s 0 head 0: peaks 0.982 at token {tau + 1}, the first key its query token "
+                               "must not see") for line in findings), findings
+    tight = probe_script.build("causal", s_q=3, h_q=4, h_kv=1)
+    tight.seqlens = tight.seqlens - 1  # the mask one key short: the answer of sequences one token shorter
+    out, _ = probe_script.expected(tight)
+    findings = probe_script.diagnose(probe, out, want_lse.copy(), want_out, want_lse)
+    assert any(line.startswith("seq 0 s 0 head 0: no single token") for line in findings), findings
