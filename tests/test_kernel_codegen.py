@@ -7,8 +7,9 @@ shapes of branches around an S issued in the epilogue did exactly that (benchmar
 chunk's first S behind the stores"). Register spills are the same kind of silent loss. This test compiles the
 bf16 instantiation with the build's flags and `ptxas -v`, and fails on either. (The single-softmax kernel
 spills 16 bytes, as it long has; the seesaw and narrow kernels are held to none.) It does the same for the
-copies scripts/trace_chunk_timeline.py writes, whose records must not change what they measure: a printf in
-the decode kernel serialized it (C7510) until the records moved to a printing kernel of their own.
+copies scripts/trace_chunk_timeline.py writes, and for the narrow kernel's stall counters
+(-DJFM_NARROW_STALLS), whose records must not change what they measure: a printf in the decode kernel
+serialized it (C7510) until the records moved to a printing kernel of their own.
 """
 
 import pathlib
@@ -22,11 +23,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SERIALIZED = "wgmma.mma_async instructions are serialized"
 
 
-def _ptxas_report(src: pathlib.Path, out_dir: pathlib.Path, tools) -> str:
+def _ptxas_report(src: pathlib.Path, out_dir: pathlib.Path, tools, defines=()) -> str:
     nvcc, cutlass = tools
     # The flags of CMakeLists.txt's jfm_kernels target, for sm_90a.
     command = [nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
-               "--use_fast_math", "-lineinfo", f"-I{src}", f"-I{cutlass / 'include'}",
+               "--use_fast_math", "-lineinfo", *defines, f"-I{src}", f"-I{cutlass / 'include'}",
                f"-I{cutlass / 'tools' / 'util' / 'include'}", "-cubin", "-o", str(out_dir / "decode_bf16.cubin"),
                "-Xptxas", "-v", str(src / "kernels" / "decode_bf16.cu")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -94,3 +95,16 @@ def test_traced_copies_keep_the_wgmma_pipelined(tmp_path, mode, trace_script, cu
     kernels = _kernels(_ptxas_report(src, tmp_path, cuda_build_tools))
     (seesaw,) = [info for name, info in kernels.items() if "seesaw" in name and "decode_kernel" in name]
     assert not [note for note in seesaw["notes"] if SERIALIZED in note], seesaw["notes"]
+
+
+def test_narrow_stall_counters_keep_the_wgmma_pipelined(tmp_path, cuda_build_tools):
+    """The build with -DJFM_NARROW_STALLS (src/kernels/narrow_stalls.cuh), which a GPU session runs through
+    scripts/compare_builds.sh, compiles, and times the kernel it instruments: no serialized wgmma, no injected
+    wait, no spills; and its printing kernel is there."""
+    kernels = _kernels(_ptxas_report(ROOT / "src", tmp_path, cuda_build_tools, defines=("-DJFM_NARROW_STALLS",)))
+    narrow = {name: info for name, info in kernels.items() if "narrow" in name and "decode_kernel" in name}
+    assert len(narrow) == 2, list(kernels)
+    for name, info in narrow.items():
+        assert not [note for note in info["notes"] if SERIALIZED in note or "(C7517)" in note], (name, info["notes"])
+        assert info["spill_stores"] == 0, (name, info)
+    assert any("print_stalls" in name for name in kernels), list(kernels)

@@ -77,9 +77,15 @@ cudaError_t launch_narrow(DecodeParams p, int device, dim3 grid, cudaStream_t st
     if (cudaError_t err = cudaMemsetAsync(p.split_arrivals, 0, counters * sizeof(int32_t), stream); err != cudaSuccess)
       return err;
   }
-  const cudaError_t err =
+  cudaError_t err =
       launch_with_smem<narrow::decode_kernel<T, kN>, narrow::kThreads, narrow::smem_bytes<kN>()>(device, grid, stream,
                                                                                                 p, kv_map);
+#ifdef JFM_NARROW_STALLS
+  if (err == cudaSuccess) {
+    narrow::print_stalls<<<1, 1, 0, stream>>>();
+    err = cudaGetLastError();
+  }
+#endif
   *splits_merged = err == cudaSuccess && p.merge_splits;
   return err;
 }

@@ -27,6 +27,7 @@
 #pragma once
 
 #include "kernels/decode_hopper.cuh"
+#include "kernels/narrow_stalls.cuh"
 
 namespace jax_flashmla {
 namespace narrow {
@@ -142,6 +143,9 @@ __device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap
   const uint64_t hint = hopper::kv_cache_hint();
   int slot = 0;
   uint32_t phase = 0;
+#ifdef JFM_NARROW_STALLS
+  long long ring_full = 0;
+#endif
   const PartWalk walk(p);
   for (int seq = walk.first; seq <= walk.last; ++seq) {
     const Chunk c = walk.chunk(p, seq);
@@ -151,7 +155,8 @@ __device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap
       const bool in_pool = page_in_pool(p, page);
 #pragma unroll 1
       for (int i = 0; i < kTilesPerPage; ++i) {
-        wait_barrier(s.empty[slot], phase ^ 1);  // a fresh barrier's "previous" phase counts as complete
+        // A fresh barrier's "previous" phase counts as complete.
+        JFM_TIMED(ring_full, wait_barrier(s.empty[slot], phase ^ 1));
         if (in_pool) {
           set_barrier_transaction_bytes(s.full[slot], kChunkBytes);
           SM90_TMA_LOAD_4D::copy(kv_map, &s.full[slot], hint, reinterpret_cast<char*>(s.ring[slot]),
@@ -163,6 +168,9 @@ __device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap
       }
     }
   }
+#ifdef JFM_NARROW_STALLS
+  add_stall(kRingFull, ring_full);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -242,6 +250,9 @@ struct Consumer {
 
   SharedStorage<kN>& s;
   const int thread, warp, lane;
+#ifdef JFM_NARROW_STALLS
+  mutable long long stall_tiles = 0;  // narrow_stalls.cuh
+#endif
 
   __device__ explicit Consumer(SharedStorage<kN>& s_)
       : s(s_), thread(threadIdx.x), warp(threadIdx.x / 32), lane(threadIdx.x % 32) {}
@@ -278,7 +289,7 @@ struct Consumer {
     for (int i = 0; i < kTilesPerPage; ++i) {
       uint32_t phase;
       const int slot = page.slot_of(i, phase);
-      wait_barrier(s.full[slot], phase);
+      JFM_TIMED(stall_tiles, wait_barrier(s.full[slot], phase));
       Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<E*>(s.ring[slot])), typename Layouts<E, kN>::KTile{});
       Tensor tK = thr.partition_fragment_A(sK);
       uint32_t q_tile =
@@ -567,6 +578,10 @@ struct Consumer {
     static_assert(decltype(size(tS))::value == kN / 2 && decltype(size(tO[0]))::value == kN / 2);
     static_assert(decltype(size<2>(tP))::value == kBlockN / 16);
 
+#ifdef JFM_NARROW_STALLS
+    const long long stall_start = clock64();
+    long long stall_wgmma = 0, stall_chunk_ends = 0;
+#endif
     Position page;          // the ring position of the next page to consume
     int pages_done = 0;     // the parity of s.max_part
     int chunks_done = 0;    // the parity of s.sum_part
@@ -602,7 +617,7 @@ struct Consumer {
         issue_scores(tS, page);
         for (int n = 0; n < n_pages; ++n) {
           const int block = c.block_begin + n;
-          warpgroup_wait<0>();  // S(n); P V(n - 1) was waited for already
+          JFM_TIMED(stall_wgmma, warpgroup_wait<0>());  // S(n); P V(n - 1) was waited for already
           warpgroup_fence_operand(tS);
           release(page, 0, 0);  // the rope tile
           int visible[kColumns];
@@ -626,7 +641,7 @@ struct Consumer {
           // P V(n) is waited for before S(n + 1) is issued, because that issue waits for page n + 1's tiles to
           // land: page n's V tiles must not stay held meanwhile. On the memory-bound rows the consumer mostly
           // waits for pages, and the ring's free slots are the bytes in flight.
-          warpgroup_wait<0>();
+          JFM_TIMED(stall_wgmma, warpgroup_wait<0>());
 #pragma unroll
           for (int b = 0; b < kVTiles; ++b) warpgroup_fence_operand(tO[b]);
           release(this_page, 1, kVTiles);
@@ -639,11 +654,21 @@ struct Consumer {
         // wait inside the epilogue.
         warpgroup_wait<0>();
       }
-      epilogue(p, c, tO, m, sum, chunks_done & 1);
-      if constexpr (merges_splits<kN>())
+      JFM_TIMED(stall_chunk_ends, epilogue(p, c, tO, m, sum, chunks_done & 1); if constexpr (merges_splits<kN>()) {
         if (p.merge_splits && !c.final_output) merge_if_last(p, c);
+      });
       ++chunks_done;
     }
+#ifdef JFM_NARROW_STALLS
+    if (thread == 0) {
+      add_stall(kTotal, clock64() - stall_start);
+      add_stall(kTileWait, stall_tiles);
+      add_stall(kWgmmaWait, stall_wgmma);
+      add_stall(kChunkEnds, stall_chunk_ends);
+      add_stall(kPages, pages_done);
+      add_stall(kCtas, 1);
+    }
+#endif
   }
 };
 
