@@ -28,6 +28,7 @@
 
 #include "kernels/decode_hopper.cuh"
 #include "kernels/narrow_stalls.cuh"
+#include "kernels/split_merge.cuh"
 
 namespace jax_flashmla {
 namespace narrow {
@@ -462,9 +463,10 @@ struct Consumer {
   }
 
   // After a split's partial is stored: the CTA that stores a sequence's last one (in time) merges them all into out
-  // and lse, so no combine launch follows (p.merge_splits). p.split_arrivals counts the stored partials; the
-  // launcher zeroes it. With this scheduler the last to arrive is mostly a part's last chunk, at the kernel's end,
-  // so the merge is on the critical path: each warp merges kMergeRows rows at once, their loads in flight together.
+  // and lse (split_merge.cuh), so no combine launch follows (p.merge_splits). p.split_arrivals counts the stored
+  // partials; the launcher zeroes it. With this scheduler the last to arrive is mostly a part's last chunk, at the
+  // kernel's end, so the merge is on the critical path: each warp merges kMergeRows rows at once, their loads in
+  // flight together.
   static constexpr int kMergeRows = 4;
   __device__ __forceinline__ void merge_if_last(const DecodeParams& p, const Chunk& c) const {
     const int head_kv = blockIdx.y;
@@ -487,72 +489,7 @@ struct Consumer {
     asm volatile("" : "+r"(merge_lane));
 #pragma unroll 1
     for (int row0 = warp * kMergeRows; row0 < p.q_rows; row0 += 4 * kMergeRows)
-      merge_rows(p, c, first, count, row0, merge_lane);
-  }
-
-  // Rows row0.. row0 + kMergeRows - 1 of a sequence's merge, on one warp, with combine.cu's arithmetic and lane
-  // layout (lane l: dims 8l.. 8l + 7 and 256 + 8l..), the splits in index order: the same bits as that kernel.
-  __device__ __forceinline__ void merge_rows(const DecodeParams& p, const Chunk& c, int first, int count, int row0,
-                                             int lane) const {
-    static_assert(kHeadDimV == 512, "a lane merges 16 dims in 4 float4 loads");
-    const int head_kv = blockIdx.y, group = p.h_q / p.h_kv;
-    const size_t split_stride = static_cast<size_t>(p.h_kv) * p.q_rows;
-    const size_t first_slot = (static_cast<size_t>(first) * p.h_kv + head_kv) * p.q_rows;
-    bool real[kMergeRows];
-    float max_lse[kMergeRows], weight_sum[kMergeRows], o[kMergeRows][16];
-    // L2 loads (.cg): this SM's L1 may hold an older copy of a line another CTA has since written.
-#pragma unroll
-    for (int i = 0; i < kMergeRows; ++i) {
-      real[i] = row0 + i < p.q_rows;
-      max_lse[i] = -INFINITY;
-      weight_sum[i] = 0.f;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) o[i][j] = 0.f;
-      // Every lane takes the maximum over all the splits (combine.cu's lanes share the work; a maximum is exact in
-      // any order). A loop bound that depends on the lane made ptxas serialize the page loop's wgmmas (C7520).
-      if (real[i])
-#pragma unroll 4
-        for (int t = 0; t < count; ++t)
-          max_lse[i] = fmaxf(max_lse[i], __ldcg(p.lse_accum + first_slot + row0 + i + t * split_stride));
-    }
-#pragma unroll 1
-    for (int t = 0; t < count; ++t) {
-      float lse[kMergeRows];
-      float4 v[kMergeRows][4];
-#pragma unroll
-      for (int i = 0; i < kMergeRows; ++i) {
-        if (!real[i] || max_lse[i] == -INFINITY) continue;
-        const size_t slot = first_slot + row0 + i + t * split_stride;
-        const float4* part = reinterpret_cast<const float4*>(p.o_accum + slot * kHeadDimV);
-        lse[i] = __ldcg(p.lse_accum + slot);
-        v[i][0] = __ldcg(part + lane * 2), v[i][1] = __ldcg(part + lane * 2 + 1);
-        v[i][2] = __ldcg(part + 64 + lane * 2), v[i][3] = __ldcg(part + 64 + lane * 2 + 1);
-      }
-#pragma unroll
-      for (int i = 0; i < kMergeRows; ++i) {
-        if (!real[i] || max_lse[i] == -INFINITY) continue;
-        const float w = expf(lse[i] - max_lse[i]);  // exp(-inf) = 0 for empty splits
-        weight_sum[i] += w;
-        const float* values = reinterpret_cast<const float*>(v[i]);
-#pragma unroll
-        for (int j = 0; j < 16; ++j) o[i][j] = fmaf(w, values[j], o[i][j]);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kMergeRows; ++i) {
-      if (!real[i]) continue;
-      const bool seen = weight_sum[i] > 0.f;
-      const float inv = seen ? 1.f / weight_sum[i] : 0.f;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) o[i][j] *= inv;
-      const int row = row0 + i, s_idx = row / group, head = head_kv * group + row % group;
-      T* out = static_cast<T*>(p.out) + ((static_cast<size_t>(c.seq) * p.s_q + s_idx) * p.h_q + head) * kHeadDimV;
-      *reinterpret_cast<uint4*>(out + lane * 8) = pack8<T>(&o[i][0]);
-      *reinterpret_cast<uint4*>(out + 256 + lane * 8) = pack8<T>(&o[i][8]);
-      if (lane == 0)
-        p.lse[(static_cast<size_t>(c.seq) * p.h_q + head) * p.s_q + s_idx] =
-            seen ? max_lse[i] + logf(weight_sum[i]) : INFINITY;
-    }
+      merge_split_rows<T, kMergeRows>(p, c.seq, head_kv, first, count, row0, merge_lane);
   }
 
   // Issues the Q load of the chunk after `seq` if it has pages to compute (called after the chunk's last S), so that
