@@ -216,7 +216,7 @@ def _diagnose_tokens(probe, out, rows, group, limit):
                             f"{tokens.sum():.3f} (wants 1): a normalisation or merge fault")
         elif probe.name == "causal" and got == want + 1:
             findings.append(f"{where}: peaks {tokens[got]:.3f} at token {got}, the first key its query token must not "
-                            f"see: the causal mask lets one key too many through")
+                            f"see: the causal mask lets it through")
         else:
             owner = owners[i].get(got) if probe.name != "causal" else None
             whose = f"; that is query row (s {owner[0]}, head {owner[1]})'s token" if owner else ""

@@ -175,7 +175,7 @@ def test_diagnosis_names_a_causal_mask_off_by_one():
     findings = probe_script.diagnose(probe, out, want_lse.copy(), want_out, want_lse)
     tau = probe_script.target_token("causal", 0, int(probe.seqlens[0]), 3, 4)
     assert any(line.startswith(f"seq 0 s 0 head 0: peaks 0.982 at token {tau + 1}, the first key its query token "
-                               "must not see") for line in findings), findings
+                               "must not see: the causal mask lets it through") for line in findings), findings
     tight = probe_script.build("causal", s_q=3, h_q=4, h_kv=1)
     tight.seqlens = tight.seqlens - 1  # the mask one key short: the answer of sequences one token shorter
     out, _ = probe_script.expected(tight)

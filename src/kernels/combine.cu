@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "kernels/element.cuh"
+#include "kernels/split_merge.cuh"
 #include "mla_params.h"
 
 namespace jax_flashmla {
@@ -33,9 +34,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   const int row = blockIdx.z * kCombineWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (md[4] != 1 || seq < 0 || seq >= p.batch || row >= p.q_rows) return;
   const int first = p.num_splits[seq];
-  const int count = p.num_splits[seq + 1] - first;
   // One split was written straight to out; a range outside the buffers means metadata for other lengths.
-  if (count <= 1 || first < 0 || first + count > p.batch + p.num_parts) return;
+  if (!several_splits_inside(first, p.num_splits[seq + 1], p.batch + p.num_parts)) return;
+  const int count = p.num_splits[seq + 1] - first;
 
   auto slot = [&](int t) { return (static_cast<size_t>(first + t) * p.h_kv + head_kv) * p.q_rows + row; };
   float max_lse = -INFINITY;

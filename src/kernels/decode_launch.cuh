@@ -82,7 +82,7 @@ cudaError_t launch_narrow(DecodeParams p, int device, dim3 grid, cudaStream_t st
                                                                                                 p, kv_map);
 #ifdef JFM_NARROW_STALLS
   if (err == cudaSuccess) {
-    narrow::print_stalls<<<1, 1, 0, stream>>>();
+    narrow::print_stalls<<<1, 1, 0, stream>>>(kN, p.batch, p.num_parts);
     err = cudaGetLastError();
   }
 #endif

@@ -470,7 +470,10 @@ struct Consumer {
   static constexpr int kMergeRows = 4;
   __device__ __forceinline__ void merge_if_last(const DecodeParams& p, const Chunk& c) const {
     const int head_kv = blockIdx.y;
-    const int first = p.num_splits[c.seq], count = p.num_splits[c.seq + 1] - first;
+    const int first = p.num_splits[c.seq], next = p.num_splits[c.seq + 1];
+    // A range outside the buffers means metadata for other lengths: no arrival, nothing merged, as in combine.cu.
+    if (!several_splits_inside(first, next, p.batch + p.num_parts)) return;
+    const int count = next - first;
     __threadfence();  // this thread's partial stores, visible to whichever CTA merges, before the arrival below
     hopper::named_sync(kBarConsumer, kConsumerThreads);
     if (thread == 0) {
@@ -480,16 +483,11 @@ struct Consumer {
       s.last_split = atomicAdd(arrivals, 1) == count - 1;
     }
     hopper::named_sync(kBarConsumer, kConsumerThreads);
-    // A range outside the buffers means metadata for other lengths: nothing merged, as in combine.cu.
-    if (!s.last_split || first < 0 || first + count > p.batch + p.num_parts) return;
+    if (!s.last_split) return;
     __threadfence();  // the other CTAs' partials, stored before their arrivals
-    // The lane from an asm the compiler cannot see through: else it hoists the merge's addresses out of the chunk
-    // loop and holds them across the page loop (252 registers, and two more wgmma waits in the SASS).
-    int merge_lane = lane;
-    asm volatile("" : "+r"(merge_lane));
 #pragma unroll 1
     for (int row0 = warp * kMergeRows; row0 < p.q_rows; row0 += 4 * kMergeRows)
-      merge_split_rows<T, kMergeRows>(p, c.seq, head_kv, first, count, row0, merge_lane);
+      merge_split_rows<T, kMergeRows>(p, c.seq, head_kv, first, count, row0, lane);
   }
 
   // Issues the Q load of the chunk after `seq` if it has pages to compute (called after the chunk's last S), so that

@@ -10,10 +10,18 @@
 
 namespace jax_flashmla {
 
+// Whether num_splits gives a sequence more than one split, [first, next), inside the partial buffers' slots
+// [0, slots). The values may be anything (a schedule for other lengths, say), so nothing is computed from them
+// before they are bounded: first + count or next - first could wrap around.
+__device__ __forceinline__ bool several_splits_inside(int first, int next, int slots) {
+  return first >= 0 && first <= slots && next <= slots && next >= first + 2;
+}
+
 // Rows row0 .. row0 + kRows - 1 (those below q_rows) of the head group (seq, head_kv), on one warp: the splits
 // first .. first + count - 1, in index order, into out and lse. Lane l holds dims 8l .. 8l + 7 and 256 + 8l ..,
 // as in combine.cu; all the rows' loads of a split go out before their FMAs. The caller checks that the splits
-// lie inside o_accum and lse_accum, and makes the other CTAs' partials visible (a fence after their arrival).
+// lie inside o_accum and lse_accum (several_splits_inside), and makes the other CTAs' partials visible (a fence
+// after their arrival).
 template <typename T, int kRows>
 __device__ __forceinline__ void merge_split_rows(const DecodeParams& p, int seq, int head_kv, int first, int count,
                                                  int row0, int lane) {
