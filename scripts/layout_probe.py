@@ -30,16 +30,19 @@ import argparse
 import dataclasses
 import functools
 import os
+import pathlib
 import sys
 
 import numpy as np
 
-PAGE = 64
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+from cases import UNUSED_PAGE_ID  # noqa: E402
+from oracle import PAGE, decode_oracle  # noqa: E402
+
 D, DV = 576, 512
 HEAD_MARKER_DIM = DV - 1  # tokens and rope probes: value dim 511 holds the KV head's number + 1
 LENGTHS = (384, 300, 81)
 NUM_SMS = (1, 2, 8, 32)
-UNUSED_PAGE_ID = 2147480000
 PROBES = ("dim_low", "dim_block", "tokens", "rope", "causal")  # causal: s_q > 1 only
 OUT_TOLERANCE = 1e-2  # absolute: the right values are exact codes (0-63) or 1 and 0 up to e^-32
 LSE_TOLERANCE = 1e-3  # absolute: ln L, or a row's peak score up to 383 e^-32
@@ -117,22 +120,9 @@ def build(name: str, *, s_q: int, h_q: int, h_kv: int, lengths=LENGTHS, seed: in
 
 
 def expected(probe: Probe):
-    """float64 out (b, s_q, h_q, 512) and lse (b, h_q, s_q), from the keys themselves."""
-    batch, s_q, h_q, _ = probe.q.shape
-    group = h_q // probe.k_cache.shape[2]
-    out = np.zeros((batch, s_q, h_q, DV))
-    lse = np.zeros((batch, h_q, s_q))
-    for i, length in enumerate(probe.seqlens):
-        keys = np.stack([probe.k_cache[probe.block_table[i, t // PAGE], t % PAGE] for t in range(length)])
-        for s in range(s_q):
-            visible = length - s_q + s + 1 if probe.causal else length  # FlashMLA's causal alignment
-            for h in range(h_q):
-                scores = keys[:visible, h // group].astype(np.float64) @ probe.q[i, s, h] * probe.softmax_scale
-                top = scores.max()
-                weights = np.exp(scores - top)
-                out[i, s, h] = weights @ keys[:visible, h // group, :DV] / weights.sum()
-                lse[i, h, s] = np.log(weights.sum()) + top
-    return out, lse
+    """float64 out (b, s_q, h_q, 512) and lse (b, h_q, s_q): the tests' independent oracle on the probe."""
+    return decode_oracle(probe.q, probe.k_cache, probe.block_table, probe.seqlens, DV, probe.softmax_scale,
+                         probe.causal)
 
 
 def diagnose(probe: Probe, out: np.ndarray, lse: np.ndarray, want_out: np.ndarray, want_lse: np.ndarray,

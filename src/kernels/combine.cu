@@ -33,10 +33,10 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   const int seq = md[0], head_kv = blockIdx.y;
   const int row = blockIdx.z * kCombineWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (md[4] != 1 || seq < 0 || seq >= p.batch || row >= p.q_rows) return;
-  const int first = p.num_splits[seq];
+  const int first = p.num_splits[seq], next = p.num_splits[seq + 1];
   // One split was written straight to out; a range outside the buffers means metadata for other lengths.
-  if (!several_splits_inside(first, p.num_splits[seq + 1], p.batch + p.num_parts)) return;
-  const int count = p.num_splits[seq + 1] - first;
+  if (!several_splits_inside(first, next, p.batch + p.num_parts)) return;
+  const int count = next - first;
 
   auto slot = [&](int t) { return (static_cast<size_t>(first + t) * p.h_kv + head_kv) * p.q_rows + row; };
   float max_lse = -INFINITY;

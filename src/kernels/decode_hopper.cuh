@@ -88,10 +88,22 @@ struct alignas(1024) SharedStorage {
 };
 constexpr int kSmemBytes = sizeof(SharedStorage) + 1024;  // + slack to align the base to 1024 bytes
 
-// Byte offset of element (row, col) in a tile of swizzled 64x64 chunks.
+// Byte offset of element (row, col) of a K-major tile whose rows are 128 bytes (64 16-bit columns), with the
+// 128-byte swizzle: the layout a TMA box with that swizzle writes, and wgmma's K-major SW128 operands read.
+__host__ __device__ __forceinline__ int swizzled_row_offset(int row, int col) {
+  return row * 128 + ((((col % kChunkCols) / 8) ^ (row % 8)) * 16) + (col % 8) * 2;
+}
+
+// Byte offset of element (row, col) in a tile of kRows-row swizzled chunks of 64 columns, one after the other.
+template <int kRows>
+__host__ __device__ __forceinline__ int swizzled_chunked_offset(int row, int col) {
+  return (col / kChunkCols) * (kRows * 128) + swizzled_row_offset(row, col);
+}
+
+// Byte offset of element (row, col) in a tile of swizzled 64x64 chunks (a stage, or this kernel's Q).
 __device__ __forceinline__ int swizzled_offset(int row, int col) {
-  return (col / kChunkCols) * kChunkBytes + row * 128 + ((((col % kChunkCols) / 8) ^ (row % 8)) * 16) +
-         (col % 8) * 2;
+  static_assert(kBlockM * 128 == kChunkBytes);
+  return swizzled_chunked_offset<kBlockM>(row, col);
 }
 
 __device__ __forceinline__ void named_sync(int id, int threads) {

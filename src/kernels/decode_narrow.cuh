@@ -100,17 +100,14 @@ struct Layouts {
   using P = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<kN>, Int<kBlockN>>{}));
 };
 
-// Byte offset of element (row, col) of a K-major tile whose rows are 128 bytes (64 16-bit columns), with the
-// 128-byte swizzle: what Layouts::P and Layouts::QTile hold (tests/host/narrow_layouts.cu checks it against
-// CuTe's layouts).
-__host__ __device__ __forceinline__ int swizzled_row_offset(int row, int col) {
-  return row * 128 + ((((col % 64) / 8) ^ (row % 8)) * 16) + (col % 8) * 2;
-}
+// Layouts::P and each of Layouts::QTile's tiles hold hopper::swizzled_row_offset's bytes (tests/host/
+// narrow_layouts.cu checks that against CuTe's layouts).
+using hopper::swizzled_row_offset;
 
 // Byte offset of Q's element (row, col) in s.q: nine tiles of kN rows x 64 columns, one after the other.
 template <int kN>
 __host__ __device__ __forceinline__ int q_byte_offset(int row, int col) {
-  return (col / kChunkCols) * (kN * 128) + swizzled_row_offset(row, col);
+  return hopper::swizzled_chunked_offset<kN>(row, col);
 }
 
 // Where a page's tiles sit in the ring: its first tile's slot and that slot's phase. The next eight follow,
