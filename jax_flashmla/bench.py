@@ -424,9 +424,9 @@ def environment() -> dict:
         "jax_version": jax.__version__,
         "jaxlib_version": jaxlib.__version__,
         "jax_flashmla_version": __version__,
-        # The Hopper kernel picked by hand (hopper, narrow: src/kernels/decode_launch.cuh); None is the default.
+        # The Hopper kernel picked by hand (seesaw, hopper: src/kernels/decode_launch.cuh); None is the default.
         "decode_kernel_env": os.environ.get("JAX_FLASHMLA_DECODE_KERNEL"),
-        # JAX_FLASHMLA_COMBINE=separate: the combine kernel merges the splits even where the decode kernel can.
+        # JAX_FLASHMLA_COMBINE=in_kernel: the 16-row narrow kernel merges its splits itself (default: the combine).
         "combine_env": os.environ.get("JAX_FLASHMLA_COMBINE"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "method": METHOD,

@@ -8,11 +8,10 @@
 #            test subset, then (if they pass) memcheck, racecheck and the quick bench, each under a timeout
 #            because a schedule bug may deadlock; then the single-softmax kernel's quick bench
 #            (JAX_FLASHMLA_DECODE_KERNEL=hopper) for comparison. About 3 minutes when it works.
-#   narrow   the same for the opt-in narrow kernel (src/kernels/decode_narrow.cuh, JAX_FLASHMLA_DECODE_KERNEL=narrow,
-#            head groups of at most 32 query rows; wider ones fall back to the seesaw): one case under a short
-#            timeout, the layout probe (scripts/layout_probe.py; on the seesaw too where it finds a fault), its
-#            tests and the quick subset, then the memory-bound rows (h_q 16) timed with it (its splits merged in the
-#            kernel, then by the combine kernel: JAX_FLASHMLA_COMBINE=separate) and with the seesaw, and b 8 with
+#   narrow   the same for the narrow kernel (src/kernels/decode_narrow.cuh, the default for head groups of at most
+#            32 query rows; wider ones run the seesaw): one case under a short timeout, the layout probe (scripts/layout_probe.py; on the seesaw too where it finds a fault), its
+#            tests and the quick subset, then the memory-bound rows (h_q 16) timed with it (its splits merged by the
+#            combine kernel, then in the kernel: JAX_FLASHMLA_COMBINE=in_kernel) and with the seesaw, and b 8 with
 #            both merges, then memcheck and racecheck.
 # Environment: SKIP_BENCH=1 skips the benchmarks; BENCH_ARGS replaces the first one's flags (default --quick;
 # BENCH_ARGS="" runs the full grid); the second times a stacked two-layer pool (--quick --layers 2).
@@ -87,7 +86,7 @@ if [ "$MODE" = seesaw ]; then
 fi
 
 if [ "$MODE" = narrow ]; then
-  export JAX_FLASHMLA_DECODE_KERNEL=narrow
+  unset JAX_FLASHMLA_DECODE_KERNEL JAX_FLASHMLA_COMBINE  # the defaults: the narrow kernel, the combine kernel
   # One case first, under a short timeout: a schedule bug that hangs then costs two minutes, not the tests' five.
   step narrow_smoke timeout 150 python3 -m pytest -q -m gpu -x tests/test_gpu_kernels.py -k "narrow and 16-1-1-bfloat16"
   smoke=$?
@@ -107,8 +106,8 @@ if [ "$MODE" = narrow ]; then
   if [ $smoke -eq 0 ] && kernel_tests narrow "narrow or 2-1-140-16"; then
     memory_rows() { step "$1" timeout 150 python3 -m jax_flashmla.bench --h-q 16 --s-q 1,2 --seqlen 4096,16384 \
       --no-baseline --out "$LOG_DIR/$1"; }
-    memory_rows narrow_bench  # the splits merged in the kernel
-    JAX_FLASHMLA_COMBINE=separate memory_rows narrow_combine_bench  # the splits merged by the combine kernel
+    memory_rows narrow_bench  # the splits merged by the combine kernel (the default)
+    JAX_FLASHMLA_COMBINE=in_kernel memory_rows narrow_merge_bench  # the 16-row kernel merges its splits itself
     JAX_FLASHMLA_DECODE_KERNEL=seesaw memory_rows seesaw_bench
     # Few sequences, so many splits each: where a merge costs most (about 16 splits a sequence here).
     for combine in in_kernel separate; do

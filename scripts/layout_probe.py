@@ -18,8 +18,9 @@ Sequences of 384, 300 and 81 tokens (partial pages; slots no sequence owns hold 
 scheduled over 1, 2, 8 and 32 SMs: single chunks written directly, several chunks per CTA, and 2- to 6-way splits
 merged.
 
-Usage (on the GPU, with the kernel picked as usual):
-  JAX_FLASHMLA_DECODE_KERNEL=narrow python3 scripts/layout_probe.py [--h-q 16] [--s-q 1] [--h-kv 1]
+Usage (on the GPU, with the kernel picked as usual: the narrow kernel by default for at most 32 query rows,
+JAX_FLASHMLA_DECODE_KERNEL=seesaw for the seesaw):
+  python3 scripts/layout_probe.py [--h-q 16] [--s-q 1] [--h-kv 1]
 Prints one line per probe and schedule, with a diagnosis where it fails; exits 1 if any failed. Without a GPU it
 checks the pure-JAX reference (tests/test_layout_probe.py does).
 """

@@ -107,12 +107,13 @@ def test_single_softmax_kernel(dtype, monkeypatch, rng_seed):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("h_q,h_kv,s_q", [(16, 1, 1), (16, 1, 2), (8, 1, 3), (32, 2, 1), (4, 1, 1), (10, 1, 3)])
-def test_narrow_kernel(h_q, h_kv, s_q, dtype, monkeypatch, rng_seed):
-    """The tokens-as-M kernel for head groups of at most 32 query rows (JAX_FLASHMLA_DECODE_KERNEL=narrow, opt-in
-    until measured): 16- and 32-wide instantiations, head groups that leave columns empty, splits and single-split
-    sequences, causal and not, partial pages, NaN in a neighbouring sequence's Q, and hostile lengths and page
-    ids."""
-    monkeypatch.setenv("JAX_FLASHMLA_DECODE_KERNEL", "narrow")
+@pytest.mark.parametrize("kernel", ["narrow", "seesaw"])
+def test_narrow_head_groups(kernel, h_q, h_kv, s_q, dtype, monkeypatch, rng_seed):
+    """Head groups of at most 32 query rows: the tokens-as-M kernel (the default there), 16- and 32-wide
+    instantiations, and the seesaw, which JAX_FLASHMLA_DECODE_KERNEL=seesaw selects for them. Head groups that
+    leave columns empty, splits and single-split sequences, causal and not, partial pages, NaN in a neighbouring
+    sequence's Q, and hostile lengths and page ids."""
+    monkeypatch.setenv("JAX_FLASHMLA_DECODE_KERNEL", kernel)
     rng = np.random.default_rng([rng_seed, h_q, h_kv, s_q])
     for batch, s_k in ((8, 2048), (64, 140)):  # mostly split; mostly not
         seqlens = lengths(rng, batch, s_k, True, zero_one=True)
@@ -127,10 +128,10 @@ def test_narrow_kernel(h_q, h_kv, s_q, dtype, monkeypatch, rng_seed):
 @pytest.mark.parametrize("h_q,h_kv,s_q,merged", [(16, 1, 1, True), (8, 1, 2, True), (10, 1, 1, True),
                                                  (32, 2, 1, True), (16, 1, 2, False)])
 def test_narrow_kernel_merges_splits_as_the_combine_does(h_q, h_kv, s_q, merged, dtype, monkeypatch, rng_seed):
-    """The narrow kernel of 16 query rows merges a sequence's splits itself: the CTA that stores the last partial
-    (split_arrivals counts them) merges all of them in split order with the combine kernel's arithmetic. So out
-    and lse are the combine kernel's (JAX_FLASHMLA_COMBINE=separate) bit for bit, whichever CTA finished last.
-    The 32-row kernel leaves the merge to the combine kernel."""
+    """With JAX_FLASHMLA_COMBINE=in_kernel the narrow kernel of 16 query rows merges a sequence's splits itself:
+    the CTA that stores the last partial (split_arrivals counts them) merges all of them in split order with the
+    combine kernel's arithmetic. So out and lse are the combine kernel's (the default) bit for bit, whichever CTA
+    finished last. The 32-row kernel always leaves the merge to the combine kernel."""
     monkeypatch.setenv("JAX_FLASHMLA_DECODE_KERNEL", "narrow")
     rng = np.random.default_rng([rng_seed, h_q, h_kv, s_q])
     seqlens = lengths(rng, 16, 2048, True, zero_one=True)

@@ -49,10 +49,12 @@ inline bool device_is_hopper(int device) {
   return hopper[device];
 }
 
-// On Hopper the seesaw schedule (decode_seesaw.cuh) runs; JAX_FLASHMLA_DECODE_KERNEL=hopper selects the older
-// single-softmax kernel (decode_hopper.cuh), kept to compare against, and =narrow the tokens-as-M kernel
-// (decode_narrow.cuh) for head groups of at most 32 query rows. Read at every launch, so a test can switch it;
-// under CUDA graphs the captured choice stays.
+// On Hopper the tokens-as-M kernel (decode_narrow.cuh) runs for head groups of at most 32 query rows and the seesaw
+// schedule (decode_seesaw.cuh) for wider ones (measured on the H200, benchmarks/RESULTS.md 2026-12-05: the narrow
+// kernel 1-4% faster there at b 128, 3-14% at b 8). JAX_FLASHMLA_DECODE_KERNEL=seesaw runs the seesaw for every
+// width, =hopper the older single-softmax kernel (decode_hopper.cuh), both kept to compare against; any other value
+// (=narrow included) is the default. Read at every launch, so a test can switch it; under CUDA graphs the captured
+// choice stays.
 inline bool environment_says(const char* variable, const char* value) {
   const char* choice = std::getenv(variable);
   return choice != nullptr && std::strcmp(choice, value) == 0;
@@ -64,14 +66,16 @@ constexpr ElementType element_type_of() {
   return std::is_same_v<T, __nv_bfloat16> ? ElementType::kBF16 : ElementType::kFP16;
 }
 
-// Launches the narrow kernel of width kN. At kN = 16 it merges each sequence's splits itself (the CTA that stores
-// the last partial), which saves the combine launch and its wait for the whole grid, unless
-// JAX_FLASHMLA_COMBINE=separate asks for the combine kernel (to compare the two).
+// Launches the narrow kernel of width kN. The combine kernel merges the splits, unless JAX_FLASHMLA_COMBINE=in_kernel
+// asks the 16-wide kernel to merge each sequence's splits itself (the CTA that stores the last partial); any other
+// value (=separate included) leaves them to the combine kernel. That merge
+// saves a launch but sits on the critical path of the last CTA of each sequence: on the H200 it was no faster at
+// b 128 and 16% slower at b 8 (RESULTS.md 2026-12-05), so it stays opt-in.
 template <typename T, int kN>
 cudaError_t launch_narrow(DecodeParams p, int device, dim3 grid, cudaStream_t stream, const CUtensorMap& kv_map,
                           bool* splits_merged) {
   p.merge_splits = narrow::merges_splits<kN>() && p.split_arrivals != nullptr &&
-                   !environment_says("JAX_FLASHMLA_COMBINE", "separate");
+                   environment_says("JAX_FLASHMLA_COMBINE", "in_kernel");
   if (p.merge_splits) {
     const size_t counters = static_cast<size_t>(p.batch) * p.h_kv * grid.x;
     if (cudaError_t err = cudaMemsetAsync(p.split_arrivals, 0, counters * sizeof(int32_t), stream); err != cudaSuccess)
@@ -113,8 +117,7 @@ cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream, bool
     if (decode_kernel_selected("hopper"))
       return launch_with_smem<hopper::decode_kernel<T>, hopper::kThreads, hopper::kSmemBytes>(device, grid, stream, p,
                                                                                              kv_map);
-    // Not yet measured on a GPU, so opt-in: the tokens as wgmma's M, for head groups of up to 32 query rows.
-    if (decode_kernel_selected("narrow") && p.q_rows <= 32)
+    if (p.q_rows <= 32 && !decode_kernel_selected("seesaw"))
       return p.q_rows <= 16 ? launch_narrow<T, 16>(p, device, grid, stream, kv_map, splits_merged)
                             : launch_narrow<T, 32>(p, device, grid, stream, kv_map, splits_merged);
     CUtensorMap q_map{};  // unused where q_box_bytes is 0

@@ -1,6 +1,6 @@
 // Split-KV MLA decode, Hopper (sm_90a), d = 576, dv = 512, for head groups of at most 32 query rows (the
-// memory-bound shapes: s_q * h_q / h_kv <= 32). Opt-in while it has not been measured on a GPU:
-// JAX_FLASHMLA_DECODE_KERNEL=narrow (decode_launch.cuh).
+// memory-bound shapes: s_q * h_q / h_kv <= 32). The default there on Hopper; JAX_FLASHMLA_DECODE_KERNEL=seesaw
+// runs the seesaw instead (decode_launch.cuh).
 //
 // Why: the seesaw kernel (decode_seesaw.cuh) puts the query rows in wgmma's M, which is at least 64, so on a head
 // group of 16 rows three quarters of its tensor work multiplies zero rows, and the pages wait in shared memory
