@@ -15,7 +15,7 @@
 // The page stream: a producer warp (lane 0) walks the same chunks as the consumer and loads each page as
 // nine 64x64 tiles (the rope dims first) into a ring of kSlots 8 KiB slots, one full/empty mbarrier pair per
 // slot. Since every tensor instruction reads one tile, a slot is freed as soon as its page no longer needs it:
-// the rope tile after S, the other eight after P V. The ring holds more than 2.5 pages; the seesaw kernel
+// the rope tile after S, the other eight after P V. The ring holds 2.8 pages (16 rows) or 2.4 (32); the seesaw
 // holds two whole stages.
 //
 // The consumer warpgroup, per page n: waits S(n); frees the rope tile; masks, row maxima (the exchange), P;
@@ -58,7 +58,12 @@ struct Storage {
   static constexpr int kQBytes = kN * kHeadDim * 2;
   static constexpr int kPBytes = kN * kBlockN * 2;
   static constexpr int kFixedBytes = kQBytes + kPBytes + (2 * 4 * kN + 2 * 4 * kN) * 4 + 16 + 1024 /* alignment */;
-  static constexpr int kSlots = (kSmemLimit - kFixedBytes) / (kChunkBytes + 2 * 8);
+  static constexpr int kFitSlots = (kSmemLimit - kFixedBytes) / (kChunkBytes + 2 * 8);
+#ifdef JFM_NARROW_RING_SLOTS  // an experiment's cap on the ring (NOTES.md, version 2.14): fewer loads in flight
+  static constexpr int kSlots = JFM_NARROW_RING_SLOTS < kFitSlots ? JFM_NARROW_RING_SLOTS : kFitSlots;
+#else
+  static constexpr int kSlots = kFitSlots;
+#endif
 };
 
 template <int kN>
