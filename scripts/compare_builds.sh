@@ -14,6 +14,8 @@
 # ROUNDS=N (default 1) runs the bench N - 1 more times over the builds whose first one ran, each round in the
 # reverse order of the one before (A B C, then C B A, A B C, ...), so that the GPU's drift in clock and
 # temperature falls on every build alike: compare builds within a call, over all their rounds.
+# The builds run the default kernels: a seesaw change shows on rows of more than 32 query rows per head group only,
+# unless JAX_FLASHMLA_DECODE_KERNEL=seesaw is set (head groups of at most 32 rows run the narrow kernel).
 # LOG_DIR gets one log per step and summary.txt: each step's last line, and the benchmarks' table rows, then
 # (scripts/summarize_builds.py) each build's mean kernel ms per row over its rounds against the first build's.
 set -uo pipefail

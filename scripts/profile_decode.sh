@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Nsight Compute profile of the split-KV decode kernel on one memory-bound and one compute-bound bench row.
+# Nsight Compute profile of the split-KV decode kernel on one memory-bound and one compute-bound bench row (by
+# default the narrow kernel on the first, 16 query rows, and the seesaw on the second).
 # Usage: scripts/profile_decode.sh LOG_DIR   (after the package is built, e.g. by scripts/gpu_check.sh)
+#        JAX_FLASHMLA_DECODE_KERNEL=seesaw scripts/profile_decode.sh LOG_DIR   the seesaw on both rows
 #        JAX_FLASHMLA_DECODE_KERNEL=hopper scripts/profile_decode.sh LOG_DIR   the single-softmax kernel
 #        PROFILE_ROWS=compute_bound scripts/profile_decode.sh LOG_DIR          one row only
 # Writes LOG_DIR/ncu_<row>.txt (all sections: throughput, pipes, shared memory, warp stalls), ncu_<row>.sass.csv

@@ -19,7 +19,8 @@ Usage: python3 scripts/trace_chunk_timeline.py OUT_DIR [--pair-waits | --pair-ev
                 the wait of the next S issued in it concern the same page, so a tile waited for landed about when
                 the wait ended: that minus its issue is the refill's latency. Which tiles the pair waits for, and
                 how long a refill takes: on the memory rows (--s-q 1 --h-q 16, with --batch 128 --seqlen 8192 in
-                the command below) as on the compute rows. `--summarize LOG` reads the printed records back: per
+                the command below, and JAX_FLASHMLA_DECODE_KERNEL=seesaw, since head groups of at most 32 query
+                rows run the narrow kernel by default) as on the compute rows. `--summarize LOG` reads the printed records back: per
                 stage and tile, the medians over the pairs, and the latency of the tiles waited for.
 Then, on the GPU machine (scripts/gpu_env.sh sourced):
   python3 -m pip install --no-build-isolation --no-deps --target /tmp/variant_trace OUT_DIR
