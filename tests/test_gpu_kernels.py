@@ -25,6 +25,20 @@ def _kernels_must_be_there():
     assert jfm.kernels_available(), jfm.why_kernels_unavailable()
 
 
+@pytest.fixture
+def launch_switches(monkeypatch):
+    """switch(decode_kernel=..., combine=...) sets JAX_FLASHMLA_DECODE_KERNEL / JAX_FLASHMLA_COMBINE, which the
+    decode handler reads at each launch. JAX's compiled executables are dropped at each switch and after the test,
+    so that no CUDA graph XLA captured under one setting replays its kernels under another."""
+    def switch(**variables):
+        for name, value in variables.items():
+            monkeypatch.setenv(f"JAX_FLASHMLA_{name.upper()}", value)
+        jax.clear_caches()
+    yield switch
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
 @functools.partial(jax.jit, static_argnames=("causal", "softmax_scale"))
 def reference_f32(q, k_cache, block_table, cache_seqlens, *, causal, softmax_scale):
     return mla_decode_reference(q.astype(jnp.float32), k_cache.astype(jnp.float32), block_table, cache_seqlens,
@@ -92,11 +106,11 @@ def check_nan_neighbours(rng, *, s_q, h_q, h_kv, causal, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_single_softmax_kernel(dtype, monkeypatch, rng_seed):
+def test_single_softmax_kernel(dtype, launch_switches, rng_seed):
     """The older Hopper kernel, kept to compare against (JAX_FLASHMLA_DECODE_KERNEL=hopper, read at each launch),
     shares the Q load and output stores with the default one: it must stay right too. Splits and single-split
     sequences (float32 partials and direct outputs), causal and not."""
-    monkeypatch.setenv("JAX_FLASHMLA_DECODE_KERNEL", "hopper")
+    launch_switches(decode_kernel="hopper")
     rng = np.random.default_rng(rng_seed)
     for batch, s_k, h_q, s_q in ((8, 2048, 16, 1), (64, 140, 128, 2)):  # mostly split; mostly not
         seqlens = lengths(rng, batch, s_k, True, zero_one=True)
@@ -108,12 +122,12 @@ def test_single_softmax_kernel(dtype, monkeypatch, rng_seed):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("h_q,h_kv,s_q", [(16, 1, 1), (16, 1, 2), (8, 1, 3), (32, 2, 1), (4, 1, 1), (10, 1, 3)])
 @pytest.mark.parametrize("kernel", ["narrow", "seesaw"])
-def test_narrow_head_groups(kernel, h_q, h_kv, s_q, dtype, monkeypatch, rng_seed):
+def test_narrow_head_groups(kernel, h_q, h_kv, s_q, dtype, launch_switches, rng_seed):
     """Head groups of at most 32 query rows: the tokens-as-M kernel (the default there), 16- and 32-wide
     instantiations, and the seesaw, which JAX_FLASHMLA_DECODE_KERNEL=seesaw selects for them. Head groups that
     leave columns empty, splits and single-split sequences, causal and not, partial pages, NaN in a neighbouring
     sequence's Q, and hostile lengths and page ids."""
-    monkeypatch.setenv("JAX_FLASHMLA_DECODE_KERNEL", kernel)
+    launch_switches(decode_kernel=kernel)
     rng = np.random.default_rng([rng_seed, h_q, h_kv, s_q])
     for batch, s_k in ((8, 2048), (64, 140)):  # mostly split; mostly not
         seqlens = lengths(rng, batch, s_k, True, zero_one=True)
@@ -127,12 +141,12 @@ def test_narrow_head_groups(kernel, h_q, h_kv, s_q, dtype, monkeypatch, rng_seed
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("h_q,h_kv,s_q,merged", [(16, 1, 1, True), (8, 1, 2, True), (10, 1, 1, True),
                                                  (32, 2, 1, True), (16, 1, 2, False)])
-def test_narrow_kernel_merges_splits_as_the_combine_does(h_q, h_kv, s_q, merged, dtype, monkeypatch, rng_seed):
+def test_narrow_kernel_merges_splits_as_the_combine_does(h_q, h_kv, s_q, merged, dtype, launch_switches, rng_seed):
     """With JAX_FLASHMLA_COMBINE=in_kernel the narrow kernel of 16 query rows merges a sequence's splits itself:
     the CTA that stores the last partial (split_arrivals counts them) merges all of them in split order with the
     combine kernel's arithmetic. So out and lse are the combine kernel's (the default) bit for bit, whichever CTA
     finished last. The 32-row kernel always leaves the merge to the combine kernel."""
-    monkeypatch.setenv("JAX_FLASHMLA_DECODE_KERNEL", "narrow")
+    launch_switches(decode_kernel="narrow")
     rng = np.random.default_rng([rng_seed, h_q, h_kv, s_q])
     seqlens = lengths(rng, 16, 2048, True, zero_one=True)
     p = make_problem(rng, batch=16, s_q=s_q, h_q=h_q, h_kv=h_kv, seqlens=seqlens, dtype=dtype)
@@ -141,7 +155,7 @@ def test_narrow_kernel_merges_splits_as_the_combine_does(h_q, h_kv, s_q, merged,
     assert (n_splits > 1).sum() >= 4, n_splits  # the schedule splits several sequences
     results = {}
     for combine in ("separate", "in_kernel"):
-        monkeypatch.setenv("JAX_FLASHMLA_COMBINE", combine)
+        launch_switches(combine=combine)
         # A fresh jit for each setting, so that nothing compiled or captured under the other one is reused.
         decode = jax.jit(lambda *args: mla_decode_p.bind(*args, head_dim_v=512, softmax_scale=576 ** -0.5,
                                                          causal=True, poison_outputs=True))
@@ -180,13 +194,15 @@ def test_hostile_runtime_values_stay_in_bounds(rng_seed):
         check_against_reference(problem, causal, jnp.bfloat16)
 
 
-@pytest.mark.parametrize("kernel,head_dim", [("seesaw", 576), ("narrow", 576), ("portable", 512)])
-def test_hostile_metadata_stays_in_bounds(kernel, head_dim, monkeypatch, rng_seed):
+@pytest.mark.parametrize("kernel,head_dim", [("seesaw", 576), ("narrow", 576), ("narrow_in_kernel_merge", 576),
+                                             ("portable", 512)])
+def test_hostile_metadata_stays_in_bounds(kernel, head_dim, launch_switches, rng_seed):
     """The schedule is a runtime value too. One computed for other lengths, arbitrary integers, or the extremes of
     int32 make the results undefined, but no kernel (split-KV, in-kernel merge, combine) may fault or read or write
     out of bounds: compute-sanitizer's memcheck runs this (scripts/sanitize_cases.py). Afterwards the right
     schedule still gives the right answer."""
-    monkeypatch.setenv("JAX_FLASHMLA_DECODE_KERNEL", "narrow" if kernel == "narrow" else "seesaw")
+    launch_switches(decode_kernel="seesaw" if kernel in ("seesaw", "portable") else "narrow",
+                    combine="in_kernel" if kernel == "narrow_in_kernel_merge" else "separate")
     for problem, causal in hostile_metadata_problems(np.random.default_rng(rng_seed), head_dim):
         check_against_reference(problem, causal, jnp.bfloat16)
 
