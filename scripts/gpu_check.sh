@@ -88,7 +88,7 @@ fi
 if [ "$MODE" = narrow ]; then
   unset JAX_FLASHMLA_DECODE_KERNEL JAX_FLASHMLA_COMBINE  # the defaults: the narrow kernel, the combine kernel
   # One case first, under a short timeout: a schedule bug that hangs then costs two minutes, not the tests' five.
-  step narrow_smoke timeout 150 python3 -m pytest -q -m gpu -x tests/test_gpu_kernels.py -k "narrow and 16-1-1-bfloat16"
+  step narrow_smoke timeout 150 python3 -m pytest -q -m gpu -x tests/test_gpu_kernels.py -k "narrow-16-1-1-bfloat16"
   smoke=$?
   # Unless it hung: the layout probe, which says where a wrong result comes from, for both widths of the narrow
   # kernel (16 and 32 query rows) and, with s_q 2, its causal mask, the second with two KV heads; where it finds

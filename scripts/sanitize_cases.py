@@ -34,15 +34,21 @@ def main(small: bool):
     cases.test_flashmla_grid(2, 2, 140, 16, 1, True, True, jnp.bfloat16, SEED)
     print("case: grid b2 s_q1 s_k140 h_q16 bf16", flush=True)  # 16 query rows: the narrow kernel's 16-wide form
     cases.test_flashmla_grid(2, 1, 140, 16, 1, True, False, jnp.bfloat16, SEED)
-    # The narrow kernel's opt-in merge of its own splits (JAX_FLASHMLA_COMBINE=in_kernel), on fresh executables.
-    os.environ["JAX_FLASHMLA_COMBINE"] = "in_kernel"
+    # The narrow kernel's opt-in merge of its own splits (JAX_FLASHMLA_COMBINE=in_kernel), on fresh executables,
+    # whatever kernel the caller's environment picks for the rest.
+    saved = {name: os.environ.get(name) for name in ("JAX_FLASHMLA_DECODE_KERNEL", "JAX_FLASHMLA_COMBINE")}
+    os.environ.update(JAX_FLASHMLA_DECODE_KERNEL="narrow", JAX_FLASHMLA_COMBINE="in_kernel")
     jax.clear_caches()
     print("case: hostile schedules, the narrow kernel merging its splits", flush=True)
     for _ in cases.hostile_metadata_problems(np.random.default_rng(SEED), 576):
         pass
     print("case: grid b4 s_q1 s_k1024 h_q16 bf16 (split sequences), the narrow kernel merging its splits", flush=True)
     cases.test_flashmla_grid(4, 1, 1024, 16, 1, True, False, jnp.bfloat16, SEED)
-    os.environ.pop("JAX_FLASHMLA_COMBINE")
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = value
     jax.clear_caches()
     if not small:
         print("case: the rest", flush=True)

@@ -1,5 +1,5 @@
 // Split-KV MLA decode over a paged KV cache: the single-softmax Hopper (sm_90a) kernel for d = 576, dv = 512.
-// The seesaw kernel (decode_seesaw.cuh) is the default and faster where the tensor cores bound the time; this one
+// The seesaw kernel (decode_seesaw.cuh) is the default (with decode_narrow.cuh for narrow head groups); this one
 // runs when JAX_FLASHMLA_DECODE_KERNEL=hopper, and its shared helpers (layouts, Q load, epilogue) serve both.
 //
 // One CTA serves 64 query rows of one KV head (rows r = s*g + j, see mla_params.h) and walks the 64-token

@@ -1,5 +1,6 @@
 // Split-KV MLA decode, Hopper (sm_90a), d = 576, dv = 512: the "seesaw" schedule, the default decode kernel on
-// Hopper (decode_launch.cuh; JAX_FLASHMLA_DECODE_KERNEL=hopper selects decode_hopper.cuh instead).
+// Hopper for head groups of more than 32 query rows (decode_launch.cuh; decode_narrow.cuh takes the narrower
+// ones unless JAX_FLASHMLA_DECODE_KERNEL=seesaw; =hopper selects decode_hopper.cuh instead).
 //
 // Why: in decode_hopper.cuh one warpgroup computes every S = Q K^T and its softmax, so the tensor cores idle
 // during each softmax (benchmarks/NOTES.md). Here the two warpgroups take pages in pairs (K0, K1):
