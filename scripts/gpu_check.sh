@@ -9,10 +9,11 @@
 #            because a schedule bug may deadlock; then the single-softmax kernel's quick bench
 #            (JAX_FLASHMLA_DECODE_KERNEL=hopper) for comparison. About 3 minutes when it works.
 #   narrow   the same for the narrow kernel (src/kernels/decode_narrow.cuh, the default for head groups of at most
-#            32 query rows; wider ones run the seesaw): one case under a short timeout, the layout probe (scripts/layout_probe.py; on the seesaw too where it finds a fault), its
-#            tests and the quick subset, then the memory-bound rows (h_q 16) timed with it (its splits merged by the
-#            combine kernel, then in the kernel: JAX_FLASHMLA_COMBINE=in_kernel) and with the seesaw, and b 8 with
-#            both merges, then memcheck and racecheck.
+#            32 query rows; wider ones run the seesaw): one case under a short timeout, the layout probe
+#            (scripts/layout_probe.py; on the seesaw too where it finds a fault), its tests and the quick subset,
+#            then the memory-bound rows (h_q 16) timed with it (its splits merged by the combine kernel, then in
+#            the kernel: JAX_FLASHMLA_COMBINE=in_kernel) and with the seesaw, and b 8 with both merges, then
+#            memcheck and racecheck.
 # Environment: SKIP_BENCH=1 skips the benchmarks; BENCH_ARGS replaces the first one's flags (default --quick;
 # BENCH_ARGS="" runs the full grid); the second times a stacked two-layer pool (--quick --layers 2).
 # Offline machines: put wheels the image lacks (nvidia-cutlass) in .whl/ (scripts/gpu_env.sh installs them).

@@ -2,19 +2,17 @@
 
 Covers the scheduler, split-KV decode and combine kernels (and the narrow kernel's opt-in merge) on: varied
 lengths with an empty sequence, causal s_q > 1, h_kv = 2, head dim 512, a layer read in place from a stacked
-pool, and hostile runtime values (lengths past the table, negative lengths, out-of-range and negative page ids, schedules computed for
-other lengths or made of arbitrary integers). Each result is also checked against the reference, except
+pool, and hostile runtime values (lengths past the table, negative lengths, out-of-range and negative page ids,
+schedules computed for other lengths or made of arbitrary integers). Each result is also checked against the reference, except
 those of the hostile schedules, which are undefined.
 Usage: python scripts/sanitize_cases.py [small]
 """
 
-import os
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -34,22 +32,14 @@ def main(small: bool):
     cases.test_flashmla_grid(2, 2, 140, 16, 1, True, True, jnp.bfloat16, SEED)
     print("case: grid b2 s_q1 s_k140 h_q16 bf16", flush=True)  # 16 query rows: the narrow kernel's 16-wide form
     cases.test_flashmla_grid(2, 1, 140, 16, 1, True, False, jnp.bfloat16, SEED)
-    # The narrow kernel's opt-in merge of its own splits (JAX_FLASHMLA_COMBINE=in_kernel), on fresh executables,
-    # whatever kernel the caller's environment picks for the rest.
-    saved = {name: os.environ.get(name) for name in ("JAX_FLASHMLA_DECODE_KERNEL", "JAX_FLASHMLA_COMBINE")}
-    os.environ.update(JAX_FLASHMLA_DECODE_KERNEL="narrow", JAX_FLASHMLA_COMBINE="in_kernel")
-    jax.clear_caches()
-    print("case: hostile schedules, the narrow kernel merging its splits", flush=True)
-    for _ in cases.hostile_metadata_problems(np.random.default_rng(SEED), 576):
-        pass
-    print("case: grid b4 s_q1 s_k1024 h_q16 bf16 (split sequences), the narrow kernel merging its splits", flush=True)
-    cases.test_flashmla_grid(4, 1, 1024, 16, 1, True, False, jnp.bfloat16, SEED)
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name)
-        else:
-            os.environ[name] = value
-    jax.clear_caches()
+    # The narrow kernel's opt-in merge of its own splits, whatever kernel the caller's environment picks for the rest.
+    with cases.launch_environment(decode_kernel="narrow", combine="in_kernel"):
+        print("case: hostile schedules, the narrow kernel merging its splits", flush=True)
+        for _ in cases.hostile_metadata_problems(np.random.default_rng(SEED), 576):
+            pass
+        print("case: grid b4 s_q1 s_k1024 h_q16 bf16 (split sequences), the narrow kernel merging its splits",
+              flush=True)
+        cases.test_flashmla_grid(4, 1, 1024, 16, 1, True, False, jnp.bfloat16, SEED)
     if not small:
         print("case: the rest", flush=True)
         cases.test_flashmla_grid(6, 4, 140, 64, 2, True, True, jnp.float16, SEED)

@@ -1,7 +1,9 @@
 """The CUDA kernels against the float32 reference on FlashMLA's test grid (GPU only)."""
 
+import contextlib
 import functools
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -25,18 +27,31 @@ def _kernels_must_be_there():
     assert jfm.kernels_available(), jfm.why_kernels_unavailable()
 
 
-@pytest.fixture
-def launch_switches(monkeypatch):
-    """switch(decode_kernel=..., combine=...) sets JAX_FLASHMLA_DECODE_KERNEL / JAX_FLASHMLA_COMBINE, which the
-    decode handler reads at each launch. JAX's compiled executables are dropped at each switch and after the test,
-    so that no CUDA graph XLA captured under one setting replays its kernels under another."""
-    def switch(**variables):
-        for name, value in variables.items():
-            monkeypatch.setenv(f"JAX_FLASHMLA_{name.upper()}", value)
-        jax.clear_caches()
-    yield switch
-    monkeypatch.undo()
+@contextlib.contextmanager
+def launch_environment(**variables):
+    """Sets JAX_FLASHMLA_DECODE_KERNEL / JAX_FLASHMLA_COMBINE (decode_kernel=..., combine=...), which the decode
+    handler reads at each launch, and restores them on exit. JAX's compiled executables are dropped on entry and
+    on exit, so that no CUDA graph XLA captured under one setting replays its kernels under another."""
+    names = {f"JAX_FLASHMLA_{name.upper()}": value for name, value in variables.items()}
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
     jax.clear_caches()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        jax.clear_caches()
+
+
+@pytest.fixture
+def launch_switches():
+    """switch(decode_kernel=..., combine=...): launch_environment for the rest of the test (switches may follow)."""
+    with contextlib.ExitStack() as switches:
+        yield lambda **variables: switches.enter_context(launch_environment(**variables))
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "softmax_scale"))
@@ -153,12 +168,11 @@ def test_narrow_kernel_merges_splits_as_the_combine_does(h_q, h_kv, s_q, merged,
     md, splits = jfm.get_mla_metadata(p.cache_seqlens, s_q * h_q // h_kv, h_kv)
     n_splits = np.diff(np.asarray(splits))
     assert (n_splits > 1).sum() >= 4, n_splits  # the schedule splits several sequences
+    decode = jax.jit(lambda *args: mla_decode_p.bind(*args, head_dim_v=512, softmax_scale=576 ** -0.5, causal=True,
+                                                     poison_outputs=True))
     results = {}
     for combine in ("separate", "in_kernel"):
-        launch_switches(combine=combine)
-        # A fresh jit for each setting, so that nothing compiled or captured under the other one is reused.
-        decode = jax.jit(lambda *args: mla_decode_p.bind(*args, head_dim_v=512, softmax_scale=576 ** -0.5,
-                                                         causal=True, poison_outputs=True))
+        launch_switches(combine=combine)  # which also drops what `decode` compiled under the other setting
         results[combine] = [np.asarray(x) for x in decode(p.q, p.k_cache, p.block_table, p.cache_seqlens, md, splits,
                                                           jnp.int32(0))]
     out_separate, lse_separate, *_, arrivals_separate = results["separate"]

@@ -1,6 +1,7 @@
 // Launches the split-KV decode for one element type: a Hopper kernel where it applies (sm_90, d = 576,
 // dv = 512; the narrow kernel for head groups of at most 32 query rows and the seesaw schedule for wider ones,
-// unless the environment picks another), the portable kernel otherwise. Included once per type by decode_<type>.cu so the instantiations compile in parallel.
+// unless the environment picks another), the portable kernel otherwise. Included once per type by decode_<type>.cu
+// so the instantiations compile in parallel.
 #pragma once
 
 #include <climits>
@@ -68,9 +69,9 @@ constexpr ElementType element_type_of() {
 
 // Launches the narrow kernel of width kN. The combine kernel merges the splits, unless JAX_FLASHMLA_COMBINE=in_kernel
 // asks the 16-wide kernel to merge each sequence's splits itself (the CTA that stores the last partial); any other
-// value (=separate included) leaves them to the combine kernel. That merge
-// saves a launch but sits on the critical path of the last CTA of each sequence: on the H200 it was no faster at
-// b 128 (within the runs' spread) and 16% slower at b 8 (RESULTS.md 2026-12-05), so it stays opt-in.
+// value (=separate included) leaves them to the combine kernel. That merge saves a launch but sits on the critical
+// path of the last CTA of each sequence: on the H200 it was no faster at b 128 (within the runs' spread) and 16%
+// slower at b 8 (RESULTS.md 2026-12-05), so it stays opt-in.
 template <typename T, int kN>
 cudaError_t launch_narrow(DecodeParams p, int device, dim3 grid, cudaStream_t stream, const CUtensorMap& kv_map,
                           bool* splits_merged) {
