@@ -190,6 +190,43 @@ def test_narrow_kernel_merges_splits_as_the_combine_does(h_q, h_kv, s_q, merged,
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("kernel,h_q,s_q", [("narrow", 16, 1), ("narrow", 16, 2), ("seesaw", 128, 2),
+                                           ("hopper", 16, 1)])
+def test_dependent_combine_launch(kernel, h_q, s_q, dtype, launch_switches, rng_seed):
+    """JAX_FLASHMLA_COMBINE=dependent launches the combine kernel as a programmatic dependent of the decode: it may
+    start before the decode ends, and must wait for the partials (poisoned with NaN before each decode). Three
+    decodes back to back in one jitted call (each next one's poisoning follows a combine) give the plain launch's
+    out and lse bit for bit, and match the reference. The narrow and seesaw kernels allow the dependent launch at
+    their start, the single-softmax kernel only by exiting."""
+    launch_switches(decode_kernel=kernel)
+    rng = np.random.default_rng([rng_seed, h_q, s_q])
+    seqlens = lengths(rng, 16, 2048, True, zero_one=True)
+    p = make_problem(rng, batch=16, s_q=s_q, h_q=h_q, h_kv=1, seqlens=seqlens, dtype=dtype)
+    md, splits = jfm.get_mla_metadata(p.cache_seqlens, s_q * h_q, 1)
+    assert (np.diff(np.asarray(splits)) > 1).sum() >= 4  # the schedule splits several sequences
+
+    @jax.jit
+    def three_decodes(q, k_cache, block_table, cache_seqlens, md, splits):
+        results = []
+        for _ in range(3):
+            out, lse = jfm.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, md, splits,
+                                                  causal=True, poison_outputs=True)
+            results += [out, lse]
+            q = q + (0 * out[..., :1]).astype(q.dtype)  # the next decode depends on this one's output
+        return results
+
+    results = {}
+    for combine in ("separate", "dependent"):
+        launch_switches(combine=combine)  # which also drops what was compiled under the other setting
+        results[combine] = [np.asarray(x) for x in three_decodes(p.q, p.k_cache, p.block_table, p.cache_seqlens,
+                                                                 md, splits)]
+    for i, (plain, dependent) in enumerate(zip(results["separate"], results["dependent"])):
+        bits = np.uint16 if plain.dtype.itemsize == 2 else np.uint32
+        np.testing.assert_array_equal(dependent.view(bits), plain.view(bits), err_msg=f"result {i}")
+    check_against_reference(p, True, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_head_dim_512_and_all_empty(dtype, rng_seed):
     rng = np.random.default_rng(rng_seed)
     seqlens = lengths(rng, 5, 300, True, zero_one=True)
@@ -209,14 +246,15 @@ def test_hostile_runtime_values_stay_in_bounds(rng_seed):
 
 
 @pytest.mark.parametrize("kernel,head_dim", [("seesaw", 576), ("narrow", 576), ("narrow_in_kernel_merge", 576),
-                                             ("portable", 512)])
+                                             ("narrow_dependent_combine", 576), ("portable", 512)])
 def test_hostile_metadata_stays_in_bounds(kernel, head_dim, launch_switches, rng_seed):
     """The schedule is a runtime value too. One computed for other lengths, arbitrary integers, or the extremes of
-    int32 make the results undefined, but no kernel (split-KV, in-kernel merge, combine) may fault or read or write
-    out of bounds: compute-sanitizer's memcheck runs this (scripts/sanitize_cases.py). Afterwards the right
-    schedule still gives the right answer."""
+    int32 make the results undefined, but no kernel (split-KV, in-kernel merge, combine, its dependent launch) may
+    fault or read or write out of bounds: compute-sanitizer's memcheck runs this (scripts/sanitize_cases.py; not
+    yet with the dependent launch). Afterwards the right schedule still gives the right answer."""
     launch_switches(decode_kernel="seesaw" if kernel in ("seesaw", "portable") else "narrow",
-                    combine="in_kernel" if kernel == "narrow_in_kernel_merge" else "separate")
+                    combine={"narrow_in_kernel_merge": "in_kernel",
+                             "narrow_dependent_combine": "dependent"}.get(kernel, "separate"))
     for problem, causal in hostile_metadata_problems(np.random.default_rng(rng_seed), head_dim):
         check_against_reference(problem, causal, jnp.bfloat16)
 

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "kernels/element.cuh"
+#include "kernels/launch_environment.h"
 #include "kernels/split_merge.cuh"
 #include "mla_params.h"
 
@@ -27,15 +28,20 @@ constexpr int kHeadDimV = 512;
 // second split starts that part (tile_metadata split_begin == 1), if any. Every sequence with more than one
 // split has exactly one such part, so there are at most num_parts - 1 busy columns; a grid over the batch
 // spent most of its CTAs finding nothing to do (4096 CTAs for b 128, h_q 128, s_q 2).
+// Launched as the decode's programmatic dependent (JAX_FLASHMLA_COMBINE=dependent), it may start while the decode
+// still runs: it reads only the schedule (written by kernels that finished before the decode began) until
+// griddepcontrol.wait has seen the decode finish and its results become visible. Every thread waits, those with
+// nothing to merge too, so this grid never finishes before the decode. Otherwise the wait returns at once.
 template <typename T>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
   const int32_t* md = p.tile_metadata + static_cast<size_t>(blockIdx.x) * kMetadataRowInts;
   const int seq = md[0], head_kv = blockIdx.y;
   const int row = blockIdx.z * kCombineWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (md[4] != 1 || seq < 0 || seq >= p.batch || row >= p.q_rows) return;
-  const int first = p.num_splits[seq], next = p.num_splits[seq + 1];
+  const bool merges = md[4] == 1 && seq >= 0 && seq < p.batch && row < p.q_rows;
+  const int first = merges ? p.num_splits[seq] : 0, next = merges ? p.num_splits[seq + 1] : 0;
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   // One split was written straight to out; a range outside the buffers means metadata for other lengths.
-  if (!several_splits_inside(first, next, p.batch + p.num_parts)) return;
+  if (!merges || !several_splits_inside(first, next, p.batch + p.num_parts)) return;
   const int count = next - first;
 
   auto slot = [&](int t) { return (static_cast<size_t>(first + t) * p.h_kv + head_kv) * p.q_rows + row; };
@@ -70,14 +76,21 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
 
 }  // namespace
 
+// JAX_FLASHMLA_COMBINE=dependent launches the combine as a programmatic dependent of the decode before it in the
+// stream (the narrow and seesaw kernels allow it at their start; the others when they exit).
 cudaError_t launch_combine(const DecodeParams& p, ElementType type, cudaStream_t stream) {
   if (p.head_dim_v != kHeadDimV || p.q_rows < 1 || p.h_kv < 1 || p.num_parts < 1) return cudaErrorInvalidValue;
-  const dim3 grid(p.num_parts, p.h_kv, (p.q_rows + kCombineWarps - 1) / kCombineWarps);
-  if (type == ElementType::kBF16)
-    combine_kernel<__nv_bfloat16><<<grid, kCombineWarps * 32, 0, stream>>>(p);
-  else
-    combine_kernel<__half><<<grid, kCombineWarps * 32, 0, stream>>>(p);
-  return cudaGetLastError();
+  cudaLaunchAttribute dependent{};
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(p.num_parts, p.h_kv, (p.q_rows + kCombineWarps - 1) / kCombineWarps);
+  config.blockDim = dim3(kCombineWarps * 32);
+  config.stream = stream;
+  config.attrs = &dependent;
+  config.numAttrs = environment_says("JAX_FLASHMLA_COMBINE", "dependent") ? 1 : 0;
+  return type == ElementType::kBF16 ? cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16>, p)
+                                    : cudaLaunchKernelEx(&config, combine_kernel<__half>, p);
 }
 
 }  // namespace jax_flashmla

@@ -612,6 +612,16 @@ __device__ __forceinline__ int warp_uniform_warpgroup() {
   return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
 }
 
+// Lets the combine kernel, when it is launched as this grid's programmatic dependent
+// (JAX_FLASHMLA_COMBINE=dependent, combine.cu), be scheduled before this grid ends: its launch latency and its
+// reads of the schedule then overlap the decode's last CTAs, and it waits for the decode's results with
+// griddepcontrol.wait. Called once per CTA at its start: the dependent launches only once every CTA of this grid
+// has called it (or exited), and all of a persistent grid's CTAs are resident from the start. Without a dependent
+// launch it does nothing.
+__device__ __forceinline__ void allow_dependent_launch() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams p, const __grid_constant__ CUtensorMap kv_map) {
   extern __shared__ char smem_raw[];

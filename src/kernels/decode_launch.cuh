@@ -5,14 +5,13 @@
 #pragma once
 
 #include <climits>
-#include <cstdlib>
-#include <cstring>
 #include <mutex>
 
 #include "kernels/decode_hopper.cuh"
 #include "kernels/decode_narrow.cuh"
 #include "kernels/decode_seesaw.cuh"
 #include "kernels/decode_simt.cuh"
+#include "kernels/launch_environment.h"
 #include "kernels/tensor_maps.h"
 
 namespace jax_flashmla {
@@ -54,12 +53,7 @@ inline bool device_is_hopper(int device) {
 // schedule (decode_seesaw.cuh) for wider ones (measured on the H200, benchmarks/RESULTS.md 2026-12-05: the narrow
 // kernel 1-4% faster there at b 128, 3-14% at b 8). JAX_FLASHMLA_DECODE_KERNEL=seesaw runs the seesaw for every
 // width, =hopper the older single-softmax kernel (decode_hopper.cuh), both kept to compare against; any other value
-// (=narrow included) is the default. Read at every launch, so a test can switch it; under CUDA graphs the captured
-// choice stays.
-inline bool environment_says(const char* variable, const char* value) {
-  const char* choice = std::getenv(variable);
-  return choice != nullptr && std::strcmp(choice, value) == 0;
-}
+// (=narrow included) is the default (launch_environment.h).
 inline bool decode_kernel_selected(const char* name) { return environment_says("JAX_FLASHMLA_DECODE_KERNEL", name); }
 
 template <typename T>

@@ -621,6 +621,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       initialize_barrier(s.empty[slot], 4);  // lane 0 of each consumer warp
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    hopper::allow_dependent_launch();
   }
   __syncthreads();
   if (hopper::warp_uniform_warpgroup() == 0) {

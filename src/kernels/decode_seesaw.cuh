@@ -652,6 +652,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
     initialize_barrier(s.sums_ready, kThreads);
     initialize_barrier(s.q_full, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    hopper::allow_dependent_launch();
   }
   __syncthreads();
   const QSource q{&q_map, q_box_bytes};

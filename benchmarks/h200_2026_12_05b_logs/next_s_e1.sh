@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Next session, call 1 (carry [".whl", ".exp"]): the combine as the decode's programmatic dependent
+# (JAX_FLASHMLA_COMBINE=dependent, NOTES.md version 2.15) against the plain launch, one build: its tests, then
+# 3 rounds in alternating order at b 128 (h_q 16 and 128, s_q 1 and 2, s_k 4096 and 16384) and b 8 (h_q 16, s_q 1);
+# scripts/summarize_builds.py compares the settings as it compares builds. About 8 minutes.
+cd "$(dirname "$0")/.."
+source scripts/gpu_env.sh
+t0=$SECONDS
+python3 -m pip install -q --no-build-isolation --no-deps . > $OUT/build.log 2>&1; echo "build rc=$? t=$((SECONDS-t0))"
+timeout 150 python3 -m pytest -q -m gpu -n 8 tests/test_gpu_kernels.py -k "dependent or hostile_metadata" \
+  > $OUT/tests.log 2>&1; echo "tests rc=$? t=$((SECONDS-t0)) $(tail -n 1 $OUT/tests.log)"
+grep -E "^(FAILED|ERROR)" $OUT/tests.log | head
+declare -A SETTING=([plain]=separate [dep]=dependent)
+for round in 1 2 3; do
+  order="plain dep"; ((round % 2 == 0)) && order="dep plain"
+  for name in $order; do
+    dir=bench; ((round > 1)) && dir=bench$round
+    for b in 128 8; do
+      if [ $b = 128 ]; then rows=(--h-q 16,128 --s-q 1,2 --seqlen 4096,16384); else rows=(--h-q 16 --s-q 1 --seqlen 4096,16384); fi
+      JAX_FLASHMLA_COMBINE=${SETTING[$name]} timeout 120 python3 -m jax_flashmla.bench --batch $b "${rows[@]}" \
+        --causal off --no-baseline --repeats 3 --warmup 1 --out $OUT/pdl/b$b/${dir}_$name > $OUT/pdl_b${b}_${dir}_$name.log 2>&1
+      echo "round $round $name b $b rc=$? t=$((SECONDS-t0))"
+    done
+  done
+done
+for b in 128 8; do python3 scripts/summarize_builds.py $OUT/pdl/b$b plain dep; done | tee $OUT/pdl_summary.txt
