@@ -2,10 +2,15 @@
 # Next session, call 1 (carry [".whl", ".exp"]): the combine as the decode's programmatic dependent
 # (JAX_FLASHMLA_COMBINE=dependent, NOTES.md version 2.15) against the plain launch, one build: its tests, then
 # 3 rounds in alternating order at b 128 (h_q 16 and 128, s_q 1 and 2, s_k 4096 and 16384) and b 8 (h_q 16, s_q 1);
-# scripts/summarize_builds.py compares the settings as it compares builds. About 8 minutes.
+# scripts/summarize_builds.py compares the settings as it compares builds; then the test on a probe build whose
+# combine does not wait, which must fail. About 9 minutes.
 cd "$(dirname "$0")/.."
 source scripts/gpu_env.sh
 t0=$SECONDS
+# The probe build (the combine without its wait), beside the real one: test_dependent_combine_launch must fail on it.
+python3 -m pip install -q --no-build-isolation --no-deps --no-compile --target /tmp/variant_nowait \
+  -C build-dir=/tmp/variant_build_nowait -C "cmake.define.CMAKE_CUDA_FLAGS=-DJFM_PROBE_COMBINE_NO_WAIT" . \
+  > $OUT/build_nowait.log 2>&1 &
 python3 -m pip install -q --no-build-isolation --no-deps . > $OUT/build.log 2>&1; echo "build rc=$? t=$((SECONDS-t0))"
 timeout 150 python3 -m pytest -q -m gpu -n 8 tests/test_gpu_kernels.py -k "dependent or hostile_metadata" \
   > $OUT/tests.log 2>&1; echo "tests rc=$? t=$((SECONDS-t0)) $(tail -n 1 $OUT/tests.log)"
@@ -24,3 +29,7 @@ for round in 1 2 3; do
   done
 done
 for b in 128 8; do python3 scripts/summarize_builds.py $OUT/pdl/b$b plain dep; done | tee $OUT/pdl_summary.txt
+wait; echo "probe build: $(tail -n 1 $OUT/build_nowait.log)"
+PYTHONPATH=/tmp/variant_nowait${PYTHONPATH:+:$PYTHONPATH} timeout 90 python3 -m pytest -q -m gpu -n 8 \
+  tests/test_gpu_kernels.py -k "dependent_combine" > $OUT/probe_nowait.log 2>&1
+echo "probe without the wait (should fail) rc=$? t=$((SECONDS-t0)) $(tail -n 1 $OUT/probe_nowait.log)"

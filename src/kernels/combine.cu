@@ -39,7 +39,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   const int row = blockIdx.z * kCombineWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool merges = md[4] == 1 && seq >= 0 && seq < p.batch && row < p.q_rows;
   const int first = merges ? p.num_splits[seq] : 0, next = merges ? p.num_splits[seq + 1] : 0;
+#ifndef JFM_PROBE_COMBINE_NO_WAIT  // a probe build without the wait, to show test_dependent_combine_launch can fail
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   // One split was written straight to out; a range outside the buffers means metadata for other lengths.
   if (!merges || !several_splits_inside(first, next, p.batch + p.num_parts)) return;
   const int count = next - first;
@@ -89,8 +91,11 @@ cudaError_t launch_combine(const DecodeParams& p, ElementType type, cudaStream_t
   config.stream = stream;
   config.attrs = &dependent;
   config.numAttrs = environment_says("JAX_FLASHMLA_COMBINE", "dependent") ? 1 : 0;
-  return type == ElementType::kBF16 ? cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16>, p)
-                                    : cudaLaunchKernelEx(&config, combine_kernel<__half>, p);
+  const cudaError_t launched = type == ElementType::kBF16
+                                   ? cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16>, p)
+                                   : cudaLaunchKernelEx(&config, combine_kernel<__half>, p);
+  const cudaError_t last = cudaGetLastError();  // also clears a launch error, which the next launch would report
+  return launched != cudaSuccess ? launched : last;
 }
 
 }  // namespace jax_flashmla

@@ -158,6 +158,23 @@ __device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap
       const bool in_pool = page_in_pool(p, page);
 #pragma unroll 1
       for (int i = 0; i < kTilesPerPage; ++i) {
+#ifdef JFM_NARROW_LOAD_BURST  // an experiment (NOTES.md, version 2.15): a page's tiles go out in bursts of
+                              // JFM_NARROW_LOAD_BURST, each once the ring has room for all of it (FlashMLA refills
+                              // a stage in two bursts), instead of one by one as slots free
+        // The burst's last slot held the tile kSlots - burst + 1 before the burst's first one; the consumer frees
+        // it once it has that tile's whole page, which the producer must have issued already.
+        static_assert(JFM_NARROW_LOAD_BURST >= 1 &&
+                      kSlots >= (JFM_NARROW_LOAD_BURST < kTilesPerPage ? JFM_NARROW_LOAD_BURST : kTilesPerPage) +
+                                    kTilesPerPage - 1);
+        if (i % JFM_NARROW_LOAD_BURST == 0) {
+          // The consumer frees slots in ring order, so once the burst's last slot is free, all of it is.
+          const int burst = i + JFM_NARROW_LOAD_BURST < kTilesPerPage ? JFM_NARROW_LOAD_BURST : kTilesPerPage - i;
+          int last = slot + burst - 1;
+          uint32_t last_phase = phase;
+          if (last >= kSlots) last -= kSlots, last_phase ^= 1;
+          JFM_TIMED(ring_full, wait_barrier(s.empty[last], last_phase ^ 1));
+        }
+#endif
         // A fresh barrier's "previous" phase counts as complete.
         JFM_TIMED(ring_full, wait_barrier(s.empty[slot], phase ^ 1));
         if (in_pool) {
