@@ -22,6 +22,15 @@ __device__ __forceinline__ int grid_row_block() { return blockIdx.x; }
 __device__ __forceinline__ int grid_row_blocks() { return gridDim.x; }
 __device__ __forceinline__ int grid_part() { return blockIdx.z; }
 
+// int32 arithmetic on metadata values, which may be anything (a schedule computed for other lengths, or garbage):
+// two's-complement wrapping, defined where signed overflow is not. Whatever it yields is range-checked after.
+__device__ __forceinline__ int wrapping_add(int a, int b) {
+  return static_cast<int>(static_cast<unsigned>(a) + static_cast<unsigned>(b));
+}
+__device__ __forceinline__ int wrapping_sub(int a, int b) {
+  return static_cast<int>(static_cast<unsigned>(a) - static_cast<unsigned>(b));
+}
+
 // Sequences first..last, one chunk each. Callers write the loop themselves (a callback per chunk was not
 // inlined in the Hopper kernel, and its accumulators went to the stack).
 struct PartWalk {
@@ -44,9 +53,9 @@ struct PartWalk {
     c.block_begin = max(seq == batch_begin ? block_begin_first : 0, 0);
     c.block_end = max(min(seq == batch_end ? block_end_last : num_blocks, num_blocks), c.block_begin);
     const int first_split = p.num_splits[seq];
-    const int n_splits = p.num_splits[seq + 1] - first_split;
+    const int n_splits = wrapping_sub(p.num_splits[seq + 1], first_split);
     c.final_output = n_splits == 1;
-    c.split = first_split + (seq == batch_begin ? split_begin : 0);
+    c.split = wrapping_add(first_split, seq == batch_begin ? split_begin : 0);
     // A slot outside o_accum means metadata computed for other lengths.
     c.skip = !c.final_output && (c.split < 0 || c.split >= p.batch + p.num_parts);
     return c;
