@@ -16,6 +16,8 @@ How each row is timed:
                device timeline, from the split-KV kernel's start to the combine's end
                (jax_flashmla.device_timing). kernel_ms is the median over the n * repeats decodes: what CUDA
                events around each call would measure (FlashMLA's benchmark), without launch or dispatch.
+               kernel_tail_ms (JSON and CSV only) is the median time from the end of the decode's longest
+               kernel, the split-KV one, to the decode's end: what the combine adds, its launch gap included.
                Where the profiler has no device timeline (CPU runs), kernel_ms is loop_ms instead, and the
                record's kernel_timing says which it is ("profiler" or "wall-loop").
   loop_ms      wall clock per decode of that loop: median over repeats of (t(n) - t(1)) / (n - 1), ended
@@ -73,7 +75,7 @@ import numpy as np
 from . import __version__, kernels_available, why_kernels_unavailable
 from .api import flash_mla_with_kvcache, get_mla_metadata
 from .constants import PAGE_SIZE
-from .device_timing import profile_call_ms
+from .device_timing import profile_calls_ms
 from .reference import visible_keys
 
 HEAD_DIM = 576
@@ -128,7 +130,9 @@ TIMED_SCOPE = "jax_flashmla_timed_decode"  # named scope of the decode in the ti
 METHOD = ("kernel_ms (baseline_ms) where kernel_timing (baseline_timing) is 'profiler': median over the "
           "n * repeats decodes of repeats profiled calls of a jitted lax.fori_loop running the decode n times, "
           "each decode's time the span of its kernels on the profiler's device timeline (split-KV kernel start "
-          "to combine end). Where it is 'wall-loop' (no per-decode device events): loop_ms (baseline_loop_ms), "
+          "to combine end); kernel_tail_ms: median from the end of a decode's longest kernel (the split-KV "
+          "kernel) to the decode's end, what the combine and its launch gap add. Where it is 'wall-loop' (no "
+          "per-decode device events): loop_ms (baseline_loop_ms), "
           "median over repeats of (t(n) - t(1)) / (n - 1), t(k) = wall time of one call of that loop running k "
           "decodes (each iteration adds 0 * out[0,0,0,0] to q[0,0,0,0] and block_table[0,0]; out is "
           "loop-carried), ended by block_until_ready. Metadata precomputed. e2e_ms: median wall time of single "
@@ -365,16 +369,17 @@ def loop_ms(many, one, args, iters: int, repeats: int, warmup: int) -> float:
     return 1e3 * statistics.median(diffs)
 
 
-def decode_ms(step, one, args, iters: int, repeats: int, warmup: int) -> tuple[float, float, str]:
-    """(ms per decode, loop_ms, timing) of `step` on `args`, `one` its repeat_decode(step, 1): the profiler's
-    device time of each decode (timing "profiler") where there is a device timeline, else loop_ms (timing
-    "wall-loop")."""
+def decode_ms(step, one, args, iters: int, repeats: int, warmup: int) -> tuple[float, float, str, float | None]:
+    """(ms per decode, loop_ms, timing, tail ms) of `step` on `args`, `one` its repeat_decode(step, 1): the
+    profiler's device time of each decode (timing "profiler") where there is a device timeline, else loop_ms
+    (timing "wall-loop"). The tail (device_timing; None without the profiler) is the median time from the end
+    of a decode's longest kernel to the decode's end."""
     many = repeat_decode(step, iters).lower(*args).compile()
     wall = loop_ms(many, one, args, iters, repeats, warmup)
-    spans = profile_call_ms(many, args, TIMED_SCOPE, iters, repeats)
-    if spans is None:
-        return wall, wall, "wall-loop"
-    return statistics.median(spans), wall, "profiler"
+    calls = profile_calls_ms(many, args, TIMED_SCOPE, iters, repeats)
+    if calls is None:
+        return wall, wall, "wall-loop", None
+    return statistics.median(span for span, _ in calls), wall, "profiler", statistics.median(t for _, t in calls)
 
 
 def call_ms(fn, args, iters: int, warmup: int) -> float:
@@ -443,8 +448,8 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
 
     decode = functools.partial(_decode_with_metadata, causal=config.causal, layer=layer)
     kernel_one = repeat_decode(decode, 1)
-    kernel_ms, kernel_loop_ms, kernel_timing = decode_ms(decode, kernel_one, (q, *rest), args.iters, args.repeats,
-                                                         args.warmup)
+    kernel_ms, kernel_loop_ms, kernel_timing, kernel_tail_ms = decode_ms(decode, kernel_one, (q, *rest), args.iters,
+                                                                         args.repeats, args.warmup)
     e2e = jax.jit(functools.partial(_decode_end_to_end, causal=config.causal, layer=layer))
     e2e_ms = call_ms(e2e, (q, k_cache, table, seqlens), args.iters, args.warmup)
     e2e_sliced_ms = None
@@ -460,8 +465,9 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
         baseline_one = repeat_decode(baseline, 1)
         args_b = (q, k_cache, table, seqlens)
         try:
-            baseline_ms, baseline_loop_ms, baseline_timing = decode_ms(baseline, baseline_one, args_b,
-                                                                       args.baseline_iters, args.repeats, args.warmup)
+            baseline_ms, baseline_loop_ms, baseline_timing, _ = decode_ms(baseline, baseline_one, args_b,
+                                                                          args.baseline_iters, args.repeats,
+                                                                          args.warmup)
             # The two decodes must agree, or the comparison times something wrong.
             ours, theirs = kernel_one(q, *rest)[-1], baseline_one(*args_b)[-1]
             diff = float(jnp.max(jnp.abs(ours.astype(jnp.float32) - theirs.astype(jnp.float32))))
@@ -482,7 +488,8 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
         "layers": args.layers, "kv_cache_mb": k_cache.size * itemsize / args.layers / 1e6,  # the layer read
         "iters": args.iters, "repeats": args.repeats, "warmup": args.warmup, "baseline_iters": args.baseline_iters,
         "reportable": args.iters >= MIN_REPORTED_ITERS,
-        "kernel_ms": kernel_ms, "kernel_timing": kernel_timing, "loop_ms": kernel_loop_ms,
+        "kernel_ms": kernel_ms, "kernel_timing": kernel_timing, "kernel_tail_ms": kernel_tail_ms,
+        "loop_ms": kernel_loop_ms,
         "e2e_ms": e2e_ms, "e2e_sliced_ms": e2e_sliced_ms,
         "flops": flops, "bytes": nbytes, "arithmetic_intensity": flops / nbytes,
         "tflops": tflops, "gbps": _per_second(nbytes / 1e9, kernel_ms),

@@ -6,7 +6,9 @@ iteration, about 25 us, 5% of a compute-bound row). Here the loop runs under the
 GPUs); each device event carries the HLO instruction that launched it (its `hlo_op` stat), and the compiled
 HLO's op_name metadata says which instructions lie in the scope. One decode is a maximal run of in-scope
 events in start order, and its time is that run's span, first start to last end: the split-KV kernel, the
-gap before the combine and the combine, what CUDA events around the call would measure.
+gap before the combine and the combine, what CUDA events around the call would measure. Its tail is the time
+from the end of its longest event (the split-KV kernel) to the run's end: what the combine adds, its launch gap
+included (less where it overlaps the decode, launched as its programmatic dependent).
 
 Without device events (on CPU) there is nothing to read: `profile_call_ms` returns None and the caller keeps
 its wall-clock time.
@@ -30,33 +32,50 @@ def scoped_instructions(hlo_text: str, scope: str) -> set[str]:
     return {name for name, op_name in _INSTRUCTION.findall(hlo_text) if scope in op_name.split("/")}
 
 
-def scoped_call_spans_ns(profile: ProfileData, instructions: set[str]) -> list[float]:
-    """Span (ns) of each maximal run of device events launched by `instructions`, per GPU, in start order
-    over all of that GPU's streams; any other device event ends a run."""
-    spans = []
+def scoped_calls_ns(profile: ProfileData, instructions: set[str]) -> list[tuple[float, float]]:
+    """(span, tail) in ns of each maximal run of device events launched by `instructions`, per GPU, in start
+    order over all of that GPU's streams; any other device event ends a run. The tail runs from the end of the
+    run's longest event to the run's end."""
+    calls = []
     for plane in profile.planes:
         if not plane.name.startswith("/device:GPU:"):
             continue
         events = sorted((event.start_ns, event.start_ns + event.duration_ns,
                          dict(event.stats).get("hlo_op") in instructions)
                         for line in plane.lines for event in line.events)
-        run = None  # (first start, last end) of the current run of in-scope events
+        run = None  # [first start, last end, longest event's duration, its end] of the current run
         for start, end, in_scope in events:
             if in_scope:
-                run = (start, end) if run is None else (run[0], max(run[1], end))
+                if run is None:
+                    run = [start, end, end - start, end]
+                else:
+                    run[1] = max(run[1], end)
+                    if end - start > run[2]:
+                        run[2:] = [end - start, end]
             elif run is not None:
-                spans.append(run[1] - run[0])
+                calls.append((run[1] - run[0], run[1] - run[3]))
                 run = None
         if run is not None:
-            spans.append(run[1] - run[0])
-    return spans
+            calls.append((run[1] - run[0], run[1] - run[3]))
+    return calls
+
+
+def scoped_call_spans_ns(profile: ProfileData, instructions: set[str]) -> list[float]:
+    """The spans of scoped_calls_ns."""
+    return [span for span, _ in scoped_calls_ns(profile, instructions)]
 
 
 def profile_call_ms(compiled, args, scope: str, calls_per_run: int, runs: int) -> list[float] | None:
-    """Per-call ms of the `scope` computation, from `runs` profiled runs of `compiled` (a
-    `jax.stages.Compiled` that calls it `calls_per_run` times) on `args`; None when the profiler cannot start
-    (with a warning), when the trace holds no GPU events, or when their runs do not number runs * calls_per_run (the scope's kernels interleaved with
-    others, so that calls cannot be told apart)."""
+    """Per-call ms of the `scope` computation: the spans of profile_calls_ms."""
+    calls = profile_calls_ms(compiled, args, scope, calls_per_run, runs)
+    return None if calls is None else [span for span, _ in calls]
+
+
+def profile_calls_ms(compiled, args, scope: str, calls_per_run: int, runs: int) -> list[tuple[float, float]] | None:
+    """(span, tail) ms of each call of the `scope` computation (scoped_calls_ns), from `runs` profiled runs of
+    `compiled` (a `jax.stages.Compiled` that calls it `calls_per_run` times) on `args`; None when the profiler
+    cannot start (with a warning), when the trace holds no GPU events, or when their runs do not number
+    runs * calls_per_run (the scope's kernels interleaved with others, so that calls cannot be told apart)."""
     instructions = scoped_instructions(compiled.as_text(), scope)
     if not instructions:
         return None
@@ -74,7 +93,7 @@ def profile_call_ms(compiled, args, scope: str, calls_per_run: int, runs: int) -
         traces = sorted(Path(log_dir).glob("plugins/profile/*/*.xplane.pb"))
         if not traces:
             return None
-        spans = scoped_call_spans_ns(ProfileData.from_file(str(traces[-1])), instructions)
-    if len(spans) != runs * calls_per_run:
+        calls = scoped_calls_ns(ProfileData.from_file(str(traces[-1])), instructions)
+    if len(calls) != runs * calls_per_run:
         return None
-    return [span / 1e6 for span in spans]
+    return [(span / 1e6, tail / 1e6) for span, tail in calls]

@@ -59,6 +59,10 @@ def test_calls_are_maximal_runs_of_scoped_events_over_all_streams():
         + _plane("/host:CPU", [[_event(1, 0, 5000 * ns, "decode.0")]]))  # host events are not device time
     spans = device_timing.scoped_call_spans_ns(profile, {"decode.0"})
     assert spans == pytest.approx([412, 960])
+    # The tail: from the end of the longest event to the call's end (the combine and the gap before it; none in
+    # call 2, whose longest event ends last).
+    calls = device_timing.scoped_calls_ns(profile, {"decode.0"})
+    assert [tail for _, tail in calls] == pytest.approx([12, 0])
 
 
 def _tiny_timed_loop(n):
@@ -94,9 +98,10 @@ def test_profiled_decode_gives_one_positive_span_per_call_within_the_loop_time()
     q, k_cache, table, seqlens = bench.make_inputs(jax.random.key(1), lengths, config)
     metadata = bench.get_mla_metadata(seqlens, config.s_q * config.h_q, 1)
     step = functools.partial(bench._decode_with_metadata, causal=False, layer=None)
-    ms, loop_ms, timing = bench.decode_ms(step, bench.repeat_decode(step, 1), (q, k_cache, table, seqlens, *metadata),
-                                          iters=10, repeats=3, warmup=1)
+    ms, loop_ms, timing, tail_ms = bench.decode_ms(step, bench.repeat_decode(step, 1),
+                                                   (q, k_cache, table, seqlens, *metadata), iters=10, repeats=3, warmup=1)
     assert timing == "profiler"
+    assert 0 <= tail_ms < ms  # the combine after the split-KV kernel
     spans = device_timing.profile_call_ms(bench.repeat_decode(step, 10).lower(q, k_cache, table, seqlens,
                                                                               *metadata).compile(),
                                           (q, k_cache, table, seqlens, *metadata), bench.TIMED_SCOPE, 10, 2)

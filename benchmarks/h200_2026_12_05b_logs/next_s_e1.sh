@@ -29,6 +29,17 @@ for round in 1 2 3; do
   done
 done
 for b in 128 8; do python3 scripts/summarize_builds.py $OUT/pdl/b$b plain dep; done | tee $OUT/pdl_summary.txt
+# The combine's share: kernel_tail_ms (the end of the split-KV kernel to the decode's end), mean over the rounds.
+python3 - $OUT/pdl <<'PY' | tee -a $OUT/pdl_summary.txt
+import collections, json, pathlib, statistics, sys
+tails = collections.defaultdict(list)
+for f in sorted(pathlib.Path(sys.argv[1]).glob("b*/bench*_*/results.json")):
+    for r in json.loads(f.read_text()):
+        if r.get("kernel_tail_ms") is not None:
+            tails[(r["batch"], r["s_k"], r["s_q"], r["h_q"], f.parent.name.split("_")[-1])].append(r["kernel_tail_ms"])
+for key in sorted(tails):
+    print("tail us b %d s_k %d s_q %d h_q %d %-5s %.1f" % (*key, 1e3 * statistics.mean(tails[key])))
+PY
 wait; echo "probe build: $(tail -n 1 $OUT/build_nowait.log)"
 PYTHONPATH=/tmp/variant_nowait${PYTHONPATH:+:$PYTHONPATH} timeout 90 python3 -m pytest -q -m gpu -n 8 \
   tests/test_gpu_kernels.py -k "dependent_combine" > $OUT/probe_nowait.log 2>&1
