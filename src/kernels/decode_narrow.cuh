@@ -188,6 +188,10 @@ __device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap
       }
     }
   }
+#ifdef JFM_PDL_LATE_TRIGGER  // an experiment (NOTES.md, version 2.15): the dependent combine released once every
+                             // page is asked for, a few pages before the CTA ends, instead of at its start
+  hopper::allow_dependent_launch();
+#endif
 #ifdef JFM_NARROW_STALLS
   add_stall(kRingFull, ring_full);
 #endif
@@ -638,7 +642,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       initialize_barrier(s.empty[slot], 4);  // lane 0 of each consumer warp
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#ifndef JFM_PDL_LATE_TRIGGER
     hopper::allow_dependent_launch();
+#endif
   }
   __syncthreads();
   if (hopper::warp_uniform_warpgroup() == 0) {
