@@ -129,6 +129,9 @@ fi
 
 step memcheck sanitize memcheck
 step racecheck sanitize racecheck small
+# The opt-in dependent launch of the combine (JAX_FLASHMLA_COMBINE=dependent), in a step of its own: whether
+# compute-sanitizer copes with programmatic dependent launches at all is not settled (benchmarks/NOTES.md 2.15).
+JAX_FLASHMLA_COMBINE=dependent step memcheck_dependent sanitize memcheck small
 
 # The main job end to end on the GPU: cached decode through the kernels against a full recompute.
 step demo python3 -m jax_flashmla.demo --no-progress
