@@ -16,8 +16,8 @@ How each row is timed:
                device timeline, from the split-KV kernel's start to the combine's end
                (jax_flashmla.device_timing). kernel_ms is the median over the n * repeats decodes: what CUDA
                events around each call would measure (FlashMLA's benchmark), without launch or dispatch.
-               kernel_tail_ms (JSON and CSV only) is the median time from the end of the decode's longest
-               kernel, the split-KV one, to the decode's end: what the combine adds, its launch gap included.
+               kernel_tail_ms (JSON and CSV only) is the median time from the end of the decode's split-KV
+               kernel to the decode's end: what the combine adds, its launch gap included.
                Where the profiler has no device timeline (CPU runs), kernel_ms is loop_ms instead, and the
                record's kernel_timing says which it is ("profiler" or "wall-loop").
   loop_ms      wall clock per decode of that loop: median over repeats of (t(n) - t(1)) / (n - 1), ended
@@ -130,8 +130,8 @@ TIMED_SCOPE = "jax_flashmla_timed_decode"  # named scope of the decode in the ti
 METHOD = ("kernel_ms (baseline_ms) where kernel_timing (baseline_timing) is 'profiler': median over the "
           "n * repeats decodes of repeats profiled calls of a jitted lax.fori_loop running the decode n times, "
           "each decode's time the span of its kernels on the profiler's device timeline (split-KV kernel start "
-          "to combine end); kernel_tail_ms: median from the end of a decode's longest kernel (the split-KV "
-          "kernel) to the decode's end, what the combine and its launch gap add. Where it is 'wall-loop' (no "
+          "to combine end); kernel_tail_ms: median from the end of a decode's split-KV kernel (by name, else its "
+          "longest kernel) to the decode's end, what the combine and its launch gap add. Where it is 'wall-loop' (no "
           "per-decode device events): loop_ms (baseline_loop_ms), "
           "median over repeats of (t(n) - t(1)) / (n - 1), t(k) = wall time of one call of that loop running k "
           "decodes (each iteration adds 0 * out[0,0,0,0] to q[0,0,0,0] and block_table[0,0]; out is "
@@ -373,7 +373,7 @@ def decode_ms(step, one, args, iters: int, repeats: int, warmup: int) -> tuple[f
     """(ms per decode, loop_ms, timing, tail ms) of `step` on `args`, `one` its repeat_decode(step, 1): the
     profiler's device time of each decode (timing "profiler") where there is a device timeline, else loop_ms
     (timing "wall-loop"). The tail (device_timing; None without the profiler) is the median time from the end
-    of a decode's longest kernel to the decode's end."""
+    of a decode's split-KV kernel to the decode's end."""
     many = repeat_decode(step, iters).lower(*args).compile()
     wall = loop_ms(many, one, args, iters, repeats, warmup)
     calls = profile_calls_ms(many, args, TIMED_SCOPE, iters, repeats)

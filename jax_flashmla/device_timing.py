@@ -7,8 +7,10 @@ GPUs); each device event carries the HLO instruction that launched it (its `hlo_
 HLO's op_name metadata says which instructions lie in the scope. One decode is a maximal run of in-scope
 events in start order, and its time is that run's span, first start to last end: the split-KV kernel, the
 gap before the combine and the combine, what CUDA events around the call would measure. Its tail is the time
-from the end of its longest event (the split-KV kernel) to the run's end: what the combine adds, its launch gap
-included (less where it overlaps the decode, launched as its programmatic dependent).
+from the end of its split-KV kernel (the last event named like decode_kernel, else the longest event) to the
+run's end: what the combine adds, its launch gap included (less where it overlaps the decode, launched as its
+programmatic dependent; such a combine may start with the decode and outlast it, so the longest event alone
+would not do).
 
 Without device events (on CPU) there is nothing to read: `profile_call_ms` returns None and the caller keeps
 its wall-clock time.
@@ -32,31 +34,40 @@ def scoped_instructions(hlo_text: str, scope: str) -> set[str]:
     return {name for name, op_name in _INSTRUCTION.findall(hlo_text) if scope in op_name.split("/")}
 
 
-def scoped_calls_ns(profile: ProfileData, instructions: set[str]) -> list[tuple[float, float]]:
+def scoped_calls_ns(profile: ProfileData, instructions: set[str],
+                    anchor: str = "decode_kernel") -> list[tuple[float, float]]:
     """(span, tail) in ns of each maximal run of device events launched by `instructions`, per GPU, in start
     order over all of that GPU's streams; any other device event ends a run. The tail runs from the end of the
-    run's longest event to the run's end."""
+    run's last-ending event whose name holds `anchor` (the split-KV kernel), or where none does, of its longest
+    event (the first of equals), to the run's end."""
     calls = []
+
+    def close(run):
+        first_start, last_end, _, longest_end, anchor_end = run
+        calls.append((last_end - first_start, last_end - (longest_end if anchor_end is None else anchor_end)))
+
     for plane in profile.planes:
         if not plane.name.startswith("/device:GPU:"):
             continue
         events = sorted((event.start_ns, event.start_ns + event.duration_ns,
-                         dict(event.stats).get("hlo_op") in instructions)
+                         dict(event.stats).get("hlo_op") in instructions, anchor in event.name)
                         for line in plane.lines for event in line.events)
-        run = None  # [first start, last end, longest event's duration, its end] of the current run
-        for start, end, in_scope in events:
+        run = None  # [first start, last end, longest duration, its end, last anchor end] of the current run
+        for start, end, in_scope, is_anchor in events:
             if in_scope:
                 if run is None:
-                    run = [start, end, end - start, end]
+                    run = [start, end, end - start, end, None]
                 else:
                     run[1] = max(run[1], end)
                     if end - start > run[2]:
-                        run[2:] = [end - start, end]
+                        run[2:4] = [end - start, end]
+                if is_anchor:
+                    run[4] = end if run[4] is None else max(run[4], end)
             elif run is not None:
-                calls.append((run[1] - run[0], run[1] - run[3]))
+                close(run)
                 run = None
         if run is not None:
-            calls.append((run[1] - run[0], run[1] - run[3]))
+            close(run)
     return calls
 
 

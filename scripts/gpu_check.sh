@@ -129,9 +129,13 @@ fi
 
 step memcheck sanitize memcheck
 step racecheck sanitize racecheck small
-# The opt-in dependent launch of the combine (JAX_FLASHMLA_COMBINE=dependent), in a step of its own: whether
-# compute-sanitizer copes with programmatic dependent launches at all is not settled (benchmarks/NOTES.md 2.15).
-JAX_FLASHMLA_COMBINE=dependent step memcheck_dependent sanitize memcheck small
+# The opt-in dependent launch of the combine (JAX_FLASHMLA_COMBINE=dependent), in steps of their own and under a
+# timeout: whether compute-sanitizer copes with programmatic dependent launches is not settled (benchmarks/NOTES.md
+# 2.15). The small cases run the narrow kernel; the seesaw releases the combine too, so it gets a run as well.
+for kernel in narrow seesaw; do
+  JAX_FLASHMLA_COMBINE=dependent JAX_FLASHMLA_DECODE_KERNEL=$kernel step memcheck_dependent_$kernel timeout 150 \
+    bash -c "$(declare -f sanitize); sanitize memcheck small"
+done
 
 # The main job end to end on the GPU: cached decode through the kernels against a full recompute.
 step demo python3 -m jax_flashmla.demo --no-progress

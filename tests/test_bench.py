@@ -21,7 +21,7 @@ FIELDS = {"device_kind", "platform", "kernels_available", "kernels_used", "jax_v
           "jax_flashmla_version", "decode_kernel_env", "combine_env", "date_utc", "method", "batch", "s_k", "s_q",
           "h_q", "h_kv", "causal", "dtype", "mean_len", "kernel_ms", "e2e_ms", "flops", "bytes", "tflops", "gbps",
           "roofline_pct", "baseline_ms", "speedup", "reportable", "baseline_iters", "kernel_timing", "loop_ms",
-          "baseline_timing", "baseline_loop_ms"}  # fmt: skip
+          "baseline_timing", "baseline_loop_ms", "kernel_tail_ms"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,9 @@ def test_writes_json_and_csv_with_every_field(run):
         # none, and the time is the wall-clock loop's.
         assert r["kernel_timing"] == ("profiler" if r["kernels_used"] else "wall-loop")
         if r["kernel_timing"] == "wall-loop":
-            assert r["kernel_ms"] == r["loop_ms"]
+            assert r["kernel_ms"] == r["loop_ms"] and r["kernel_tail_ms"] is None
+        else:
+            assert 0 <= r["kernel_tail_ms"] < r["kernel_ms"]
 
 
 def test_times_are_positive_and_metrics_follow_the_formulas(run):

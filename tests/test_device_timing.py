@@ -38,10 +38,15 @@ def _event(metadata_id, start_ps, duration_ps, hlo_op):
             f'stats {{ metadata_id: 99 str_value: "{hlo_op}" }} }}')
 
 
+KERNEL_NAMES = {1: "kernel", 2: "void jax_flashmla::narrow::decode_kernel<__nv_bfloat16, 16>(DecodeParams)",
+                3: "void jax_flashmla::combine_kernel<__nv_bfloat16>(DecodeParams)"}
+
+
 def _plane(name, lines):
     text = "\n".join(f'lines {{ id: {i} name: "stream {i}" timestamp_ns: 0 {" ".join(events)} }}'
                      for i, events in enumerate(lines))
-    return (f'planes {{ name: "{name}" {text} event_metadata {{ key: 1 value {{ id: 1 name: "kernel" }} }} '
+    names = " ".join(f'event_metadata {{ key: {k} value {{ id: {k} name: "{v}" }} }}' for k, v in KERNEL_NAMES.items())
+    return (f'planes {{ name: "{name}" {text} {names} '
             'stat_metadata { key: 99 value { id: 99 name: "hlo_op" } } }')
 
 
@@ -59,10 +64,21 @@ def test_calls_are_maximal_runs_of_scoped_events_over_all_streams():
         + _plane("/host:CPU", [[_event(1, 0, 5000 * ns, "decode.0")]]))  # host events are not device time
     spans = device_timing.scoped_call_spans_ns(profile, {"decode.0"})
     assert spans == pytest.approx([412, 960])
-    # The tail: from the end of the longest event to the call's end (the combine and the gap before it; none in
-    # call 2, whose longest event ends last).
+    # The tail: no event is named like the split-KV kernel here, so from the end of the longest event to the
+    # call's end (the combine and the gap before it; none in call 2, whose longest event ends last).
     calls = device_timing.scoped_calls_ns(profile, {"decode.0"})
     assert [tail for _, tail in calls] == pytest.approx([12, 0])
+
+
+def test_the_tail_runs_from_the_split_kv_kernels_end():
+    """A combine launched as the decode's programmatic dependent may start with it and outlast it: the tail is
+    measured from the end of the event named like the split-KV kernel, not of the longest one."""
+    ns = 1000
+    plain = [_event(2, 0, 400 * ns, "decode.0"), _event(3, 403 * ns, 6 * ns, "decode.0"),
+             _event(1, 500 * ns, 20 * ns, "loop_fusion")]  # the loop's own work between the two calls
+    dependent = [_event(2, 1000 * ns, 400 * ns, "decode.0")], [_event(3, 1002 * ns, 403 * ns, "decode.0")]
+    profile = ProfileData.from_text_proto(_plane("/device:GPU:0", [plain + dependent[0], dependent[1]]))
+    assert device_timing.scoped_calls_ns(profile, {"decode.0"}) == pytest.approx([(409, 9), (405, 5)])
 
 
 def _tiny_timed_loop(n):
@@ -99,7 +115,8 @@ def test_profiled_decode_gives_one_positive_span_per_call_within_the_loop_time()
     metadata = bench.get_mla_metadata(seqlens, config.s_q * config.h_q, 1)
     step = functools.partial(bench._decode_with_metadata, causal=False, layer=None)
     ms, loop_ms, timing, tail_ms = bench.decode_ms(step, bench.repeat_decode(step, 1),
-                                                   (q, k_cache, table, seqlens, *metadata), iters=10, repeats=3, warmup=1)
+                                                   (q, k_cache, table, seqlens, *metadata), iters=10, repeats=3,
+                                                   warmup=1)
     assert timing == "profiler"
     assert 0 <= tail_ms < ms  # the combine after the split-KV kernel
     spans = device_timing.profile_call_ms(bench.repeat_decode(step, 10).lower(q, k_cache, table, seqlens,

@@ -312,7 +312,9 @@ __device__ __forceinline__ void store_output(const DecodeParams& p, const Chunk&
     const int safe_row = real ? row : 0;
     const int s_idx = safe_row / group, head = head_kv * group + safe_row % group;
     T* out = static_cast<T*>(p.out) + ((static_cast<size_t>(c.seq) * p.s_q + s_idx) * p.h_q + head) * kHeadDimV;
-    float* partial = p.o_accum + ((static_cast<size_t>(c.split) * p.h_kv + head_kv) * p.q_rows + safe_row) * kHeadDimV;
+    // c.split is range-checked only where the chunk stores a partial: no pointer is formed from it elsewhere.
+    const size_t split = c.final_output ? 0 : static_cast<size_t>(c.split);
+    float* partial = p.o_accum + ((split * p.h_kv + head_kv) * p.q_rows + safe_row) * kHeadDimV;
 #pragma unroll
     for (int quad_group = 0; quad_group < kHalfV / 32; ++quad_group) {
       // Groups 4*quad_group + j; afterwards this lane's is 4*quad_group + lane % 4, columns 2i and 2i+1 in

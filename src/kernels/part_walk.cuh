@@ -23,7 +23,8 @@ __device__ __forceinline__ int grid_row_blocks() { return gridDim.x; }
 __device__ __forceinline__ int grid_part() { return blockIdx.z; }
 
 // int32 arithmetic on metadata values, which may be anything (a schedule computed for other lengths, or garbage):
-// two's-complement wrapping, defined where signed overflow is not. Whatever it yields is range-checked after.
+// two's-complement wrapping where signed overflow would be undefined (the unsigned result converts back modulo
+// 2^32 with nvcc; C++20 defines it so). Whatever it yields is range-checked after.
 __device__ __forceinline__ int wrapping_add(int a, int b) {
   return static_cast<int>(static_cast<unsigned>(a) + static_cast<unsigned>(b));
 }
