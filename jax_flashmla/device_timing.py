@@ -71,11 +71,6 @@ def scoped_calls_ns(profile: ProfileData, instructions: set[str],
     return calls
 
 
-def scoped_call_spans_ns(profile: ProfileData, instructions: set[str]) -> list[float]:
-    """The spans of scoped_calls_ns."""
-    return [span for span, _ in scoped_calls_ns(profile, instructions)]
-
-
 def profile_call_ms(compiled, args, scope: str, calls_per_run: int, runs: int) -> list[float] | None:
     """Per-call ms of the `scope` computation: the spans of profile_calls_ms."""
     calls = profile_calls_ms(compiled, args, scope, calls_per_run, runs)

@@ -129,12 +129,12 @@ fi
 
 step memcheck sanitize memcheck
 step racecheck sanitize racecheck small
-# The opt-in dependent launch of the combine (JAX_FLASHMLA_COMBINE=dependent), in steps of their own and under a
-# timeout: whether compute-sanitizer copes with programmatic dependent launches is not settled (benchmarks/NOTES.md
-# 2.15). The small cases run the narrow kernel; the seesaw releases the combine too, so it gets a run as well.
+# The opt-in dependent launch of the combine (JAX_FLASHMLA_COMBINE=dependent), in steps of their own and under
+# kernel_sanitizers' timeouts: whether compute-sanitizer copes with programmatic dependent launches is not settled
+# (benchmarks/NOTES.md 2.15). The small cases run the narrow kernel; the seesaw releases the combine too, so it gets
+# a run as well.
 for kernel in narrow seesaw; do
-  JAX_FLASHMLA_COMBINE=dependent JAX_FLASHMLA_DECODE_KERNEL=$kernel step memcheck_dependent_$kernel timeout 150 \
-    bash -c "$(declare -f sanitize); sanitize memcheck small"
+  JAX_FLASHMLA_COMBINE=dependent JAX_FLASHMLA_DECODE_KERNEL=$kernel kernel_sanitizers dependent_$kernel small
 done
 
 # The main job end to end on the GPU: cached decode through the kernels against a full recompute.

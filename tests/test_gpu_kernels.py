@@ -253,7 +253,7 @@ def test_hostile_metadata_stays_in_bounds(kernel, head_dim, launch_switches, rng
     """The schedule is a runtime value too. One computed for other lengths, arbitrary integers, or the extremes of
     int32 make the results undefined, but no kernel (split-KV, in-kernel merge, combine, its dependent launch) may
     fault or read or write out of bounds: compute-sanitizer's memcheck runs this (scripts/sanitize_cases.py; with
-    the dependent launch in gpu_check.sh's memcheck_dependent steps). Afterwards the right schedule still gives
+    the dependent launch in gpu_check.sh's dependent_* steps). Afterwards the right schedule still gives
     the right answer."""
     launch_switches(decode_kernel="seesaw" if kernel in ("seesaw", "portable") else "narrow",
                     combine={"narrow_in_kernel_merge": "in_kernel",
