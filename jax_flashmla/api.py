@@ -30,14 +30,14 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: i
       cache_seqlens: (b,) int32 KV lengths (including this step's new tokens).
       num_q_tokens_per_head_k: s_q * h_q // h_kv.
       num_heads_k: h_kv.
-      num_sms: SMs to fill; defaults to the first GPU's count (132 when no GPU is visible).
+      num_sms: SMs to fill, 1 to 65535; defaults to the first GPU's count (132 when no GPU is visible).
     Returns:
       (tile_scheduler_metadata (num_parts, 8) int32, num_splits (b + 1,) int32).
     """
     validation.check_seqlens(cache_seqlens)
-    validation.check_metadata_args(num_q_tokens_per_head_k, num_heads_k)
+    validation.check_metadata_args(num_q_tokens_per_head_k, num_heads_k, num_sms)
     # The schedule covers the whole batch: under Explicit mesh axes the lengths are gathered first.
-    return bind_schedule(sharding.gathered(jnp.asarray(cache_seqlens)), num_sms=num_sms or _default_num_sms(),
+    return bind_schedule(sharding.gathered(jnp.asarray(cache_seqlens)), num_sms=_default_num_sms() if num_sms is None else num_sms,
                          num_heads_k=num_heads_k, num_q_tokens_per_head_k=num_q_tokens_per_head_k)
 
 
@@ -53,7 +53,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         read: the kernels then read that layer in place. (Passing `pool[layer]` costs no copy either with
         jax 0.11 on an H100, whose dynamic-slice fusion hands the kernel an offset into the pool; `layer`
         does not rely on that.)
-      block_table: (b, max_pages_per_seq) int32 page ids, max_pages_per_seq <= 2**24; ids outside
+      block_table: (b, max_pages_per_seq) int32 page ids, max_pages_per_seq <= 2**24 and
+        b * (max_pages_per_seq + 5) <= 2**30 (the scheduler counts the batch's pages in int32); ids outside
         [0, num_pages) are ignored.
       cache_seqlens: (b,) int32 KV lengths, clipped to [0, 64 * max_pages_per_seq].
       head_dim_v: value dim, 512.

@@ -31,13 +31,15 @@ from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 from jax.sharding import PartitionSpec
 
-from . import _extension, scheduler
+from . import _extension, scheduler, validation
 from .constants import BLOCK_M, DEFAULT_NUM_SMS, METADATA_ROW_INTS
 from .reference import mla_decode_reference
 
 # ----------------------------------------------------------------------------------------------------
 # Scheduler metadata
 
+
+_FOLDED = " (vmap folds its mapped axis into the batch)"
 
 mla_metadata_p = Primitive("jax_flashmla_mla_metadata")
 mla_metadata_p.multiple_results = True
@@ -46,6 +48,8 @@ mla_metadata_p.def_impl(functools.partial(dispatch.apply_primitive, mla_metadata
 
 @mla_metadata_p.def_abstract_eval
 def _metadata_abstract_eval(cache_seqlens, *, num_parts):
+    # The public functions checked their own shapes; a batching rule folds vmap's axis into the batch.
+    validation.check_schedule_fits(cache_seqlens.shape[0], num_parts=num_parts, where=_FOLDED)
     return (ShapedArray((num_parts, METADATA_ROW_INTS), jnp.int32),
             ShapedArray((cache_seqlens.shape[0] + 1,), jnp.int32))
 
@@ -116,8 +120,9 @@ def _split_like_q(q, dims):
 @mla_decode_p.def_abstract_eval
 def _decode_abstract_eval(q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer, *, head_dim_v,
                           softmax_scale, causal, poison_outputs):
-    del block_table, cache_seqlens, num_splits, layer, softmax_scale, causal, poison_outputs
+    del cache_seqlens, num_splits, layer, softmax_scale, causal, poison_outputs
     batch, s_q, h_q, _ = q.shape
+    validation.check_schedule_fits(batch, block_table.shape[1], tile_metadata.shape[0], where=_FOLDED)
     h_kv = k_cache.shape[-2]
     scratch = accum_shapes(batch, tile_metadata.shape[0], h_kv, s_q * h_q // h_kv, head_dim_v)
     return (ShapedArray((batch, s_q, h_q, head_dim_v), q.dtype, sharding=_split_like_q(q, (0, None, 2, None))),

@@ -3,13 +3,18 @@
 This module is the executable specification of the algorithm; the CUDA scheduler kernel
 (src/kernels/scheduler.cu) computes the same integers, and the GPU tests check they are identical.
 
-Each sequence i has n_i = ceil(L_i / 64) KV blocks and costs c_i = n_i + OVERHEAD units (OVERHEAD models
-the fixed work of a split: loading q, writing out). Lay all costs end to end, C_i the start of sequence i,
+Each sequence i has n_i = ceil(L_i / 64) KV blocks, L_i clipped to [0, 64 * max_scheduled_blocks(b)] (below),
+and costs c_i = n_i + OVERHEAD units (OVERHEAD models the fixed work of a split: loading q, writing out). Lay all costs end to end, C_i the start of sequence i,
 T the total, and cut the line into num_parts equal pieces of S = ceil(T / num_parts) units. Block k of
 sequence i sits at unit C_i + OVERHEAD + k and belongs to part floor(unit / S). A sequence therefore spans
 parts first_i..last_i, one split per part, and every split holds at least one block. An empty sequence
 (n_i = 0) is given to the part holding its last overhead unit, so that someone writes its out = 0,
 lse = +inf.
+
+Everything is counted in int32, on the GPU as here. Clipping the lengths keeps T <= 2**30 (SCHEDULE_UNIT_LIMIT)
+and the part arithmetic (part * S, below T + num_parts) inside int32 for any int32 length. The clip cannot cut a
+block the decode reads: the decode clips L_i to 64 * max_pages_per_seq, and validation refuses a block table
+wider than max_scheduled_blocks(b).
 
 Outputs (FlashMLA's names): tile_scheduler_metadata (num_parts, 8) int32 rows
 [batch_begin, block_begin, batch_end, block_end, split_begin, 0, 0, 0] and num_splits (b + 1,) int32 prefix
@@ -20,7 +25,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .constants import METADATA_ROW_INTS, PAGE_SIZE, SPLIT_OVERHEAD_BLOCKS
+from .constants import (MAX_PAGES_PER_SEQ, MAX_SCHEDULED_BATCH, METADATA_ROW_INTS, PAGE_SIZE, SCHEDULE_UNIT_LIMIT,
+                        SPLIT_OVERHEAD_BLOCKS)
 
 
 def num_parts_for(num_sms: int, num_heads_k: int, num_q_tokens_per_head_k: int, block_m: int) -> int:
@@ -29,9 +35,18 @@ def num_parts_for(num_sms: int, num_heads_k: int, num_q_tokens_per_head_k: int, 
     return max(num_sms // (num_heads_k * row_blocks), 1)
 
 
+def max_scheduled_blocks(batch: int) -> int:
+    """The most blocks of one sequence a schedule of `batch` sequences counts: b * (blocks + overhead) stays
+    within SCHEDULE_UNIT_LIMIT. It is 2**24 (MAX_PAGES_PER_SEQ) up to 63 sequences, 8,388,603 at 128."""
+    if not 1 <= batch <= MAX_SCHEDULED_BATCH:
+        raise ValueError(f"a schedule covers 1 to {MAX_SCHEDULED_BATCH} sequences, got {batch}")
+    return min(MAX_PAGES_PER_SEQ, SCHEDULE_UNIT_LIMIT // batch - SPLIT_OVERHEAD_BLOCKS)
+
+
 def schedule(cache_seqlens: jnp.ndarray, num_parts: int):
     """Reference scheduler in jnp. cache_seqlens (b,) int32 -> (tile_metadata (P, 8), num_splits (b+1,))."""
-    seqlens = jnp.maximum(cache_seqlens.astype(jnp.int32), 0)
+    max_tokens = PAGE_SIZE * max_scheduled_blocks(cache_seqlens.shape[0])
+    seqlens = jnp.clip(cache_seqlens.astype(jnp.int32), 0, max_tokens)  # (seqlens + 63) // 64 cannot overflow
     n = (seqlens + PAGE_SIZE - 1) // PAGE_SIZE  # blocks per sequence
     cost = n + SPLIT_OVERHEAD_BLOCKS
     start = jnp.cumsum(cost) - cost  # C_i

@@ -6,7 +6,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from .constants import MAX_PAGES_PER_SEQ, METADATA_ROW_INTS, PAGE_SIZE, SUPPORTED_HEAD_DIM_V, SUPPORTED_HEAD_DIMS
+from .constants import (MAX_PAGES_PER_SEQ, MAX_SCHEDULE_PARTS, MAX_SCHEDULED_BATCH, METADATA_ROW_INTS, PAGE_SIZE,
+                        SUPPORTED_HEAD_DIM_V, SUPPORTED_HEAD_DIMS)
+from .scheduler import max_scheduled_blocks
 
 ATTENTION_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)  # float32 runs the reference on every platform
 
@@ -32,12 +34,34 @@ def check_seqlens(cache_seqlens, batch: int | None = None):
         raise ValueError("cache_seqlens must hold at least one sequence, got shape (0,)")
     if batch is not None and cache_seqlens.shape[0] != batch:
         raise ValueError(f"cache_seqlens must have shape ({batch},) to match q's batch, got {_describe(cache_seqlens)}")
+    check_schedule_fits(cache_seqlens.shape[0])
 
 
-def check_metadata_args(num_q_tokens_per_head_k, num_heads_k):
+def check_schedule_fits(batch: int, max_pages_per_seq: int | None = None, num_parts: int | None = None,
+                        where: str = ""):
+    """The split-KV scheduler counts a batch's blocks in int32 (scheduler.py): it takes at most
+    MAX_SCHEDULED_BATCH sequences and MAX_SCHEDULE_PARTS parts, and the decode a block table no wider than the
+    schedule counts. `where` says how the batch came about (vmap folds its axis into the batch)."""
+    if batch > MAX_SCHEDULED_BATCH:
+        raise ValueError(f"the split-KV scheduler counts in int32 and takes at most {MAX_SCHEDULED_BATCH} sequences, "
+                         f"got a batch of {batch}{where}")
+    if num_parts is not None and not 1 <= num_parts <= MAX_SCHEDULE_PARTS:
+        raise ValueError(f"the split-KV schedule must have 1 to {MAX_SCHEDULE_PARTS} parts (rows of "
+                         f"tile_scheduler_metadata), got {num_parts}{where}")
+    if max_pages_per_seq is not None and max_pages_per_seq > max_scheduled_blocks(batch):
+        raise ValueError(f"block_table's max_pages_per_seq must be at most {max_scheduled_blocks(batch)} for a batch "
+                         f"of {batch}{where}: the split-KV scheduler counts the whole batch's pages in int32 (up to "
+                         f"2**30), so it clips longer sequences; got max_pages_per_seq {max_pages_per_seq}")
+
+
+def check_metadata_args(num_q_tokens_per_head_k, num_heads_k, num_sms=None):
     for name, value in (("num_q_tokens_per_head_k", num_q_tokens_per_head_k), ("num_heads_k", num_heads_k)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
             raise ValueError(f"{name} must be a positive Python int, got {value!r}")
+    if num_sms is not None and (not isinstance(num_sms, (int, np.integer)) or isinstance(num_sms, (bool, np.bool_))
+                                or not 1 <= num_sms <= MAX_SCHEDULE_PARTS):
+        raise ValueError(f"num_sms must be None (the GPU's count) or a Python int in [1, {MAX_SCHEDULE_PARTS}], "
+                         f"got {num_sms!r}")
 
 
 def check_layer(k_cache, layer):
@@ -104,6 +128,7 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_m
         raise ValueError(f"block_table's max_pages_per_seq must be at most 2**24 ({MAX_PAGES_PER_SEQ}): the kernels "
                          f"keep token positions (64 a page) in int32; got {_describe(block_table)}")
     check_seqlens(cache_seqlens, batch)
+    check_schedule_fits(batch, block_table.shape[1], None if tile_metadata is None else tile_metadata.shape[0])
 
     if (tile_metadata is None) != (num_splits is None):
         raise ValueError("tile_scheduler_metadata and num_splits go together: pass both (from get_mla_metadata) "

@@ -2,7 +2,7 @@
 
 Covers the scheduler, split-KV decode and combine kernels (and the narrow kernel's opt-in merge) on: varied
 lengths with an empty sequence, causal s_q > 1, h_kv = 2, head dim 512, a layer read in place from a stacked
-pool, and hostile runtime values (lengths past the table, negative lengths, out-of-range and negative page ids,
+pool, and hostile runtime values (lengths past the table up to INT32_MAX, negative lengths, out-of-range and negative page ids,
 schedules computed for other lengths or made of arbitrary integers). Each result is also checked against the reference, except
 those of the hostile schedules, which are undefined.
 Usage: python scripts/sanitize_cases.py [small]
@@ -28,6 +28,9 @@ def main(small: bool):
     print("case: hostile schedules (metadata for other lengths, arbitrary integers, int32 extremes)", flush=True)
     for _ in cases.hostile_metadata_problems(np.random.default_rng(SEED), 576):
         pass
+    print("case: lengths near INT32_MAX (the scheduler's clip)", flush=True)
+    cases.check_against_reference(cases.int32_extreme_lengths_problem(np.random.default_rng(SEED), s_q=2, h_q=16,
+                                                                      head_dim=576), True, jnp.bfloat16)
     print("case: grid b2 s_q2 s_k140 h_q16 causal bf16", flush=True)
     cases.test_flashmla_grid(2, 2, 140, 16, 1, True, True, jnp.bfloat16, SEED)
     print("case: grid b2 s_q1 s_k140 h_q16 bf16", flush=True)  # 16 query rows: the narrow kernel's 16-wide form

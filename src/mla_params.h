@@ -37,6 +37,19 @@ constexpr int kRowBlock = 64;             // query rows per CTA of the decode gr
 constexpr int kMaxPagesPerSeq = 1 << 24;  // block_table columns: token positions stay below 2^30 in int32
 constexpr int kMetadataRowInts = 8;       // ints per tile_metadata row
 constexpr int kSplitOverheadBlocks = 5;   // scheduler's cost of a split's fixed work, in 64-token blocks
+// The scheduler sums a batch's blocks and overheads in int32; jax_flashmla/scheduler.py explains the limits.
+constexpr int kScheduleUnitLimit = 1 << 30;
+constexpr int kMaxScheduledBatch = kScheduleUnitLimit / (kSplitOverheadBlocks + 1);
+constexpr int kMaxScheduleParts = 65535;  // the decode grid's z dimension
+
+// The most blocks of one sequence the scheduler counts (lengths beyond are clipped), for 1 <= batch <=
+// kMaxScheduledBatch. A block table wider than this would leave blocks the decode reads unscheduled, so the
+// decode refuses one.
+constexpr int max_scheduled_blocks(int batch) {
+  return kScheduleUnitLimit / batch - kSplitOverheadBlocks < kMaxPagesPerSeq
+             ? kScheduleUnitLimit / batch - kSplitOverheadBlocks
+             : kMaxPagesPerSeq;
+}
 
 enum class ElementType { kBF16, kFP16 };
 

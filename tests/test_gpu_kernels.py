@@ -15,7 +15,7 @@ from jax_flashmla import scheduler
 from jax_flashmla.primitives import mla_decode_p
 from jax_flashmla.reference import mla_decode_reference
 
-from cases import UNUSED_PAGE_ID, lengths, make_problem
+from cases import PAGE, UNUSED_PAGE_ID, lengths, make_problem
 from tolerances import assert_lse_close, assert_out_close
 
 pytestmark = pytest.mark.gpu
@@ -287,6 +287,40 @@ def hostile_metadata_problems(rng, head_dim):
         yield p, True
 
 
+INT32_MIN, INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
+
+
+@pytest.mark.parametrize("kernel,h_q,s_q,head_dim", [("default", 16, 1, 576), ("default", 16, 2, 576),
+                                                     ("default", 128, 2, 576), ("hopper", 64, 1, 576),
+                                                     ("default", 16, 2, 512)])
+def test_lengths_near_int32_max(kernel, h_q, s_q, head_dim, launch_switches, rng_seed):
+    """Lengths of INT32_MAX and near it, in a batch of 70 (over 63, so the scheduler's clip is below 2**24 pages):
+    the scheduler clips them without overflow, and the kernels give the reference's answer for lengths clipped to
+    the block table. Before the clip, (L + 63) / 64 wrapped and no part was given the other sequences."""
+    if kernel != "default":
+        launch_switches(decode_kernel=kernel)
+    problem = int32_extreme_lengths_problem(np.random.default_rng([rng_seed, h_q, s_q, head_dim]), s_q=s_q, h_q=h_q,
+                                            head_dim=head_dim)
+    for causal in (False, True):
+        check_against_reference(problem, causal, jnp.bfloat16)
+
+
+def int32_extreme_lengths_problem(rng, *, s_q, h_q, head_dim, batch=70, capacity_pages=6):
+    """Sequences that own every page of their block-table row get lengths past it, up to INT32_MAX (so the
+    clipped length reads real keys); one short sequence gets INT32_MIN."""
+    seqlens = rng.integers(0, PAGE * capacity_pages, batch).astype(np.int32)
+    long = rng.random(batch) < 0.3
+    long[0] = True
+    seqlens[long] = PAGE * capacity_pages
+    p = make_problem(rng, batch=batch, s_q=s_q, h_q=h_q, h_kv=1, seqlens=seqlens, dtype=jnp.bfloat16,
+                     head_dim=head_dim, spare_pages=0)
+    hostile = seqlens.copy()
+    hostile[long] = rng.choice([INT32_MAX, INT32_MAX - 63, 2**30 + 1, PAGE * capacity_pages + 1], int(long.sum()))
+    hostile[0] = INT32_MAX
+    hostile[np.flatnonzero(~long)[0]] = INT32_MIN
+    return type(p)(p.q, p.k_cache, p.block_table, jnp.asarray(hostile))
+
+
 def hostile_problem(rng, *, s_q, h_q, h_kv, dtype):
     """Four sequences whose lengths and block table hold the hostile values."""
     # Sequence 0 owns all 4 pages of its table row, so the length clipped to the capacity reads real keys.
@@ -326,10 +360,14 @@ def test_stacked_pool_reads_its_layer(head_dim, dtype, rng_seed):
 
 def test_metadata_kernel_matches_spec(rng_seed):
     rng = np.random.default_rng(rng_seed)
+    extremes = np.array([INT32_MAX, INT32_MAX - 63, 2**30 + 1, INT32_MIN], np.int32)
     for batch in [1, 2, 7, 64, 128, 5000]:
         for num_parts in [1, 3, 66, 132]:
             seqlens = rng.integers(-10, 20000, batch).astype(np.int32)
             seqlens[rng.random(batch) < 0.2] = 0
+            if num_parts != 3:  # lengths near the int32 limits, which the scheduler clips (scheduler.py)
+                extreme = rng.random(batch) < 0.1
+                seqlens[extreme] = rng.choice(extremes, int(extreme.sum()))
             got = jax.jit(lambda s, n=num_parts: jfm.primitives.mla_metadata_p.bind(s, num_parts=n))(jnp.asarray(seqlens))
             cpu_seqlens = jax.device_put(seqlens, jax.devices("cpu")[0])
             want = jax.jit(lambda s, n=num_parts: scheduler.schedule(s, n))(cpu_seqlens)

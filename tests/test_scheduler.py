@@ -7,12 +7,14 @@ import pytest
 
 import jax_flashmla as jfm
 from jax_flashmla.constants import PAGE_SIZE
-from jax_flashmla.scheduler import num_parts_for, schedule
+from jax_flashmla.scheduler import max_scheduled_blocks, num_parts_for, schedule
+
+INT32_MIN, INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
 
 
 def coverage(metadata, seqlens):
     """Per sequence, the (block_begin, block_end, local split) chunks the parts will process."""
-    n = -(-np.maximum(seqlens, 0) // PAGE_SIZE)
+    n = -(-np.clip(np.asarray(seqlens, np.int64), 0, PAGE_SIZE * max_scheduled_blocks(len(seqlens))) // PAGE_SIZE)
     chunks = {i: [] for i in range(len(seqlens))}
     for batch_begin, block_begin, batch_end, block_end, split_begin, *rest in metadata:
         assert rest == [0, 0, 0]
@@ -34,7 +36,10 @@ def random_schedule(seed):
 
 @pytest.mark.parametrize("trial", range(40))
 def test_every_block_once_and_split_counts_agree(trial):
-    seqlens, num_parts, metadata, num_splits = random_schedule(trial)
+    check_every_block_once(*random_schedule(trial))
+
+
+def check_every_block_once(seqlens, num_parts, metadata, num_splits):
     batch = len(seqlens)
     assert metadata.shape == (num_parts, 8) and num_splits.shape == (batch + 1,)
     assert num_splits[0] == 0 and num_splits[-1] <= batch + num_parts  # fits the partial buffers
@@ -60,6 +65,33 @@ def test_each_split_sequence_has_one_combining_part(trial):
     combined = sorted(int(md[0]) for md in metadata if md[4] == 1)
     split = [i for i in range(batch) if num_splits[i + 1] - num_splits[i] > 1]
     assert combined == split
+
+
+@pytest.mark.parametrize("batch,num_parts", [(1, 1), (4, 132), (63, 132), (64, 33), (128, 132), (1000, 7)])
+def test_lengths_near_int32_max(batch, num_parts):
+    """Lengths up to INT32_MAX are clipped to max_scheduled_blocks(b) pages, which keeps every count in int32:
+    the schedule still covers each (clipped) sequence once, whatever the batch. Before the clip, a length of
+    INT32_MAX made (L + 63) // 64 wrap and the schedule left the other sequences to no part."""
+    rng = np.random.default_rng([batch, num_parts])
+    extremes = np.array([INT32_MAX, INT32_MAX - 63, 2**30 + 1, 2**30, 2**30 - 1, INT32_MIN, -1, 0, 1, 64, 65])
+    seqlens = rng.choice(extremes, batch).astype(np.int32)
+    seqlens[0] = INT32_MAX
+    metadata, num_splits = (np.asarray(x) for x in jax.jit(schedule, static_argnums=1)(seqlens, num_parts))
+    check_every_block_once(seqlens, num_parts, metadata, num_splits)
+    everyone_long = np.full(batch, INT32_MAX, np.int32)  # the largest total: b * (cap + 5) units
+    metadata, num_splits = (np.asarray(x) for x in jax.jit(schedule, static_argnums=1)(everyone_long, num_parts))
+    check_every_block_once(everyone_long, num_parts, metadata, num_splits)
+
+
+def test_max_scheduled_blocks():
+    """b * (blocks + overhead) <= 2**30, and never more than a block table may have."""
+    assert max_scheduled_blocks(1) == max_scheduled_blocks(63) == 2**24
+    assert max_scheduled_blocks(128) == 2**30 // 128 - 5 == 8_388_603
+    for batch in (1, 64, 128, 1000, 178_956_970):
+        assert batch * (max_scheduled_blocks(batch) + 5) <= 2**30 and max_scheduled_blocks(batch) >= 1
+    for batch in (0, 178_956_971):
+        with pytest.raises(ValueError, match="a schedule covers 1 to 178956970 sequences"):
+            max_scheduled_blocks(batch)
 
 
 def test_balanced_by_tokens():

@@ -59,6 +59,12 @@ def test_good_input_passes():
     (dict(block_table=S((8,), jnp.int32)), ValueError, ["block_table must have rank 2"]),
     (dict(block_table=S((2, 2**24 + 1), jnp.int32)), ValueError, ["max_pages_per_seq must be at most 2**24",
                                                                  "(2, 16777217)"]),
+    # The scheduler counts the batch's pages in int32: b * (max_pages_per_seq + 5) <= 2**30.
+    (dict(q=S((128, 1, 16, 576), jnp.bfloat16), block_table=S((128, 8_388_604), jnp.int32),
+          cache_seqlens=S((128,), jnp.int32)), ValueError,
+     ["max_pages_per_seq must be at most 8388603 for a batch of 128", "got max_pages_per_seq 8388604"]),
+    (dict(q=S((178_956_971, 1, 1, 576), jnp.bfloat16), block_table=S((178_956_971, 1), jnp.int32),
+          cache_seqlens=S((178_956_971,), jnp.int32)), ValueError, ["at most 178956970 sequences"]),
     (dict(cache_seqlens=S((3,), jnp.int32)), ValueError, ["cache_seqlens must have shape (2,)", "(3,)"]),
     (dict(cache_seqlens=S((2,), jnp.float32)), TypeError, ["cache_seqlens must be int32", "float32"]),
 ])
@@ -94,6 +100,23 @@ def test_metadata_checks():
         jfm.get_mla_metadata(jnp.zeros(2, jnp.int32), 0, 1)
     with pytest.raises(TypeError, match="cache_seqlens must be int32"):
         jfm.get_mla_metadata(jnp.zeros(2, jnp.float32), 16, 1)
+    for num_sms in (0, -3, 65536, 8.0, True):
+        with pytest.raises(ValueError, match=r"num_sms must be None \(the GPU's count\) or a Python int in \[1, 65535\]"):
+            jfm.get_mla_metadata(jnp.zeros(2, jnp.int32), 16, 1, num_sms=num_sms)
+    with pytest.raises(ValueError, match="1 to 65535 parts"):
+        call(md=S((65536, 8), jnp.int32), splits=splits)
+
+
+def test_vmap_folded_batch_must_fit_the_scheduler():
+    """vmap folds its axis into the decode's batch: 2 x 64 sequences are scheduled as 128, so a block table that
+    fits a batch of 64 (16,777,211 columns at most) but not one of 128 (8,388,603) is refused, naming vmap."""
+    q, cache = S((2, 64, 1, 16, 576), jnp.bfloat16), S((8, 64, 1, 576), jnp.bfloat16)
+    seqlens = S((2, 64), jnp.int32)
+    decode = lambda q, table, lengths: jfm.flash_mla_with_kvcache(q, cache_zeros, table, lengths, 512)
+    cache_zeros = jnp.zeros(cache.shape, cache.dtype)
+    jax.eval_shape(jax.vmap(decode), q, S((2, 64, 8_388_603), jnp.int32), seqlens)  # fits 128
+    with pytest.raises(ValueError, match=r"at most 8388603 for a batch of 128 \(vmap folds"):
+        jax.eval_shape(jax.vmap(decode), q, S((2, 64, 8_388_604), jnp.int32), seqlens)
 
 
 def test_softmax_scale_checks():
@@ -113,3 +136,7 @@ def test_constants_match_the_cuda_side():
     assert cuda["kMaxPagesPerSeq"] == constants.MAX_PAGES_PER_SEQ
     assert cuda["kMetadataRowInts"] == constants.METADATA_ROW_INTS
     assert cuda["kSplitOverheadBlocks"] == constants.SPLIT_OVERHEAD_BLOCKS
+    assert cuda["kScheduleUnitLimit"] == constants.SCHEDULE_UNIT_LIMIT
+    assert cuda["kMaxScheduleParts"] == constants.MAX_SCHEDULE_PARTS
+    assert "kMaxScheduledBatch = kScheduleUnitLimit / (kSplitOverheadBlocks + 1);" in header
+    assert constants.MAX_SCHEDULED_BATCH == constants.SCHEDULE_UNIT_LIMIT // (constants.SPLIT_OVERHEAD_BLOCKS + 1)

@@ -12,7 +12,7 @@ python3 -m pip install -q --no-build-isolation --no-deps --no-compile --target /
   -C build-dir=/tmp/variant_build_nowait -C "cmake.define.CMAKE_CUDA_FLAGS=-DJFM_PROBE_COMBINE_NO_WAIT" . \
   > $OUT/build_nowait.log 2>&1 &
 python3 -m pip install -q --no-build-isolation --no-deps . > $OUT/build.log 2>&1; echo "build rc=$? t=$((SECONDS-t0))"
-timeout 150 python3 -m pytest -q -m gpu -n 8 tests/test_gpu_kernels.py -k "dependent or hostile_metadata" \
+timeout 150 python3 -m pytest -q -m gpu -n 8 tests/test_gpu_kernels.py -k "dependent or hostile_metadata or int32 or metadata_kernel" \
   > $OUT/tests.log 2>&1; echo "tests rc=$? t=$((SECONDS-t0)) $(tail -n 1 $OUT/tests.log)"
 grep -E "^(FAILED|ERROR)" $OUT/tests.log | head
 declare -A SETTING=([plain]=separate [dep]=dependent)

@@ -33,6 +33,11 @@ ffi::Error MetadataImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> cache_seqlens
   if (md_dims.size() != 2 || md_dims[1] != kMetadataRowInts || num_splits->element_count() != batch + 1 || batch < 1)
     return ffi::Error::InvalidArgument("jax_flashmla metadata: inconsistent shapes, tile_metadata " +
                                        dims_to_string(md_dims) + " for " + std::to_string(batch) + " sequences");
+  if (batch > kMaxScheduledBatch || md_dims[0] < 1 || md_dims[0] > kMaxScheduleParts)
+    return ffi::Error::InvalidArgument("jax_flashmla metadata: the scheduler counts in int32 and takes at most " +
+                                       std::to_string(kMaxScheduledBatch) + " sequences and " +
+                                       std::to_string(kMaxScheduleParts) + " parts, got " + std::to_string(batch) +
+                                       " and " + std::to_string(md_dims[0]));
   SchedulerParams params{cache_seqlens.typed_data(), tile_metadata->typed_data(), num_splits->typed_data(),
                          static_cast<int>(batch), static_cast<int>(md_dims[0])};
   return cuda_error(launch_scheduler(params, stream), "scheduler launch");
@@ -67,6 +72,10 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
       od[2] != h_q)
     return ffi::Error::InvalidArgument("jax_flashmla decode: inconsistent shapes, q " + dims_to_string(qd) +
                                        ", k_cache " + dims_to_string(all_kd) + ", block_table " + dims_to_string(bd));
+  // A block table wider than the scheduler counts would leave blocks unread (validation.py says so at trace time).
+  if (batch < 1 || batch > kMaxScheduledBatch || bd[1] > max_scheduled_blocks(static_cast<int>(batch)))
+    return ffi::Error::InvalidArgument("jax_flashmla decode: block_table " + dims_to_string(bd) +
+                                       " is wider than the split-KV scheduler counts for this batch");
   const int64_t q_rows = s_q * h_q / h_kv;
   if (o_accum->element_count() != (batch + num_parts) * h_kv * q_rows * head_dim_v ||
       lse_accum->element_count() != (batch + num_parts) * h_kv * q_rows || lse->element_count() != batch * h_q * s_q ||

@@ -10,8 +10,9 @@ namespace {
 constexpr int kSchedulerThreads = 256;
 constexpr int kStageInts = 4096;  // lengths staged per round
 
-__device__ __forceinline__ int blocks_of(int seqlen) {
-  return (max(seqlen, 0) + kPageSize - 1) / kPageSize;
+// Lengths are clipped to max_blocks pages first, so that nothing below overflows int32 (scheduler.py).
+__device__ __forceinline__ int blocks_of(int seqlen, int max_blocks) {
+  return (min(max(seqlen, 0), max_blocks * kPageSize) + kPageSize - 1) / kPageSize;
 }
 
 struct Walker {
@@ -36,8 +37,10 @@ __global__ void __launch_bounds__(kSchedulerThreads) scheduler_kernel(SchedulerP
   __shared__ int staged[kStageInts];
   __shared__ int partial_cost[kSchedulerThreads];
 
+  const int max_blocks = max_scheduled_blocks(p.batch);
   int cost = 0;
-  for (int i = threadIdx.x; i < p.batch; i += blockDim.x) cost += blocks_of(p.cache_seqlens[i]) + kSplitOverheadBlocks;
+  for (int i = threadIdx.x; i < p.batch; i += blockDim.x)
+    cost += blocks_of(p.cache_seqlens[i], max_blocks) + kSplitOverheadBlocks;
   partial_cost[threadIdx.x] = cost;
   __syncthreads();
   for (int stride = kSchedulerThreads / 2; stride > 0; stride /= 2) {
@@ -60,7 +63,7 @@ __global__ void __launch_bounds__(kSchedulerThreads) scheduler_kernel(SchedulerP
     if (threadIdx.x == 0) {
       for (int k = 0; k < count; ++k) {
         const int seq = base + k;
-        const int n = blocks_of(staged[k]);
+        const int n = blocks_of(staged[k], max_blocks);
         const int first_unit = start + kSplitOverheadBlocks;
         const int first = (first_unit - (n == 0 ? 1 : 0)) / walk.part_size;
         const int last = (first_unit + n - 1) / walk.part_size;
@@ -90,7 +93,9 @@ __global__ void __launch_bounds__(kSchedulerThreads) scheduler_kernel(SchedulerP
 }  // namespace
 
 cudaError_t launch_scheduler(const SchedulerParams& params, cudaStream_t stream) {
-  if (params.batch < 1 || params.num_parts < 1) return cudaErrorInvalidValue;
+  if (params.batch < 1 || params.batch > kMaxScheduledBatch || params.num_parts < 1 ||
+      params.num_parts > kMaxScheduleParts)
+    return cudaErrorInvalidValue;
   scheduler_kernel<<<1, kSchedulerThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }
