@@ -34,10 +34,11 @@ def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: i
     Returns:
       (tile_scheduler_metadata (num_parts, 8) int32, num_splits (b + 1,) int32).
     """
+    cache_seqlens = jnp.asarray(cache_seqlens)
     validation.check_seqlens(cache_seqlens)
     validation.check_metadata_args(num_q_tokens_per_head_k, num_heads_k, num_sms)
     # The schedule covers the whole batch: under Explicit mesh axes the lengths are gathered first.
-    return bind_schedule(sharding.gathered(jnp.asarray(cache_seqlens)), num_sms=_default_num_sms() if num_sms is None else num_sms,
+    return bind_schedule(sharding.gathered(cache_seqlens), num_sms=_default_num_sms() if num_sms is None else num_sms,
                          num_heads_k=num_heads_k, num_q_tokens_per_head_k=num_q_tokens_per_head_k)
 
 
@@ -63,7 +64,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       softmax_scale: defaults to d ** -0.5.
       causal: with s_q > 1, query token i sees keys [0, L - s_q + i].
       layer: with a stacked k_cache, the layer to read: a Python int in [0, num_layers), or a traced integer
-        scalar (e.g. under lax.scan over layers), which is clamped into range like any dynamic index. Either
+        scalar (e.g. under lax.scan over layers), clamped into [0, num_layers) (a negative index reads layer
+        0; it does not wrap around as pool[i] would). Either
         way the kernels read the layer in place.
       poison_outputs: testing aid; the CUDA path fills every output with NaN before the kernels run.
     Returns:
@@ -75,6 +77,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     the supported layouts and the block_table precondition.
     """
     q, k_cache, block_table, cache_seqlens = map(jnp.asarray, (q, k_cache, block_table, cache_seqlens))
+    # Lists convert as the other arguments do; arrays (and abstract ones, under eval_shape) pass as they are.
+    tile_scheduler_metadata, num_splits = (x if x is None or hasattr(x, "shape") else jnp.asarray(x)
+                                           for x in (tile_scheduler_metadata, num_splits))
     validation.check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata,
                                  num_splits, layer)
     _, s_q, h_q, head_dim = q.shape

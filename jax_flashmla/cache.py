@@ -6,7 +6,9 @@ table (b, max_pages_per_seq) int32 and one length vector (b,) int32 shared by al
 Page hand-out, kept simple: `create` gives sequence i the pages i*max_pages .. (i+1)*max_pages - 1, a
 static reservation of max_seq_len tokens per sequence. Any other assignment (a host-side allocator, pages
 shared between sequences' common prefixes) is just another block_table: pass it to `create` or replace the
-field; the kernels and `write` only ever follow the table.
+field; the kernels and `write` only ever follow the table. A page several rows share (a common prefix) must
+not be written through any of them: two rows writing one slot is a race, and one row's write changes what the
+others read. Copy-on-write is the caller's (give the writing row a page of its own first).
 
 Writes go through scatters on the device. Inside `jax.jit(..., donate_argnums=...)` with the cache donated,
 XLA updates the pool in place: a decode step moves only the new tokens' bytes.
@@ -20,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import validation
 from .constants import PAGE_SIZE
 from .sharding import scatter_tokens
 
@@ -49,6 +52,9 @@ class PagedKVCache:
                                  f"{tuple(block_table.shape)} and dtype {np.dtype(block_table.dtype).name}")
             if num_pages is None:
                 raise ValueError("num_pages is required with a custom block_table")
+            if block_table.shape[1] < max_pages:
+                raise ValueError(f"block_table has {block_table.shape[1]} columns, fewer than the {max_pages} pages "
+                                 f"max_seq_len={max_seq_len} needs")
         pages = jnp.zeros((num_layers, num_pages, PAGE_SIZE, num_heads_k, head_dim), dtype)
         return cls(pages=pages, block_table=block_table, seqlens=jnp.zeros((batch_size,), jnp.int32))
 
@@ -69,19 +75,26 @@ class PagedKVCache:
     def write(self, kv, *, layer=0, num_new=None) -> "PagedKVCache":
         """Store kv (b, s_new, h_kv, d) at positions seqlens[i] + j of `layer`'s pool; seqlens unchanged.
 
-        num_new (b,) int32, optional: write only the first num_new[i] tokens of row i (ragged prefill).
+        layer: a Python int in [0, num_layers), or a traced integer scalar, clamped into that range as the decode
+        clamps it (so a write and a read at the same index meet).
+        num_new: an int or a (b,) integer array, optional: write only the first num_new[i] tokens of row i
+        (ragged prefill); counts outside [0, s_new] are clipped to it.
         Tokens that fall past the capacity or on an invalid page id are dropped, never written elsewhere.
         """
         kv = jnp.asarray(kv)
-        batch, s_new = kv.shape[:2]
         _, num_pages, _, h_kv, head_dim = self.pages.shape
-        if kv.ndim != 4 or kv.shape[0] != self.block_table.shape[0] or kv.shape[2:] != (h_kv, head_dim):
-            raise ValueError(f"kv must have shape ({self.block_table.shape[0]}, s_new, {h_kv}, {head_dim}), "
-                             f"got {tuple(kv.shape)}")
+        batch = self.block_table.shape[0]
+        if kv.ndim != 4 or kv.shape[0] != batch or kv.shape[2:] != (h_kv, head_dim):
+            raise ValueError(f"kv must have shape ({batch}, s_new, {h_kv}, {head_dim}), got shape {tuple(kv.shape)}")
+        if not jnp.issubdtype(kv.dtype, jnp.floating):
+            raise TypeError(f"kv must be a floating-point array (it is cast to the pool's "
+                            f"{np.dtype(self.pages.dtype).name}), got dtype {np.dtype(kv.dtype).name}")
+        validation.check_layer(self.pages, layer, name="pages")
+        s_new = kv.shape[1]
         positions = self.seqlens[:, None] + jnp.arange(s_new, dtype=jnp.int32)[None, :]  # (b, s_new)
         keep = (positions >= 0) & (positions < self.capacity)
         if num_new is not None:
-            keep &= jnp.arange(s_new)[None, :] < jnp.asarray(num_new, jnp.int32).reshape(batch, 1)
+            keep &= jnp.arange(s_new)[None, :] < self._token_counts(num_new, "num_new")[:, None]
         page_slot = jnp.clip(positions // PAGE_SIZE, 0, self.block_table.shape[1] - 1)
         page = jnp.take_along_axis(self.block_table, page_slot, axis=1)
         keep &= (page >= 0) & (page < num_pages)
@@ -89,15 +102,34 @@ class PagedKVCache:
         page = jnp.where(keep, page, num_pages)
         # The scatter partitions over a mesh like the decode (jax_flashmla/sharding.py).
         pages = scatter_tokens(self.pages, kv.astype(self.pages.dtype), page, positions % PAGE_SIZE,
-                               jnp.asarray(layer, jnp.int32))
+                               validation.clamp_layer(layer, self.num_layers))
         return dataclasses.replace(self, pages=pages)
 
     def advance(self, num_new) -> "PagedKVCache":
-        """seqlens += num_new (an int, or (b,) int32), saturating at the capacity."""
-        seqlens = jnp.minimum(self.seqlens + jnp.asarray(num_new, jnp.int32), self.capacity)
+        """seqlens += num_new (an int, or a (b,) integer array), kept within [0, capacity]: a negative count
+        rolls a row back (rejected draft tokens, say), never below 0."""
+        # Both terms clipped first: the sum cannot overflow int32 (capacity <= 2**30).
+        step = jnp.clip(self._token_counts(num_new, "num_new"), -self.capacity, self.capacity)
+        seqlens = jnp.clip(jnp.clip(self.seqlens, 0, self.capacity) + step, 0, self.capacity)
         return dataclasses.replace(self, seqlens=seqlens.astype(jnp.int32))
 
     def append(self, kv, *, layer=0, num_new=None) -> "PagedKVCache":
-        """write then advance by s_new (or num_new): the single-layer convenience."""
-        count = kv.shape[1] if num_new is None else num_new
+        """write then advance by the tokens written: s_new, or num_new clipped to [0, s_new] (a row is never
+        advanced past what was stored in it). The single-layer convenience."""
+        s_new = jnp.shape(kv)[1] if jnp.ndim(kv) >= 2 else None
+        count = s_new if num_new is None else jnp.clip(self._token_counts(num_new, "num_new"), 0, s_new)
         return self.write(kv, layer=layer, num_new=num_new).advance(count)
+
+    def _token_counts(self, counts, name: str) -> jax.Array:
+        """An int or a (b,) integer array of per-row token counts, as (b,) int32."""
+        counts = jnp.asarray(counts)
+        batch = self.block_table.shape[0]
+        if not jnp.issubdtype(counts.dtype, jnp.integer) or counts.shape not in ((), (batch,)):
+            raise TypeError(f"{name} must be an int or a ({batch},) integer array, got shape {tuple(counts.shape)} "
+                            f"and dtype {np.dtype(counts.dtype).name}")
+        # Into int32 without wrapping (a uint32 2**32 - 1 must not turn into -1); +-2**30 bounds any capacity.
+        if jnp.issubdtype(counts.dtype, jnp.unsignedinteger):
+            counts = jnp.minimum(counts, 2**30)
+        elif counts.dtype.itemsize > 4:
+            counts = jnp.clip(counts, -(2**30), 2**30)
+        return jnp.broadcast_to(counts.astype(jnp.int32), (batch,))

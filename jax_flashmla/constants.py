@@ -7,7 +7,8 @@ METADATA_ROW_INTS = 8  # ints per tile_scheduler_metadata row
 SPLIT_OVERHEAD_BLOCKS = 5  # scheduler cost of a split's fixed work, in 64-token blocks
 SCHEDULE_UNIT_LIMIT = 2**30  # the scheduler sums a batch's blocks and overheads in int32, up to this
 MAX_SCHEDULED_BATCH = SCHEDULE_UNIT_LIMIT // (SPLIT_OVERHEAD_BLOCKS + 1)  # sequences: each counts one block at least
-MAX_SCHEDULE_PARTS = 65535  # tile_scheduler_metadata rows: the decode grid's z dimension (CUDA's limit)
+MAX_GRID_YZ = 65535  # CUDA's limit on a launch grid's y and z dimensions
+MAX_SCHEDULE_PARTS = MAX_GRID_YZ  # tile_scheduler_metadata rows: the decode grid's z dimension
 DEFAULT_NUM_SMS = 132  # H100 SXM; used to size the schedule when no GPU is visible
 
 SUPPORTED_HEAD_DIMS = (576, 512)  # latent KV (512) + decoupled rope (64), or latent alone

@@ -92,6 +92,8 @@ class MLAConfig:
             raise ValueError(f"MLAConfig.qk_rope_head_dim must be a positive even int, got {self.qk_rope_head_dim!r}")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"MLAConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.rope_theta > 1:  # theta ** (-2i/d) must fall with i; YaRN divides by log(theta)
+            raise ValueError(f"MLAConfig.rope_theta must be > 1, got {self.rope_theta!r}")
 
     @property
     def qk_head_dim(self) -> int:
@@ -218,7 +220,8 @@ class MultiHeadLatentAttention(nnx.Module):
     ) -> tuple[jax.Array, PagedKVCache | None]:
         """Causal self-attention over fresh sequences, optionally filling the paged cache.
 
-        x (b, s, hidden): right-padded prompts; lengths (b,) int32 true lengths, each >= 1 (default: all s).
+        x (b, s, hidden): right-padded prompts; lengths (b,) int32 true lengths (default: all s), clipped to
+        [0, s]. An empty prompt (0) writes nothing; its rows are padding like any row past a length.
         Tokens sit at positions 0..s-1: the sequences must be empty in `cache` (seqlens 0).
         Writes each valid token's latent entry into layer `layer` of `cache` at positions seqlens + j
         but does not advance seqlens (all layers share them: the caller advances once, by `lengths`).
@@ -240,7 +243,9 @@ class MultiHeadLatentAttention(nnx.Module):
         key_pos = jnp.arange(s)
         visible = key_pos[None, :] <= key_pos[:, None]  # causal (q, k)
         if lengths is not None:
-            visible = visible[None] & (key_pos[None, None, :] < lengths[:, None, None])  # (b, q, k)
+            lengths = jnp.clip(lengths, 0, s)
+            # Key 0 stays visible to an empty prompt's (padding) rows too: no row without a key, so no NaN.
+            visible = visible[None] & (key_pos[None, None, :] < jnp.maximum(lengths, 1)[:, None, None])  # (b, q, k)
         else:
             visible = visible[None]
         scores = jnp.where(visible[:, None], scores, -jnp.inf)  # key 0 is always visible: no empty rows
@@ -267,6 +272,8 @@ class MultiHeadLatentAttention(nnx.Module):
         x (b, s_q, hidden) sits at positions cache.seqlens + 0..s_q-1. Their latent entries are written into
         layer `layer` first (seqlens is NOT advanced: the caller advances once after all layers), then
         attention runs through flash_mla_with_kvcache with cache_seqlens = seqlens + s_q.
+        The caller keeps seqlens + s_q <= cache.capacity: entries past it are dropped, and the queries then
+        attend to the cache's first `capacity` tokens without their own (finite, wrong outputs; no error).
         tile_scheduler_metadata / num_splits: get_mla_metadata(seqlens + s_q, s_q * num_heads, 1), computed
         once per step by the caller and shared by all layers (None: computed here).
         With a mesh, the FlashMLA query is constrained to P("data", None, "model", None) (class docstring).

@@ -177,14 +177,16 @@ class DeepSeekDecoder(nnx.Module):
         return self._logits(h)
 
     def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: PagedKVCache):
-        """Right-padded prompts (b, s) of `lengths` into an empty cache.
+        """Right-padded prompts (b, s) of `lengths` (clipped to [0, s]) into an empty cache.
 
-        Returns (logits at each prompt's last token (b, vocab), cache advanced by lengths).
+        Returns (logits at each prompt's last token (b, vocab), cache advanced by lengths). An empty prompt
+        (length 0) stores nothing, and its logits are those of its first (padding) token.
         """
+        lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, tokens.shape[1])
         h = self.embed_tokens(tokens)
         for index, layer in enumerate(self.layers):
             h, cache = layer.prefill(h, lengths, cache, index)
-        last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        last = jnp.take_along_axis(h, (jnp.maximum(lengths, 1) - 1)[:, None, None], axis=1)[:, 0]
         return self._logits(last), cache.advance(lengths)
 
     def decode(self, tokens: jax.Array, cache: PagedKVCache, tile_scheduler_metadata=None, num_splits=None):

@@ -5,7 +5,7 @@ Two primitives, both internal (jax_flashmla.api is the public face):
   mla_decode_p    q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer
                   -> (out, lse, o_accum, lse_accum, split_arrivals)               params below
 k_cache is one layer's pool (num_pages, 64, h_kv, d), or a stacked pool (num_layers, num_pages, 64, h_kv, d)
-of which the decode reads layer `layer` (an int32 scalar operand, clamped into range like a dynamic index;
+of which the decode reads layer `layer` (an int32 scalar operand, clamped into range: validation.clamp_layer;
 0 for a one-layer pool). The kernels read that layer in place, whether the index is static or traced.
 o_accum/lse_accum are the split-KV partials, and split_arrivals counts them as they are stored (for a decode
 kernel that merges the splits itself). They are results of the custom call so that XLA owns their memory for
@@ -134,7 +134,8 @@ def _decode_reference(q, k_cache, block_table, cache_seqlens, tile_metadata, num
                       softmax_scale, causal, poison_outputs):
     del num_splits, poison_outputs
     if k_cache.ndim == 5:
-        k_cache = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False)  # clamps, as the kernels do
+        k_cache = jax.lax.dynamic_index_in_dim(k_cache, validation.clamp_layer(layer, k_cache.shape[0]), 0,
+                                               keepdims=False)
     out, lse = mla_decode_reference(q, k_cache, block_table, cache_seqlens, head_dim_v=head_dim_v,
                                     softmax_scale=softmax_scale, causal=causal)
     batch, s_q, h_q, _ = q.shape
@@ -166,7 +167,8 @@ def _decode_batch(args, dims, **params):
     stacked = k_cache.ndim - (pool_dim is not None) == 5
     if stacked and (pool_dim is not None or dims[6] is not None):
         stacks, layers = front(k_cache, pool_dim), front(layer, dims[6])
-        k_cache = jax.vmap(lambda pools, i: jax.lax.dynamic_index_in_dim(pools, i, 0, keepdims=False))(stacks, layers)
+        k_cache = jax.vmap(lambda pools, i: jax.lax.dynamic_index_in_dim(
+            pools, validation.clamp_layer(i, pools.shape[0]), 0, keepdims=False))(stacks, layers)
         pool_dim, layer = 0, jnp.int32(0)
     elif not stacked:
         layer = jnp.int32(0)  # a one-layer pool: every index clamps to layer 0

@@ -108,6 +108,7 @@ def apply_rope(
     interleave=True is DeepSeek's layout: pairs (x[2i], x[2i+1]) rotate together and stay interleaved.
     interleave=False is the GPT-NeoX layout: pairs (x[i], x[i + dim/2]).
     Both give the same q.k products when q and k use the same layout; only the stored k_pe differs.
+    Positions become float32 (as in DeepSeek's own code): past 2**24 neighbouring positions round together.
     """
     dim = x.shape[-1]
     if inv_freq.shape != (dim // 2,):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from .constants import (MAX_PAGES_PER_SEQ, MAX_SCHEDULE_PARTS, MAX_SCHEDULED_BATCH, METADATA_ROW_INTS, PAGE_SIZE,
-                        SUPPORTED_HEAD_DIM_V, SUPPORTED_HEAD_DIMS)
+from .constants import (MAX_GRID_YZ, MAX_PAGES_PER_SEQ, MAX_SCHEDULE_PARTS, MAX_SCHEDULED_BATCH, METADATA_ROW_INTS,
+                        PAGE_SIZE, SUPPORTED_HEAD_DIM_V, SUPPORTED_HEAD_DIMS)
 from .scheduler import max_scheduled_blocks
 
 ATTENTION_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)  # float32 runs the reference on every platform
@@ -64,28 +64,35 @@ def check_metadata_args(num_q_tokens_per_head_k, num_heads_k, num_sms=None):
                          f"got {num_sms!r}")
 
 
-def check_layer(k_cache, layer):
+def check_layer(k_cache, layer, name: str = "k_cache"):
     """A rank-5 k_cache is a stacked pool (num_layers, num_pages, 64, h_kv, d) and needs the layer to read:
-    a Python int in range, or a traced integer scalar (clamped into range when the decode runs)."""
+    a Python int in range, or a traced integer scalar, which clamp_layer clamps into range. `name`: the pool's
+    argument name in messages."""
     if k_cache.ndim != 5:
         if layer is not None:
-            raise ValueError(f"layer={layer!r} is only for a stacked k_cache of rank 5 (num_layers, num_pages, "
-                             f"{PAGE_SIZE}, h_kv, head_dim), got k_cache with {_describe(k_cache)}")
+            raise ValueError(f"layer={layer!r} is only for a stacked {name} of rank 5 (num_layers, num_pages, "
+                             f"{PAGE_SIZE}, h_kv, head_dim), got {name} with {_describe(k_cache)}")
         return
     num_layers = k_cache.shape[0]
     if layer is None:
-        raise ValueError(f"a k_cache of rank 5 is a stacked pool (num_layers, num_pages, {PAGE_SIZE}, h_kv, "
-                         f"head_dim) and needs layer=, got k_cache with {_describe(k_cache)} and no layer")
+        raise ValueError(f"a {name} of rank 5 is a stacked pool (num_layers, num_pages, {PAGE_SIZE}, h_kv, "
+                         f"head_dim) and needs layer=, got {name} with {_describe(k_cache)} and no layer")
     if isinstance(layer, (bool, np.bool_)):
         raise TypeError(f"layer must be an int, got {layer!r}")
     if isinstance(layer, (int, np.integer)):
         if not 0 <= layer < num_layers:
-            raise ValueError(f"layer must lie in [0, {num_layers}) for k_cache with {_describe(k_cache)}, "
+            raise ValueError(f"layer must lie in [0, {num_layers}) for {name} with {_describe(k_cache)}, "
                              f"got {layer}")
         return
     layer_shape, layer_dtype = np.shape(layer), getattr(layer, "dtype", None)
     if layer_shape != () or layer_dtype is None or not jnp.issubdtype(layer_dtype, jnp.integer):
         raise TypeError(f"layer must be a Python int or an integer scalar array, got {layer!r}")
+
+
+def clamp_layer(layer, num_layers: int):
+    """A layer index as the kernels read it: clamped into [0, num_layers), a negative one to 0 (it does not wrap
+    around as x[i] would). The decode's reference path and cache writes use it, so all agree with the kernels."""
+    return jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1)
 
 
 def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_metadata, num_splits, layer=None):
@@ -114,6 +121,10 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_m
         raise ValueError(f"k_cache must have at least one layer, page and KV head, got {_describe(k_cache)}")
     if h_q % h_kv:
         raise ValueError(f"q's h_q ({h_q}) must be a multiple of k_cache's h_kv ({h_kv})")
+    # Launch grids: KV heads are a y dimension, and the combine gives 8 query rows of a head group to a CTA along z.
+    if h_kv > MAX_GRID_YZ or s_q * h_q // h_kv > 8 * MAX_GRID_YZ:
+        raise ValueError(f"k_cache's h_kv must be at most {MAX_GRID_YZ} and s_q * h_q / h_kv at most {8 * MAX_GRID_YZ} "
+                         f"(CUDA grid limits), got q with {_describe(q)} and h_kv {h_kv}")
 
     if not isinstance(head_dim_v, (int, np.integer)) or head_dim_v > head_dim or head_dim_v != SUPPORTED_HEAD_DIM_V:
         raise ValueError(f"head_dim_v must be {SUPPORTED_HEAD_DIM_V} (and at most q's head dim {head_dim}), "

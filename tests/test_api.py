@@ -66,6 +66,7 @@ def test_stacked_pool_equals_its_layer(rng_seed):
         assert_same_decode(got, want[layer])
         traced = jax.jit(lambda q, pools, l: jfm.flash_mla_with_kvcache(q, pools, *args, causal=True, layer=l))
         assert_same_decode(traced(p.q, pools, jnp.int32(layer)), want[layer])
+    assert_same_decode(traced(p.q, pools, jnp.int32(-1)), want[0])
 
     def over_layers(q, pools):
         step = lambda _, layer: (None, jfm.flash_mla_with_kvcache(q, pools, *args, causal=True, layer=layer))
@@ -83,10 +84,11 @@ def test_stacked_pool_equals_its_layer(rng_seed):
     for i, (q, stack) in enumerate(((p.q, pools), (-p.q, pools[::-1]))):
         assert_same_decode((shared[0][i], shared[1][i]), decode(q, pools[1], p.block_table, p.cache_seqlens))
         assert_same_decode((mapped[0][i], mapped[1][i]), decode(q, stack[1], p.block_table, p.cache_seqlens))
-    # vmap over the layer index itself; out-of-range traced indices clamp, like any dynamic index.
-    indices = jnp.array([2, 0, 7, -3], jnp.int32)
+    # vmap over the layer index itself; out-of-range traced indices clamp into [0, L), as the kernels clamp them:
+    # -1 reads layer 0, not the last one (which a jnp index, and lax.dynamic_index_in_dim, would wrap it to).
+    indices = jnp.array([2, 0, 7, -3, -1], jnp.int32)
     by_layer = jax.vmap(lambda i: jfm.flash_mla_with_kvcache(p.q, pools, *args, causal=True, layer=i))(indices)
-    for i, layer in enumerate((2, 0, 2, 0)):
+    for i, layer in enumerate((2, 0, 2, 0, 0)):
         assert_same_decode((by_layer[0][i], by_layer[1][i]), want[layer])
 
 

@@ -77,3 +77,59 @@ def test_cache_feeds_the_decode(rng_seed):
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     want = weights @ tokens[0, :, 0, :512] / weights.sum(-1, keepdims=True)
     np.testing.assert_allclose(np.asarray(out[0, 0]), want, rtol=1e-4, atol=1e-6)
+
+
+def test_layer_is_checked_and_clamped_as_the_decode_clamps_it():
+    """A Python int layer must lie in range; a traced one is clamped into [0, L) (a negative one to 0), the decode's
+    rule, so a write and a decode at the same traced index meet in the same layer."""
+    cache = jfm.PagedKVCache.create(batch_size=2, max_seq_len=64, num_layers=3, head_dim=576, dtype=jnp.float32)
+    kv = jnp.asarray(np.random.default_rng(0).normal(size=(2, 1, 1, 576)), jnp.float32)
+    for layer, error, words in ((3, ValueError, r"layer must lie in \[0, 3\) for pages"), (-1, ValueError, "got -1"),
+                                (1.7, TypeError, "layer must be a Python int"), (True, TypeError, "must be an int"),
+                                (jnp.array([0, 1]), TypeError, "integer scalar array")):
+        with pytest.raises(error, match=words):
+            cache.write(kv, layer=layer)
+
+    @jax.jit
+    def write_then_read(cache, kv, layer):
+        cache = cache.write(kv, layer=layer).advance(1)
+        q = jnp.ones((2, 1, 1, 576), jnp.float32)
+        out, _ = jfm.flash_mla_with_kvcache(q, cache.pages, cache.block_table, cache.seqlens, 512, layer=layer)
+        return cache, out
+
+    for index, layer in ((5, 2), (-1, 0), (1, 1)):
+        written, out = write_then_read(cache, kv, jnp.int32(index))
+        stored = np.abs(np.asarray(written.pages)).sum(axis=(1, 2, 3, 4))
+        assert [bool(x) for x in stored] == [i == layer for i in range(3)], f"index {index}: {stored}"
+        np.testing.assert_allclose(np.asarray(out), np.asarray(kv[..., :512]), rtol=1e-6, err_msg=f"index {index}")
+
+
+def test_append_advances_by_what_it_stored():
+    """num_new past s_new, negative or unsigned-huge never moves a length past the tokens written; advance keeps
+    lengths within [0, capacity] whatever it is given, and rolls back with a negative count."""
+    cache = jfm.PagedKVCache.create(batch_size=2, max_seq_len=128, head_dim=4, dtype=jnp.float32)
+    kv = jnp.ones((2, 3, 1, 4))
+    np.testing.assert_array_equal(cache.append(kv[:, :2], num_new=jnp.array([5, 5])).seqlens, [2, 2])
+    np.testing.assert_array_equal(cache.append(kv, num_new=jnp.array([-3, 1])).seqlens, [0, 1])
+    np.testing.assert_array_equal(cache.append(kv, num_new=2).seqlens, [2, 2])  # an int: every row
+    huge = jnp.array([2**32 - 1, 1], jnp.uint32)  # not -1 once in int32
+    np.testing.assert_array_equal(cache.append(kv, num_new=huge).seqlens, [3, 1])
+    assert np.count_nonzero(np.asarray(cache.append(kv, num_new=huge).pages)) == 4 * 4
+    np.testing.assert_array_equal(cache.advance(-5).seqlens, [0, 0])
+    np.testing.assert_array_equal(cache.advance(10).advance(2**31 - 1).seqlens, [128, 128])
+    np.testing.assert_array_equal(cache.advance(100).advance(jnp.array([-30, -200])).seqlens, [70, 0])
+    for bad in (2.9, jnp.array([1.0, 2.0]), jnp.array([[1], [2]]), jnp.array([1, 2, 3])):
+        with pytest.raises(TypeError, match=r"num_new must be an int or a \(2,\) integer array"):
+            cache.advance(bad)
+    with pytest.raises(TypeError, match=r"num_new must be an int or a \(2,\) integer array"):
+        cache.write(kv, num_new=jnp.array([1.5, 2.0]))
+
+
+def test_create_and_write_refuse_bad_shapes():
+    with pytest.raises(ValueError, match="block_table has 1 columns, fewer than the 64 pages max_seq_len=4096 needs"):
+        jfm.PagedKVCache.create(batch_size=1, max_seq_len=4096, block_table=jnp.zeros((1, 1), jnp.int32), num_pages=1)
+    cache = jfm.PagedKVCache.create(batch_size=2, max_seq_len=64, head_dim=8, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"kv must have shape \(2, s_new, 1, 8\), got shape \(5,\)"):
+        cache.write(jnp.ones((5,)))
+    with pytest.raises(TypeError, match="kv must be a floating-point array"):
+        cache.write(jnp.ones((2, 1, 1, 8), jnp.int32))

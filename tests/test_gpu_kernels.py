@@ -347,8 +347,9 @@ def test_stacked_pool_reads_its_layer(head_dim, dtype, rng_seed):
     decode = lambda q, pools, layer: jfm.flash_mla_with_kvcache(q, pools, p.block_table, p.cache_seqlens, 512,
                                                                 causal=True, layer=layer, poison_outputs=True)
     static, traced = jax.jit(decode, static_argnums=2), jax.jit(decode)
-    # (layers, layer to fill, index passed): a traced index out of range clamps to the first or last layer.
-    for num_layers, layer, index in ((3, 1, 1), (2, 0, 0), (2, 1, 1), (3, 2, 9), (3, 0, -4)):
+    # (layers, layer to fill, index passed): a traced index out of range clamps to the first or last layer; a
+    # negative one to the first (-1 would wrap around to the last as a jnp index).
+    for num_layers, layer, index in ((3, 1, 1), (2, 0, 0), (2, 1, 1), (3, 2, 9), (3, 0, -4), (3, 0, -1)):
         pools = jnp.stack([p.k_cache if i == layer else nan_pool for i in range(num_layers)])
         calls = [("traced", traced, jnp.int32(index))] + [("static", static, index)] * (index == layer)
         for how, call, arg in calls:

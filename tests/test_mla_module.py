@@ -130,7 +130,8 @@ def test_rope_layouts_differ_by_a_permutation():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(num_heads=0), dict(qk_rope_head_dim=63), dict(q_lora_rank=0), dict(hidden_size=-1), dict(rms_norm_eps=0.0)],
+    [dict(num_heads=0), dict(qk_rope_head_dim=63), dict(q_lora_rank=0), dict(hidden_size=-1), dict(rms_norm_eps=0.0),
+     dict(rope_theta=1.0)],
 )
 def test_bad_config_raises(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):

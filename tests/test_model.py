@@ -94,6 +94,22 @@ def test_multi_token_decode_matches_full_forward(tiny_model):
     np.testing.assert_array_equal(cache.seqlens, lengths + 2)
 
 
+def test_prefill_clips_lengths_outside_the_prompt(tiny_model):
+    """Lengths are clipped to [0, s]: a length past the prompt stores and advances by s, an empty or negative one
+    stores nothing; every row's logits stay finite, and a clipped row's equal its in-range twin's (every row holds
+    the same prompt)."""
+    tokens = jnp.asarray(np.array(random_prompts([6], TINY.vocab_size, seed=5) * 4, np.int32))
+    prefill = nnx.jit(lambda model, lengths, cache: model.prefill(tokens, lengths, cache))
+    logits, cache = prefill(tiny_model, jnp.array([9, 0, -2, 6], jnp.int32), tiny_model.new_cache(4, 64))
+    np.testing.assert_array_equal(cache.seqlens, [6, 0, 0, 6])
+    assert np.all(np.isfinite(np.asarray(logits)))
+    np.testing.assert_array_equal(np.asarray(logits[0]), np.asarray(logits[3]))  # 9 clipped to 6
+    np.testing.assert_array_equal(np.asarray(logits[1]), np.asarray(logits[2]))  # 0 and -2: nothing stored
+    stored = np.abs(np.asarray(cache.pages, np.float32)).sum(axis=(0, 2, 3, 4))  # per page, every layer
+    table = np.asarray(cache.block_table)
+    assert stored[table[1]].sum() == stored[table[2]].sum() == 0 and stored[table[0, 0]] > 0
+
+
 def test_scheduler_metadata_is_computed_once_per_step_and_reaches_every_layer(tiny_model, monkeypatch):
     metadata_calls, kernel_metadata = [], []
     real_metadata, real_kernel = model_lib.get_mla_metadata, mla_module.flash_mla_with_kvcache

@@ -65,6 +65,10 @@ def test_good_input_passes():
      ["max_pages_per_seq must be at most 8388603 for a batch of 128", "got max_pages_per_seq 8388604"]),
     (dict(q=S((178_956_971, 1, 1, 576), jnp.bfloat16), block_table=S((178_956_971, 1), jnp.int32),
           cache_seqlens=S((178_956_971,), jnp.int32)), ValueError, ["at most 178956970 sequences"]),
+    (dict(q=S((2, 4097, 128, 576), jnp.bfloat16)), ValueError, ["s_q * h_q / h_kv at most 524280",
+                                                                 "(2, 4097, 128, 576)"]),
+    (dict(q=S((2, 1, 65536, 576), jnp.bfloat16), k_cache=S((8, 64, 65536, 576), jnp.bfloat16)), ValueError,
+     ["h_kv must be at most 65535", "h_kv 65536"]),
     (dict(cache_seqlens=S((3,), jnp.int32)), ValueError, ["cache_seqlens must have shape (2,)", "(3,)"]),
     (dict(cache_seqlens=S((2,), jnp.float32)), TypeError, ["cache_seqlens must be int32", "float32"]),
 ])
@@ -100,6 +104,8 @@ def test_metadata_checks():
         jfm.get_mla_metadata(jnp.zeros(2, jnp.int32), 0, 1)
     with pytest.raises(TypeError, match="cache_seqlens must be int32"):
         jfm.get_mla_metadata(jnp.zeros(2, jnp.float32), 16, 1)
+    md_list, splits_list = jfm.get_mla_metadata([3, 4], 16, 1, num_sms=8)  # a list converts, as q's arguments do
+    assert md_list.shape == (8, 8) and splits_list.shape == (3,)
     for num_sms in (0, -3, 65536, 8.0, True):
         with pytest.raises(ValueError, match=r"num_sms must be None \(the GPU's count\) or a Python int in \[1, 65535\]"):
             jfm.get_mla_metadata(jnp.zeros(2, jnp.int32), 16, 1, num_sms=num_sms)

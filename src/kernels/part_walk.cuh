@@ -68,7 +68,8 @@ __device__ __forceinline__ int page_of(const DecodeParams& p, int seq, int block
 }
 
 // The layer of k_cache to read. It lives on the device (a traced index under lax.scan may name it) and is
-// clamped into range like a JAX dynamic index, so no value can address memory outside the pool.
+// clamped into [0, num_layers) (a negative one to 0: validation.clamp_layer, which the reference path and
+// cache writes share), so no value can address memory outside the pool.
 __device__ __forceinline__ int pool_layer(const DecodeParams& p) {
   return min(max(*p.layer_index, 0), p.num_layers - 1);
 }
