@@ -65,8 +65,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       causal: with s_q > 1, query token i sees keys [0, L - s_q + i].
       layer: with a stacked k_cache, the layer to read: a Python int in [0, num_layers), or a traced integer
         scalar (e.g. under lax.scan over layers), clamped into [0, num_layers) (a negative index reads layer
-        0; it does not wrap around as pool[i] would). Either
-        way the kernels read the layer in place.
+        0; it does not wrap around as pool[i] would). Either way the kernels read the layer in place.
       poison_outputs: testing aid; the CUDA path fills every output with NaN before the kernels run.
     Returns:
       out (b, s_q, h_q, head_dim_v) in q's dtype, lse (b, h_q, s_q) float32 (natural log; +inf where a

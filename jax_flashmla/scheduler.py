@@ -4,12 +4,12 @@ This module is the executable specification of the algorithm; the CUDA scheduler
 (src/kernels/scheduler.cu) computes the same integers, and the GPU tests check they are identical.
 
 Each sequence i has n_i = ceil(L_i / 64) KV blocks, L_i clipped to [0, 64 * max_scheduled_blocks(b)] (below),
-and costs c_i = n_i + OVERHEAD units (OVERHEAD models the fixed work of a split: loading q, writing out). Lay all costs end to end, C_i the start of sequence i,
-T the total, and cut the line into num_parts equal pieces of S = ceil(T / num_parts) units. Block k of
-sequence i sits at unit C_i + OVERHEAD + k and belongs to part floor(unit / S). A sequence therefore spans
-parts first_i..last_i, one split per part, and every split holds at least one block. An empty sequence
-(n_i = 0) is given to the part holding its last overhead unit, so that someone writes its out = 0,
-lse = +inf.
+and costs c_i = n_i + OVERHEAD units (OVERHEAD models the fixed work of a split: loading q, writing out). Lay
+all costs end to end, C_i the start of sequence i, T the total, and cut the line into num_parts equal pieces of
+S = ceil(T / num_parts) units. Block k of sequence i sits at unit C_i + OVERHEAD + k and belongs to part
+floor(unit / S). A sequence therefore spans parts first_i..last_i, one split per part, and every split holds at
+least one block. An empty sequence (n_i = 0) is given to the part holding its last overhead unit, so that someone
+writes its out = 0, lse = +inf.
 
 Everything is counted in int32, on the GPU as here. Clipping the lengths keeps T <= 2**30 (SCHEDULE_UNIT_LIMIT)
 and the part arithmetic (part * S, below T + num_parts) inside int32 for any int32 length. The clip cannot cut a
