@@ -73,7 +73,8 @@ class PagedKVCache:
         return self.pages[layer]
 
     def write(self, kv, *, layer=0, num_new=None) -> "PagedKVCache":
-        """Store kv (b, s_new, h_kv, d) at positions seqlens[i] + j of `layer`'s pool; seqlens unchanged.
+        """Store kv (b, s_new, h_kv, d) at positions seqlens[i] + j of `layer`'s pool (seqlens clipped to
+        [0, capacity], as the decode clips them); seqlens unchanged.
 
         layer: a Python int in [0, num_layers), or a traced integer scalar, clamped into that range as the decode
         clamps it (so a write and a read at the same index meet).
@@ -91,7 +92,9 @@ class PagedKVCache:
                             f"{np.dtype(self.pages.dtype).name}), got dtype {np.dtype(kv.dtype).name}")
         validation.check_layer(self.pages, layer, name="pages")
         s_new = kv.shape[1]
-        positions = self.seqlens[:, None] + jnp.arange(s_new, dtype=jnp.int32)[None, :]  # (b, s_new)
+        # From the length the decode sees (clipped to [0, capacity]), so that append's advance matches what it stored.
+        start = jnp.clip(self.seqlens, 0, self.capacity)
+        positions = start[:, None] + jnp.arange(s_new, dtype=jnp.int32)[None, :]  # (b, s_new)
         keep = (positions >= 0) & (positions < self.capacity)
         if num_new is not None:
             keep &= jnp.arange(s_new)[None, :] < self._token_counts(num_new, "num_new")[:, None]
@@ -108,14 +111,15 @@ class PagedKVCache:
     def advance(self, num_new) -> "PagedKVCache":
         """seqlens += num_new (an int, or a (b,) integer array), kept within [0, capacity]: a negative count
         rolls a row back (rejected draft tokens, say), never below 0."""
-        # Both terms clipped first: the sum cannot overflow int32 (capacity <= 2**30).
-        step = jnp.clip(self._token_counts(num_new, "num_new"), -self.capacity, self.capacity)
-        seqlens = jnp.clip(jnp.clip(self.seqlens, 0, self.capacity) + step, 0, self.capacity)
-        return dataclasses.replace(self, seqlens=seqlens.astype(jnp.int32))
+        # The step is clipped against the length itself, so the int32 sum stays in [0, capacity] and cannot wrap
+        # (capacity may be 2**30, and 2**30 + 2**30 would).
+        base = jnp.clip(self.seqlens, 0, self.capacity)
+        step = jnp.clip(self._token_counts(num_new, "num_new"), -base, self.capacity - base)
+        return dataclasses.replace(self, seqlens=(base + step).astype(jnp.int32))
 
     def append(self, kv, *, layer=0, num_new=None) -> "PagedKVCache":
-        """write then advance by the tokens written: s_new, or num_new clipped to [0, s_new] (a row is never
-        advanced past what was stored in it). The single-layer convenience."""
+        """write then advance by s_new, or by num_new clipped to [0, s_new]: a row never advances past the slots
+        written for it (tokens on an invalid page id are dropped but counted). The single-layer convenience."""
         s_new = jnp.shape(kv)[1] if jnp.ndim(kv) >= 2 else None
         count = s_new if num_new is None else jnp.clip(self._token_counts(num_new, "num_new"), 0, s_new)
         return self.write(kv, layer=layer, num_new=num_new).advance(count)

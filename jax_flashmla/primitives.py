@@ -39,7 +39,7 @@ from .reference import mla_decode_reference
 # Scheduler metadata
 
 
-_FOLDED = " (vmap folds its mapped axis into the batch)"
+_FOLDED = " (the batch as the primitive sees it: vmap folds its mapped axis into it)"
 
 mla_metadata_p = Primitive("jax_flashmla_mla_metadata")
 mla_metadata_p.multiple_results = True

@@ -139,7 +139,7 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_m
         raise ValueError(f"block_table's max_pages_per_seq must be at most 2**24 ({MAX_PAGES_PER_SEQ}): the kernels "
                          f"keep token positions (64 a page) in int32; got {_describe(block_table)}")
     check_seqlens(cache_seqlens, batch)
-    check_schedule_fits(batch, block_table.shape[1], None if tile_metadata is None else tile_metadata.shape[0])
+    check_schedule_fits(batch, block_table.shape[1])
 
     if (tile_metadata is None) != (num_splits is None):
         raise ValueError("tile_scheduler_metadata and num_splits go together: pass both (from get_mla_metadata) "
@@ -154,6 +154,7 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_m
         _require_int32("num_splits", num_splits)
         if num_splits.shape[0] != batch + 1:
             raise ValueError(f"num_splits must have shape ({batch + 1},) (batch + 1), got {_describe(num_splits)}")
+        check_schedule_fits(batch, num_parts=tile_metadata.shape[0])
 
 
 def check_softmax_scale(softmax_scale):

@@ -40,11 +40,15 @@ constexpr int kSplitOverheadBlocks = 5;   // scheduler's cost of a split's fixed
 // The scheduler sums a batch's blocks and overheads in int32; jax_flashmla/scheduler.py explains the limits.
 constexpr int kScheduleUnitLimit = 1 << 30;
 constexpr int kMaxScheduledBatch = kScheduleUnitLimit / (kSplitOverheadBlocks + 1);
-constexpr int kMaxScheduleParts = 65535;  // the decode grid's z dimension
+constexpr int kMaxGridYZ = 65535;         // CUDA's limit on a launch grid's y and z dimensions
+constexpr int kMaxScheduleParts = kMaxGridYZ;  // the decode grid's z dimension
 
 // The most blocks of one sequence the scheduler counts (lengths beyond are clipped), for 1 <= batch <=
 // kMaxScheduledBatch. A block table wider than this would leave blocks the decode reads unscheduled, so the
 // decode refuses one.
+#ifdef __CUDACC__
+__host__ __device__
+#endif
 constexpr int max_scheduled_blocks(int batch) {
   return kScheduleUnitLimit / batch - kSplitOverheadBlocks < kMaxPagesPerSeq
              ? kScheduleUnitLimit / batch - kSplitOverheadBlocks

@@ -1,5 +1,7 @@
 """PagedKVCache: appends land in the right page slots, on the device, in place when donated."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,6 +120,17 @@ def test_append_advances_by_what_it_stored():
     np.testing.assert_array_equal(cache.advance(-5).seqlens, [0, 0])
     np.testing.assert_array_equal(cache.advance(10).advance(2**31 - 1).seqlens, [128, 128])
     np.testing.assert_array_equal(cache.advance(100).advance(jnp.array([-30, -200])).seqlens, [70, 0])
+    # A length the decode reads as 0 (negative) is where writes start too: append stores slots 0.. and advances by as many.
+    negative = dataclasses.replace(cache, seqlens=jnp.array([-3, 5], jnp.int32)).append(2 * kv)
+    np.testing.assert_array_equal(negative.seqlens, [3, 8])
+    np.testing.assert_array_equal(read_tokens(negative, 0, 0)[:, 0, 0], [2, 2, 2])
+    # At the largest capacity (2**24 pages, 2**30 tokens) the int32 sum must not wrap.
+    widest = jfm.PagedKVCache.create(batch_size=1, max_seq_len=2**30, head_dim=4, dtype=jnp.float32, num_pages=1,
+                                     block_table=jnp.zeros((1, 2**24), jnp.int32))
+    full = dataclasses.replace(widest, seqlens=jnp.array([2**30], jnp.int32))
+    for step in (5, 2**30, 2**31 - 1, np.uint32(2**32 - 1)):
+        np.testing.assert_array_equal(full.advance(step).seqlens, [2**30], err_msg=f"step {step}")
+    np.testing.assert_array_equal(full.advance(-(2**31)).seqlens, [0])
     for bad in (2.9, jnp.array([1.0, 2.0]), jnp.array([[1], [2]]), jnp.array([1, 2, 3])):
         with pytest.raises(TypeError, match=r"num_new must be an int or a \(2,\) integer array"):
             cache.advance(bad)

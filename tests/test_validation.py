@@ -111,6 +111,8 @@ def test_metadata_checks():
             jfm.get_mla_metadata(jnp.zeros(2, jnp.int32), 16, 1, num_sms=num_sms)
     with pytest.raises(ValueError, match="1 to 65535 parts"):
         call(md=S((65536, 8), jnp.int32), splits=splits)
+    with pytest.raises(ValueError, match=r"tile_scheduler_metadata must have rank 2 \(num_parts, 8\), got shape \(\)"):
+        call(md=7, splits=[0, 1, 2])  # converted like a list, then refused by rank
 
 
 def test_vmap_folded_batch_must_fit_the_scheduler():
@@ -121,7 +123,7 @@ def test_vmap_folded_batch_must_fit_the_scheduler():
     decode = lambda q, table, lengths: jfm.flash_mla_with_kvcache(q, cache_zeros, table, lengths, 512)
     cache_zeros = jnp.zeros(cache.shape, cache.dtype)
     jax.eval_shape(jax.vmap(decode), q, S((2, 64, 8_388_603), jnp.int32), seqlens)  # fits 128
-    with pytest.raises(ValueError, match=r"at most 8388603 for a batch of 128 \(vmap folds"):
+    with pytest.raises(ValueError, match=r"at most 8388603 for a batch of 128 \(the batch as the primitive"):
         jax.eval_shape(jax.vmap(decode), q, S((2, 64, 8_388_604), jnp.int32), seqlens)
 
 
@@ -143,6 +145,7 @@ def test_constants_match_the_cuda_side():
     assert cuda["kMetadataRowInts"] == constants.METADATA_ROW_INTS
     assert cuda["kSplitOverheadBlocks"] == constants.SPLIT_OVERHEAD_BLOCKS
     assert cuda["kScheduleUnitLimit"] == constants.SCHEDULE_UNIT_LIMIT
-    assert cuda["kMaxScheduleParts"] == constants.MAX_SCHEDULE_PARTS
+    assert cuda["kMaxGridYZ"] == constants.MAX_GRID_YZ
+    assert "kMaxScheduleParts = kMaxGridYZ;" in header and constants.MAX_SCHEDULE_PARTS == constants.MAX_GRID_YZ
     assert "kMaxScheduledBatch = kScheduleUnitLimit / (kSplitOverheadBlocks + 1);" in header
     assert constants.MAX_SCHEDULED_BATCH == constants.SCHEDULE_UNIT_LIMIT // (constants.SPLIT_OVERHEAD_BLOCKS + 1)

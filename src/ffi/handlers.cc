@@ -77,6 +77,11 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
     return ffi::Error::InvalidArgument("jax_flashmla decode: block_table " + dims_to_string(bd) +
                                        " is wider than the split-KV scheduler counts for this batch");
   const int64_t q_rows = s_q * h_q / h_kv;
+  // Launch grids: parts and KV heads are z and y dimensions; the combine gives 8 rows to a CTA along z.
+  if (num_parts < 1 || num_parts > kMaxScheduleParts || h_kv > kMaxGridYZ || q_rows > 8 * int64_t{kMaxGridYZ})
+    return ffi::Error::InvalidArgument("jax_flashmla decode: beyond CUDA's grid limits, tile_metadata " +
+                                       dims_to_string(md) + ", q " + dims_to_string(qd) + ", h_kv " +
+                                       std::to_string(h_kv));
   if (o_accum->element_count() != (batch + num_parts) * h_kv * q_rows * head_dim_v ||
       lse_accum->element_count() != (batch + num_parts) * h_kv * q_rows || lse->element_count() != batch * h_q * s_q ||
       split_arrivals->element_count() != batch * h_kv * ((q_rows + kRowBlock - 1) / kRowBlock))
