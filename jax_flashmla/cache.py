@@ -97,7 +97,7 @@ class PagedKVCache:
         positions = start[:, None] + jnp.arange(s_new, dtype=jnp.int32)[None, :]  # (b, s_new)
         keep = (positions >= 0) & (positions < self.capacity)
         if num_new is not None:
-            keep &= jnp.arange(s_new)[None, :] < self._token_counts(num_new, "num_new")[:, None]
+            keep &= jnp.arange(s_new)[None, :] < self._token_counts(num_new)[:, None]
         page_slot = jnp.clip(positions // PAGE_SIZE, 0, self.block_table.shape[1] - 1)
         page = jnp.take_along_axis(self.block_table, page_slot, axis=1)
         keep &= (page >= 0) & (page < num_pages)
@@ -114,22 +114,22 @@ class PagedKVCache:
         # The step is clipped against the length itself, so the int32 sum stays in [0, capacity] and cannot wrap
         # (capacity may be 2**30, and 2**30 + 2**30 would).
         base = jnp.clip(self.seqlens, 0, self.capacity)
-        step = jnp.clip(self._token_counts(num_new, "num_new"), -base, self.capacity - base)
+        step = jnp.clip(self._token_counts(num_new), -base, self.capacity - base)
         return dataclasses.replace(self, seqlens=(base + step).astype(jnp.int32))
 
     def append(self, kv, *, layer=0, num_new=None) -> "PagedKVCache":
         """write then advance by s_new, or by num_new clipped to [0, s_new]: a row never advances past the slots
         written for it (tokens on an invalid page id are dropped but counted). The single-layer convenience."""
         s_new = jnp.shape(kv)[1] if jnp.ndim(kv) >= 2 else None
-        count = s_new if num_new is None else jnp.clip(self._token_counts(num_new, "num_new"), 0, s_new)
+        count = s_new if num_new is None else jnp.clip(self._token_counts(num_new), 0, s_new)
         return self.write(kv, layer=layer, num_new=num_new).advance(count)
 
-    def _token_counts(self, counts, name: str) -> jax.Array:
-        """An int or a (b,) integer array of per-row token counts, as (b,) int32."""
+    def _token_counts(self, counts) -> jax.Array:
+        """num_new, an int or a (b,) integer array of per-row token counts, as (b,) int32."""
         counts = jnp.asarray(counts)
         batch = self.block_table.shape[0]
         if not jnp.issubdtype(counts.dtype, jnp.integer) or counts.shape not in ((), (batch,)):
-            raise TypeError(f"{name} must be an int or a ({batch},) integer array, got shape {tuple(counts.shape)} "
+            raise TypeError(f"num_new must be an int or a ({batch},) integer array, got shape {tuple(counts.shape)} "
                             f"and dtype {np.dtype(counts.dtype).name}")
         # Into int32 without wrapping (a uint32 2**32 - 1 must not turn into -1); +-2**30 bounds any capacity.
         if jnp.issubdtype(counts.dtype, jnp.unsignedinteger):

@@ -9,6 +9,7 @@ SCHEDULE_UNIT_LIMIT = 2**30  # the scheduler sums a batch's blocks and overheads
 MAX_SCHEDULED_BATCH = SCHEDULE_UNIT_LIMIT // (SPLIT_OVERHEAD_BLOCKS + 1)  # sequences: each counts one block at least
 MAX_GRID_YZ = 65535  # CUDA's limit on a launch grid's y and z dimensions
 MAX_SCHEDULE_PARTS = MAX_GRID_YZ  # tile_scheduler_metadata rows: the decode grid's z dimension
+MAX_QUERY_ROWS = 8 * MAX_GRID_YZ  # s_q * h_q / h_kv: the combine grid's z dimension, 8 rows a CTA
 DEFAULT_NUM_SMS = 132  # H100 SXM; used to size the schedule when no GPU is visible
 
 SUPPORTED_HEAD_DIMS = (576, 512)  # latent KV (512) + decoupled rope (64), or latent alone

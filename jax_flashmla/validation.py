@@ -6,8 +6,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from .constants import (MAX_GRID_YZ, MAX_PAGES_PER_SEQ, MAX_SCHEDULE_PARTS, MAX_SCHEDULED_BATCH, METADATA_ROW_INTS,
-                        PAGE_SIZE, SUPPORTED_HEAD_DIM_V, SUPPORTED_HEAD_DIMS)
+from .constants import (MAX_GRID_YZ, MAX_PAGES_PER_SEQ, MAX_QUERY_ROWS, MAX_SCHEDULE_PARTS, MAX_SCHEDULED_BATCH,
+                        METADATA_ROW_INTS, PAGE_SIZE, SUPPORTED_HEAD_DIM_V, SUPPORTED_HEAD_DIMS)
 from .scheduler import max_scheduled_blocks
 
 ATTENTION_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)  # float32 runs the reference on every platform
@@ -121,9 +121,9 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_m
         raise ValueError(f"k_cache must have at least one layer, page and KV head, got {_describe(k_cache)}")
     if h_q % h_kv:
         raise ValueError(f"q's h_q ({h_q}) must be a multiple of k_cache's h_kv ({h_kv})")
-    # Launch grids: KV heads are a y dimension, and the combine gives 8 query rows of a head group to a CTA along z.
-    if h_kv > MAX_GRID_YZ or s_q * h_q // h_kv > 8 * MAX_GRID_YZ:
-        raise ValueError(f"k_cache's h_kv must be at most {MAX_GRID_YZ} and s_q * h_q / h_kv at most {8 * MAX_GRID_YZ} "
+    # Launch grids: KV heads are a y dimension, and the combine's z dimension covers a head group's query rows.
+    if h_kv > MAX_GRID_YZ or s_q * h_q // h_kv > MAX_QUERY_ROWS:
+        raise ValueError(f"k_cache's h_kv must be at most {MAX_GRID_YZ} and s_q * h_q / h_kv at most {MAX_QUERY_ROWS} "
                          f"(CUDA grid limits), got q with {_describe(q)} and h_kv {h_kv}")
 
     if not isinstance(head_dim_v, (int, np.integer)) or head_dim_v > head_dim or head_dim_v != SUPPORTED_HEAD_DIM_V:

@@ -11,6 +11,7 @@ import numpy as np
 
 PAGE = 64
 UNUSED_PAGE_ID = 2147480000
+INT32_MIN, INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)  # hostile runtime values
 
 
 @dataclasses.dataclass

@@ -15,7 +15,7 @@ from jax_flashmla import scheduler
 from jax_flashmla.primitives import mla_decode_p
 from jax_flashmla.reference import mla_decode_reference
 
-from cases import PAGE, UNUSED_PAGE_ID, lengths, make_problem
+from cases import INT32_MAX, INT32_MIN, PAGE, UNUSED_PAGE_ID, lengths, make_problem
 from tolerances import assert_lse_close, assert_out_close
 
 pytestmark = pytest.mark.gpu
@@ -270,24 +270,20 @@ def hostile_metadata_problems(rng, head_dim):
     p = make_problem(rng, batch=batch, s_q=1, h_q=16, h_kv=1, seqlens=seqlens, dtype=jnp.bfloat16, head_dim=head_dim)
     md, splits = jfm.get_mla_metadata(p.cache_seqlens, 16, 1)
     parts = md.shape[0]
-    int_min, int_max = np.iinfo(np.int32).min, np.iinfo(np.int32).max
     schedules = [jfm.get_mla_metadata(jnp.asarray(seqlens * 3 + 64), 16, 1),  # for longer sequences
                  jfm.get_mla_metadata(jnp.asarray(seqlens // 3), 16, 1),  # for shorter ones
                  # Each field near its own range: batches, blocks, the first split; and wrong prefix sums.
                  (np.stack([rng.integers(lo, hi, parts) for lo, hi in
                             ((-2, batch + 2), (-3, 40), (-2, batch + 2), (-3, 40), (-2, 6), (-1, 2), (-1, 2), (-1, 2))],
                            axis=1).astype(np.int32), rng.integers(-5, batch + parts + 5, batch + 1)),
-                 (rng.choice([int_min, -1, 0, 1, int_max], md.shape).astype(np.int32),
-                  rng.choice([int_min, -1, 0, 1, batch + parts, int_max], batch + 1))]
+                 (rng.choice([INT32_MIN, -1, 0, 1, INT32_MAX], md.shape).astype(np.int32),
+                  rng.choice([INT32_MIN, -1, 0, 1, batch + parts, INT32_MAX], batch + 1))]
     for hostile_md, hostile_splits in schedules:
         out, lse = jfm.flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, p.cache_seqlens, 512,
                                               jnp.asarray(hostile_md, jnp.int32), jnp.asarray(hostile_splits, jnp.int32),
                                               causal=True, poison_outputs=True)
         jax.block_until_ready((out, lse))
         yield p, True
-
-
-INT32_MIN, INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
 
 
 @pytest.mark.parametrize("kernel,h_q,s_q,head_dim", [("default", 16, 1, 576), ("default", 16, 2, 576),

@@ -9,7 +9,7 @@ import jax_flashmla as jfm
 from jax_flashmla.constants import PAGE_SIZE
 from jax_flashmla.scheduler import max_scheduled_blocks, num_parts_for, schedule
 
-INT32_MIN, INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
+from cases import INT32_MAX, INT32_MIN
 
 
 def coverage(metadata, seqlens):

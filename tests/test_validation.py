@@ -147,5 +147,6 @@ def test_constants_match_the_cuda_side():
     assert cuda["kScheduleUnitLimit"] == constants.SCHEDULE_UNIT_LIMIT
     assert cuda["kMaxGridYZ"] == constants.MAX_GRID_YZ
     assert "kMaxScheduleParts = kMaxGridYZ;" in header and constants.MAX_SCHEDULE_PARTS == constants.MAX_GRID_YZ
+    assert "kMaxQueryRows = 8 * kMaxGridYZ;" in header and constants.MAX_QUERY_ROWS == 8 * constants.MAX_GRID_YZ
     assert "kMaxScheduledBatch = kScheduleUnitLimit / (kSplitOverheadBlocks + 1);" in header
     assert constants.MAX_SCHEDULED_BATCH == constants.SCHEDULE_UNIT_LIMIT // (constants.SPLIT_OVERHEAD_BLOCKS + 1)

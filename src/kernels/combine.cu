@@ -22,6 +22,7 @@ cudaError_t launch_decode(const DecodeParams& params, ElementType type, cudaStre
 namespace {
 
 constexpr int kCombineWarps = 8;
+static_assert(kMaxQueryRows <= kCombineWarps * kMaxGridYZ, "the grid's z dimension covers every query row");
 constexpr int kHeadDimV = 512;
 
 // The grid is (num_parts, h_kv, row blocks of kCombineWarps): the CTAs of part x combine the sequence whose
