@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from . import sharding, validation
 from .constants import DEFAULT_NUM_SMS
 from .primitives import bind_schedule, device_num_sms
+from .reference import apply_attention_sink
 
 
 @functools.lru_cache(maxsize=None)
@@ -23,27 +24,50 @@ def _default_num_sms() -> int:
     return DEFAULT_NUM_SMS
 
 
-def get_mla_metadata(cache_seqlens, num_q_tokens_per_head_k: int, num_heads_k: int, *, num_sms: int | None = None):
+def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int | None = None, num_heads_k: int | None = None,
+                     num_heads_q: int | None = None, is_fp8_kvcache: bool = False, topk: int | None = None, *,
+                     num_sms: int | None = None):
     """Split-KV schedule for one decode step; compute once per step and pass to every layer.
+
+    The arguments are FlashMLA's, in its order, so either of its call forms ports unchanged:
+    `get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv[, h_q, is_fp8_kvcache, topk])`, or its newest
+    `get_mla_metadata()` with no argument, which returns (None, None): `flash_mla_with_kvcache` then computes
+    the schedule inside each call (one small kernel a layer), where the first form computes it once a step.
 
     Args:
       cache_seqlens: (b,) int32 KV lengths (including this step's new tokens).
       num_q_tokens_per_head_k: s_q * h_q // h_kv.
       num_heads_k: h_kv.
+      num_heads_q: h_q, optional; when given it must be a multiple of h_kv that divides the query tokens.
+      is_fp8_kvcache, topk: FlashMLA's FP8 cache and sparse attention, not supported yet: they must keep their
+        defaults (False, None), or a NotImplementedError says so.
       num_sms: SMs to fill, 1 to 65535; defaults to the first GPU's count (132 when no GPU is visible).
     Returns:
-      (tile_scheduler_metadata (num_parts, 8) int32, num_splits (b + 1,) int32).
+      (tile_scheduler_metadata (num_parts, 8) int32, num_splits (b + 1,) int32), or (None, None) when called
+      with no argument.
     """
+    validation.check_unsupported_features(is_fp8_kvcache=is_fp8_kvcache, topk=topk)
+    given = {"cache_seqlens": cache_seqlens, "num_q_tokens_per_head_k": num_q_tokens_per_head_k,
+             "num_heads_k": num_heads_k}
+    if all(value is None for value in given.values()) and num_heads_q is None and num_sms is None:
+        return None, None
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        raise TypeError(f"get_mla_metadata needs cache_seqlens, num_q_tokens_per_head_k and num_heads_k together "
+                        f"(or no argument at all, to schedule inside flash_mla_with_kvcache); missing "
+                        f"{', '.join(missing)}")
     cache_seqlens = jnp.asarray(cache_seqlens)
     validation.check_seqlens(cache_seqlens)
-    validation.check_metadata_args(num_q_tokens_per_head_k, num_heads_k, num_sms)
+    validation.check_metadata_args(num_q_tokens_per_head_k, num_heads_k, num_sms, num_heads_q)
     # The schedule covers the whole batch: under Explicit mesh axes the lengths are gathered first.
     return bind_schedule(sharding.gathered(cache_seqlens), num_sms=_default_num_sms() if num_sms is None else num_sms,
                          num_heads_k=num_heads_k, num_q_tokens_per_head_k=num_q_tokens_per_head_k)
 
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int, tile_scheduler_metadata=None,
-                           num_splits=None, softmax_scale: float | None = None, causal: bool = False, *,
+                           num_splits=None, softmax_scale: float | None = None, causal: bool = False,
+                           is_fp8_kvcache: bool = False, indices=None, attn_sink=None, extra_k_cache=None,
+                           extra_indices_in_kvcache=None, topk_length=None, extra_topk_length=None, *,
                            layer=None, poison_outputs: bool = False):
     """Multi-head latent attention decode over a paged KV cache.
 
@@ -63,6 +87,13 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         that splits the batch or the heads each shard computes its own schedule and these are ignored.
       softmax_scale: defaults to d ** -0.5.
       causal: with s_q > 1, query token i sees keys [0, L - s_q + i].
+      is_fp8_kvcache, indices, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length:
+        FlashMLA's FP8 cache and sparse attention, in its order so calls port unchanged; not supported yet:
+        anything but their defaults (False, None) raises a NotImplementedError.
+      attn_sink: optional (h_q,) float logits of a sink token per query head, which takes softmax weight but
+        contributes no value: out is multiplied by exp(lse) / (exp(lse) + exp(attn_sink)) (FlashMLA's
+        definition, which it offers with sparse attention only); -inf changes nothing, +inf zeroes the
+        head's output. lse is returned without the sink.
       layer: with a stacked k_cache, the layer to read: a Python int in [0, num_layers), or a traced integer
         scalar (e.g. under lax.scan over layers), clamped into [0, num_layers) (a negative index reads layer
         0; it does not wrap around as pool[i] would). Either way the kernels read the layer in place.
@@ -75,6 +106,14 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     k_cache's page axis) and on heads (q) partition with no communication; jax_flashmla/sharding.py lists
     the supported layouts and the block_table precondition.
     """
+    validation.check_unsupported_features(
+        is_fp8_kvcache=is_fp8_kvcache, indices=indices, extra_k_cache=extra_k_cache,
+        extra_indices_in_kvcache=extra_indices_in_kvcache, topk_length=topk_length,
+        extra_topk_length=extra_topk_length)
+    for name, value in (("block_table", block_table), ("cache_seqlens", cache_seqlens)):
+        if value is None:
+            raise TypeError(f"{name} is required (FlashMLA leaves it out for sparse attention only, which is not "
+                            f"supported yet)")
     q, k_cache, block_table, cache_seqlens = map(jnp.asarray, (q, k_cache, block_table, cache_seqlens))
     # Lists convert as the other arguments do; arrays (and abstract ones, under eval_shape) pass as they are.
     tile_scheduler_metadata, num_splits = (x if x is None or hasattr(x, "shape") else jnp.asarray(x)
@@ -88,7 +127,14 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     if softmax_scale is None:
         softmax_scale = head_dim ** -0.5
     validation.check_softmax_scale(softmax_scale)
-    return sharding.decode(
+    if attn_sink is not None:
+        attn_sink = jnp.asarray(attn_sink)
+        validation.check_attn_sink(attn_sink, h_q)
+    out, lse = sharding.decode(
         q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
         jnp.asarray(0 if layer is None else layer, jnp.int32), head_dim_v=int(head_dim_v),
         softmax_scale=float(softmax_scale), causal=bool(causal) and s_q > 1, poison_outputs=bool(poison_outputs))
+    if attn_sink is not None:
+        # An elementwise epilogue in XLA (fused, and partitioned like out): the kernels need not know.
+        out = apply_attention_sink(out, lse, attn_sink)
+    return out, lse

@@ -7,7 +7,8 @@ compare the kernels against it. Semantics, shared with the kernels:
   * a token whose page id lies outside [0, num_pages) is ignored (as if masked);
   * the values are the first head_dim_v dims of each key; query head h reads KV head h // (h_q // h_kv);
   * causal with s_q > 1 aligns the queries to the end: query token s sees keys [0, L - s_q + s];
-  * a query that sees no key gets out = 0 and lse = +inf (FlashMLA's convention for empty sequences).
+  * a query that sees no key gets out = 0 and lse = +inf (FlashMLA's convention for empty sequences);
+  * an optional attention sink (apply_attention_sink) acts on out alone, after the decode.
 """
 
 from __future__ import annotations
@@ -68,3 +69,16 @@ def mla_decode_reference(q, k_cache, block_table, cache_seqlens, *, head_dim_v: 
     out = out.transpose(0, 3, 1, 2, 4).reshape(batch, s_q, h_q, head_dim_v).astype(q.dtype)
     lse = lse[..., 0].reshape(batch, h_q, s_q)  # (b, h_kv, g, s_q) -> (b, h_q, s_q)
     return out, lse
+
+
+def apply_attention_sink(out, lse, attn_sink):
+    """out (b, s_q, h_q, dv) times exp(lse) / (exp(lse) + exp(attn_sink[h])), in float32, cast back to out's dtype.
+
+    The sink is one more logit per query head whose value vector is zero: it takes a share of the softmax
+    and gives nothing back. Written as sigmoid(lse - sink) so neither exponential overflows. A sink of -inf
+    leaves out as it is, +inf zeroes it; a query that saw no key (lse = +inf, out = 0) stays 0.
+    """
+    sink = attn_sink.astype(jnp.float32)[None, :, None]  # (1, h_q, 1), against lse (b, h_q, s_q)
+    factor = jnp.where(sink == jnp.inf, 0.0, jax.nn.sigmoid(lse - sink))
+    factor = factor.transpose(0, 2, 1)[..., None]  # (b, s_q, h_q, 1)
+    return (out.astype(jnp.float32) * factor).astype(out.dtype)

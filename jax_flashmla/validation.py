@@ -54,14 +54,52 @@ def check_schedule_fits(batch: int, max_pages_per_seq: int | None = None, num_pa
                          f"2**30), so it clips longer sequences; got max_pages_per_seq {max_pages_per_seq}")
 
 
-def check_metadata_args(num_q_tokens_per_head_k, num_heads_k, num_sms=None):
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_metadata_args(num_q_tokens_per_head_k, num_heads_k, num_sms=None, num_heads_q=None):
     for name, value in (("num_q_tokens_per_head_k", num_q_tokens_per_head_k), ("num_heads_k", num_heads_k)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
+        if not _is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive Python int, got {value!r}")
-    if num_sms is not None and (not isinstance(num_sms, (int, np.integer)) or isinstance(num_sms, (bool, np.bool_))
-                                or not 1 <= num_sms <= MAX_SCHEDULE_PARTS):
+    if num_heads_q is not None:
+        # FlashMLA takes h_q too (it needs it for sparse attention only); when given it must fit the other two.
+        if not _is_int(num_heads_q) or num_heads_q < 1 or num_heads_q % num_heads_k:
+            raise ValueError(f"num_heads_q must be None or a positive multiple of num_heads_k ({num_heads_k}), "
+                             f"got {num_heads_q!r}")
+        if num_q_tokens_per_head_k % (num_heads_q // num_heads_k):
+            raise ValueError(f"num_q_tokens_per_head_k must be s_q * num_heads_q // num_heads_k, a multiple of "
+                             f"{num_heads_q // num_heads_k}, got {num_q_tokens_per_head_k} with num_heads_q "
+                             f"{num_heads_q} and num_heads_k {num_heads_k}")
+    if num_sms is not None and (not _is_int(num_sms) or not 1 <= num_sms <= MAX_SCHEDULE_PARTS):
         raise ValueError(f"num_sms must be None (the GPU's count) or a Python int in [1, {MAX_SCHEDULE_PARTS}], "
                          f"got {num_sms!r}")
+
+
+def check_unsupported_features(**arguments):
+    """FlashMLA's FP8 cache and sparse-attention arguments, accepted by name so its calls port unchanged, but
+    refused unless they keep their defaults (False or None): those kernels do not exist here yet."""
+    for name, value in arguments.items():
+        if name == "is_fp8_kvcache":
+            if isinstance(value, (bool, np.bool_)) and not value:
+                continue
+            what, default = "the FP8 KV cache", "False"
+        elif value is None:
+            continue
+        else:
+            what, default = "sparse attention", "None"
+        raise NotImplementedError(f"{name}={_short(value)}: {what} is not supported yet by jax_flashmla; leave "
+                                  f"{name} at its default ({default})")
+
+
+def _short(value) -> str:
+    return _describe(value) if hasattr(value, "shape") and hasattr(value, "dtype") else repr(value)
+
+
+def check_attn_sink(attn_sink, h_q: int):
+    if attn_sink.shape != (h_q,) or not jnp.issubdtype(attn_sink.dtype, jnp.floating):
+        raise ValueError(f"attn_sink must be a float array of shape ({h_q},) (one logit per query head), got "
+                         f"{_describe(attn_sink)}")
 
 
 def check_layer(k_cache, layer, name: str = "k_cache"):

@@ -6,7 +6,8 @@ import numpy as np
 PAGE = 64
 
 
-def decode_oracle(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal):
+def decode_oracle(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_scale, causal, attn_sink=None):
+    """attn_sink: (h_q,) logits of a sink key with a zero value vector, left out of lse."""
     q = np.asarray(q, np.float64)
     k_cache = np.asarray(k_cache, np.float64)
     block_table = np.asarray(block_table)
@@ -32,6 +33,7 @@ def decode_oracle(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
                 scores = keys @ q[i, s, h] * softmax_scale
                 top = scores.max()
                 weights = np.exp(scores - top)
-                out[i, s, h] = weights @ keys[:, :head_dim_v] / weights.sum()
+                sink_weight = 0.0 if attn_sink is None else np.exp(np.float64(attn_sink[h]) - top)
+                out[i, s, h] = weights @ keys[:, :head_dim_v] / (weights.sum() + sink_weight)
                 lse[i, h, s] = np.log(weights.sum()) + top
     return out, lse

@@ -16,6 +16,7 @@ from jax_flashmla.primitives import mla_decode_p
 from jax_flashmla.reference import mla_decode_reference
 
 from cases import INT32_MAX, INT32_MIN, PAGE, UNUSED_PAGE_ID, lengths, make_problem
+from oracle import decode_oracle
 from tolerances import assert_lse_close, assert_out_close
 
 pytestmark = pytest.mark.gpu
@@ -237,6 +238,32 @@ def test_head_dim_512_and_all_empty(dtype, rng_seed):
     empty = make_problem(rng, batch=3, s_q=1, h_q=16, h_kv=1, seqlens=np.array([0, 0, 1], np.int32), dtype=dtype)
     out, lse = kernel_call(empty.q, empty.k_cache, empty.block_table, jnp.zeros(3, jnp.int32), causal=False)
     assert np.all(np.asarray(out, np.float32) == 0) and np.all(np.isposinf(np.asarray(lse)))
+
+
+@pytest.mark.parametrize("h_q,s_q", [(16, 1), (128, 2)], ids=["narrow", "seesaw"])
+def test_attention_sink_on_the_kernels(h_q, s_q, rng_seed):
+    """attn_sink is an XLA epilogue on the kernels' out and lse: against the float64 oracle, which has the sink
+    as one more key with a zero value. Sinks of -inf, +inf and finite ones; an empty sequence."""
+    rng = np.random.default_rng([rng_seed, h_q])
+    p = make_problem(rng, batch=3, s_q=s_q, h_q=h_q, h_kv=1, seqlens=np.array([150, 0, 64], np.int32),
+                     dtype=jnp.bfloat16)
+    sink = rng.normal(size=h_q).astype(np.float32)
+    sink[:2] = -np.inf, np.inf
+
+    @jax.jit
+    def decode(q, k_cache, block_table, cache_seqlens, sink):
+        md, splits = jfm.get_mla_metadata(cache_seqlens, s_q * h_q, 1)
+        return jfm.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, md, splits, causal=True,
+                                          attn_sink=sink, poison_outputs=True)
+
+    out, lse = decode(p.q, p.k_cache, p.block_table, p.cache_seqlens, jnp.asarray(sink))
+    with np.errstate(over="ignore"):
+        want_out, want_lse = decode_oracle(np.asarray(p.q, np.float32),
+                                           np.nan_to_num(np.asarray(p.k_cache, np.float32), nan=1e30),
+                                           p.block_table, p.cache_seqlens, 512, 576**-0.5, True, attn_sink=sink)
+    assert_out_close(out, want_out, jnp.bfloat16)
+    assert_lse_close(lse, want_lse)
+    assert np.all(np.asarray(out, np.float32)[:, :, 1] == 0) and np.all(np.asarray(out, np.float32)[1] == 0)
 
 
 def test_hostile_runtime_values_stay_in_bounds(rng_seed):

@@ -69,3 +69,26 @@ def test_public_api_half_precision_under_jit(dtype, rng_seed):
                                        nan=1e30), p.block_table, p.cache_seqlens, 512, 576**-0.5, True)
     assert_out_close(out, want_out, dtype)
     assert_lse_close(lse, want_lse)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_sink_matches_the_oracle(dtype, rng_seed):
+    """The sink as the oracle writes it (one more key, zero value, outside lse) against the API's epilogue, with
+    sinks of -inf (no effect), +inf (zero output), a large one and ordinary ones, and an empty sequence."""
+    rng = np.random.default_rng(rng_seed)
+    p = make_problem(rng, batch=3, s_q=2, h_q=6, h_kv=2, seqlens=np.array([100, 0, 64], np.int32), dtype=dtype)
+    sink = np.array([-np.inf, np.inf, 40.0, 0.3, -1.5, 2.0], np.float32)
+    with np.errstate(over="ignore"):  # the oracle's exp(+inf)
+        want_out, want_lse = decode_oracle(np.asarray(p.q, np.float32),
+                                           np.nan_to_num(np.asarray(p.k_cache, np.float32), nan=1e30),
+                                           p.block_table, p.cache_seqlens, 512, 576**-0.5, True, attn_sink=sink)
+    out, lse = jax.jit(lambda *a: jfm.flash_mla_with_kvcache(*a, 512, causal=True, attn_sink=jnp.asarray(sink)))(
+        p.q, p.k_cache, p.block_table, p.cache_seqlens)
+    assert out.dtype == dtype
+    assert_out_close(out, want_out, dtype)
+    assert_lse_close(lse, want_lse)
+    out = np.asarray(out, np.float32)
+    plain, _ = jfm.flash_mla_with_kvcache(p.q, p.k_cache, p.block_table, p.cache_seqlens, 512, causal=True)
+    np.testing.assert_array_equal(out[:, :, 0], np.asarray(plain, np.float32)[:, :, 0])  # -inf: untouched
+    assert np.all(out[:, :, 1] == 0) and np.all(out[1] == 0)  # +inf zeroes; the empty sequence stays 0
+    assert np.abs(out[0, :, 2]).max() < 1e-6 < np.abs(out[0, :, 3]).max()  # a sink far above every score

@@ -219,7 +219,8 @@ def test_cache_write_equals_single_device(layout, rng_seed):
 @pytest.mark.parametrize("axis_types", [AxisType.Auto, AxisType.Explicit])
 def test_decode_step_writes_then_attends(axis_types, pool, rng_seed):
     """mla_module's decode step: write the new latents, attend over the cache, per shard, in place. The
-    decode reads the stacked pool with layer= (as mla_module does) or FlashMLA's one-layer pool.
+    decode reads the stacked pool with layer= (as mla_module does) or FlashMLA's one-layer pool, with an
+    attention sink (an XLA epilogue, partitioned like out).
     Under Explicit axes (jax.make_mesh's default) the result types carry the split too."""
     rng = np.random.default_rng(rng_seed)
     lengths = rng.integers(0, 151, 8).astype(np.int32)
@@ -228,13 +229,16 @@ def test_decode_step_writes_then_attends(axis_types, pool, rng_seed):
     cache = cache.write(prompts[:, ::-1] * 2, layer=1, num_new=lengths).advance(lengths)
     q = jnp.asarray(rng.normal(size=(8, 1, 8, 576)).astype(np.float32) / 10)
     kv = jnp.asarray(rng.normal(size=(8, 1, 1, 576)).astype(np.float32) / 10)
+    sink = rng.normal(size=8).astype(np.float32)  # a replicated constant beside out's split heads
 
     def step(cache, q, kv, sharded=True):
         cache = cache.write(kv, layer=1)
         if pool == "stacked":
-            out, lse = jfm.flash_mla_with_kvcache(q, cache.pages, cache.block_table, cache.seqlens + 1, 512, layer=1)
+            out, lse = jfm.flash_mla_with_kvcache(q, cache.pages, cache.block_table, cache.seqlens + 1, 512, layer=1,
+                                                  attn_sink=sink)
         else:
-            out, lse = jfm.flash_mla_with_kvcache(q, cache.layer_pages(1), cache.block_table, cache.seqlens + 1, 512)
+            out, lse = jfm.flash_mla_with_kvcache(q, cache.layer_pages(1), cache.block_table, cache.seqlens + 1, 512,
+                                                  attn_sink=sink)
         if sharded and axis_types == AxisType.Explicit:
             assert jax.typeof(out).sharding.spec == P("data", None, "model", None)
             assert jax.typeof(cache.pages).sharding.spec == P(None, "data", None, None, None)

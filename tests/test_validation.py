@@ -5,10 +5,13 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jax_flashmla as jfm
 from jax_flashmla import constants
+
+from cases import make_problem
 
 S = jax.ShapeDtypeStruct
 GOOD = dict(q=S((2, 1, 16, 576), jnp.bfloat16), k_cache=S((8, 64, 1, 576), jnp.bfloat16),
@@ -113,6 +116,69 @@ def test_metadata_checks():
         call(md=S((65536, 8), jnp.int32), splits=splits)
     with pytest.raises(ValueError, match=r"tile_scheduler_metadata must have rank 2 \(num_parts, 8\), got shape \(\)"):
         call(md=7, splits=[0, 1, 2])  # converted like a list, then refused by rank
+
+
+def test_flashmla_call_forms_port_unchanged(rng_seed):
+    """FlashMLA's two interfaces, argument for argument: get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv, h_q,
+    is_fp8_kvcache, topk) with positional decode arguments, and its newest get_mla_metadata() with no argument
+    (the schedule is then computed inside the call). Both give this package's usual call's answer."""
+    rng = np.random.default_rng(rng_seed)
+    p = make_problem(rng, batch=3, s_q=2, h_q=8, h_kv=2, seqlens=np.array([70, 0, 130], np.int32),
+                     dtype=jnp.bfloat16)
+    args = (p.q, p.k_cache, p.block_table, p.cache_seqlens, 512)
+    want = jfm.flash_mla_with_kvcache(*args, causal=True)
+    md, splits = jfm.get_mla_metadata(p.cache_seqlens, 2 * 8 // 2, 2, 8, False, None)
+    older = jfm.flash_mla_with_kvcache(*args, md, splits, None, True, False, None)
+    sched_meta, no_splits = jfm.get_mla_metadata()
+    assert sched_meta is None and no_splits is None
+    newest = jfm.flash_mla_with_kvcache(*args, sched_meta, no_splits, None, True, False, None, None, None, None,
+                                        None, None)
+    for got in (older, newest):
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+LENGTHS = jnp.zeros(2, jnp.int32)
+
+
+@pytest.mark.parametrize("feature", [
+    dict(is_fp8_kvcache=True), dict(is_fp8_kvcache=1), dict(indices=S((2, 1, 64), jnp.int32)),
+    dict(extra_k_cache=S((8, 64, 1, 576), jnp.bfloat16)), dict(extra_indices_in_kvcache=S((2, 1, 64), jnp.int32)),
+    dict(topk_length=S((2,), jnp.int32)), dict(extra_topk_length=S((2,), jnp.int32))])
+def test_fp8_and_sparse_arguments_are_refused_by_name(feature):
+    (name, value), = feature.items()
+    with pytest.raises(NotImplementedError, match=rf"^{name}=.*not supported yet.*leave {name} at its default"):
+        jax.eval_shape(lambda q, k, t, l: jfm.flash_mla_with_kvcache(q, k, t, l, 512, **feature), *GOOD.values())
+    if name == "is_fp8_kvcache":  # get_mla_metadata takes it too, and topk
+        with pytest.raises(NotImplementedError, match="the FP8 KV cache is not supported yet"):
+            jfm.get_mla_metadata(LENGTHS, 16, 1, 16, value)
+        with pytest.raises(NotImplementedError, match=r"^topk=64: sparse attention is not supported yet"):
+            jfm.get_mla_metadata(LENGTHS, 16, 1, 16, False, 64)
+
+
+def test_flashmla_argument_checks():
+    for num_heads_q, words in ((3, "num_heads_q must be None or a positive multiple of num_heads_k (2)"),
+                               (0, "num_heads_q must be None"), (8.0, "num_heads_q must be None"),
+                               (12, "num_q_tokens_per_head_k must be s_q * num_heads_q // num_heads_k, a multiple "
+                                    "of 6, got 16")):
+        with pytest.raises(ValueError) as info:
+            jfm.get_mla_metadata(LENGTHS, 16, 2, num_heads_q)
+        assert words in str(info.value), str(info.value)
+    with pytest.raises(TypeError, match="missing num_q_tokens_per_head_k, num_heads_k"):
+        jfm.get_mla_metadata(LENGTHS)
+    with pytest.raises(TypeError, match="missing cache_seqlens"):
+        jfm.get_mla_metadata(num_q_tokens_per_head_k=16, num_heads_k=1)
+    with pytest.raises(TypeError, match="missing cache_seqlens, num_q_tokens_per_head_k, num_heads_k"):
+        jfm.get_mla_metadata(num_sms=8)
+    q, k_cache, table, seqlens = GOOD.values()
+    for args, name in (((q, k_cache, None, seqlens), "block_table"), ((q, k_cache, table, None), "cache_seqlens")):
+        with pytest.raises(TypeError, match=f"{name} is required"):
+            jfm.flash_mla_with_kvcache(*args, 512)
+    for sink in (S((15,), jnp.float32), S((16,), jnp.int32), S((1, 16), jnp.float32)):
+        with pytest.raises(ValueError, match=r"attn_sink must be a float array of shape \(16,\) \(one logit per "
+                                             r"query head\), got shape"):
+            jax.eval_shape(lambda sink, *args: jfm.flash_mla_with_kvcache(*args, 512, attn_sink=sink), sink,
+                           *GOOD.values())
 
 
 def test_vmap_folded_batch_must_fit_the_scheduler():
