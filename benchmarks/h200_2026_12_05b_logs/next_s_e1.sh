@@ -15,7 +15,7 @@ python3 -m pip install -q --no-build-isolation --no-deps . > $OUT/build.log 2>&1
 # Without the kernels the bench would time the pure-JAX path: stop here instead.
 python3 -c "import jax_flashmla as j; assert j.kernels_available(), j.why_kernels_unavailable()" \
   || { tail -n 30 $OUT/build.log; exit 1; }
-timeout 150 python3 -m pytest -q -m gpu -n 8 tests/test_gpu_kernels.py -k "dependent or hostile_metadata or int32 or metadata_kernel" \
+timeout 150 python3 -m pytest -q -m gpu -n 8 tests/test_gpu_kernels.py -k "dependent or hostile_metadata or int32 or metadata_kernel or attention_sink" \
   > $OUT/tests.log 2>&1; trc=$?; echo "tests rc=$trc t=$((SECONDS-t0)) $(tail -n 1 $OUT/tests.log)"
 grep -E "^(FAILED|ERROR)" $OUT/tests.log | cut -c1-200 | head
 wait  # the probe build: off the CPUs before anything is timed
