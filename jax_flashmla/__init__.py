@@ -8,12 +8,14 @@ from ._extension import KernelsUnavailableWarning, kernels_available, kernels_bu
 from .api import flash_mla_with_kvcache, get_mla_metadata
 from .cache import PagedKVCache
 from .constants import PAGE_SIZE
+from .exporting import export_disabled_checks
 from .sharding import mesh_from_flag, shard_cache
 
 __all__ = [
     "PAGE_SIZE",
     "KernelsUnavailableWarning",
     "PagedKVCache",
+    "export_disabled_checks",
     "flash_mla_with_kvcache",
     "get_mla_metadata",
     "kernels_available",

@@ -83,8 +83,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         [0, num_pages) are ignored.
       cache_seqlens: (b,) int32 KV lengths, clipped to [0, 64 * max_pages_per_seq].
       head_dim_v: value dim, 512.
-      tile_scheduler_metadata, num_splits: from get_mla_metadata; computed here when omitted. Under a mesh
-        that splits the batch or the heads each shard computes its own schedule and these are ignored.
+      tile_scheduler_metadata, num_splits: from get_mla_metadata; computed here when num_splits is None
+        (FlashMLA's newest interface passes its scheduling object with num_splits=None). Under a mesh that splits
+        the batch or the heads each shard computes its own schedule and these are ignored.
       softmax_scale: defaults to d ** -0.5.
       causal: with s_q > 1, query token i sees keys [0, L - s_q + i].
       is_fp8_kvcache, indices, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length:
@@ -93,7 +94,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
       attn_sink: optional (h_q,) float logits of a sink token per query head, which takes softmax weight but
         contributes no value: out is multiplied by exp(lse) / (exp(lse) + exp(attn_sink)) (FlashMLA's
         definition, which it offers with sparse attention only); -inf changes nothing, +inf zeroes the
-        head's output. lse is returned without the sink.
+        head's output, NaN makes it NaN, and a query that saw no key stays 0. lse is returned without the sink.
       layer: with a stacked k_cache, the layer to read: a Python int in [0, num_layers), or a traced integer
         scalar (e.g. under lax.scan over layers), clamped into [0, num_layers) (a negative index reads layer
         0; it does not wrap around as pool[i] would). Either way the kernels read the layer in place.
@@ -106,6 +107,10 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     k_cache's page axis) and on heads (q) partition with no communication; jax_flashmla/sharding.py lists
     the supported layouts and the block_table precondition.
     """
+    # First, so that FlashMLA README's positional `causal, is_fp8_kvcache, indices` after num_splits (which lands
+    # causal in softmax_scale) is named as such, not as an FP8 request.
+    if softmax_scale is not None:
+        validation.check_softmax_scale(softmax_scale)
     validation.check_unsupported_features(
         is_fp8_kvcache=is_fp8_kvcache, indices=indices, extra_k_cache=extra_k_cache,
         extra_indices_in_kvcache=extra_indices_in_kvcache, topk_length=topk_length,
@@ -115,6 +120,10 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
             raise TypeError(f"{name} is required (FlashMLA leaves it out for sparse attention only, which is not "
                             f"supported yet)")
     q, k_cache, block_table, cache_seqlens = map(jnp.asarray, (q, k_cache, block_table, cache_seqlens))
+    if num_splits is None:
+        # FlashMLA's newest interface passes its scheduling object with num_splits=None and schedules on the first
+        # call: metadata without num_splits is scheduled here too (the given metadata is not read).
+        tile_scheduler_metadata = None
     # Lists convert as the other arguments do; arrays (and abstract ones, under eval_shape) pass as they are.
     tile_scheduler_metadata, num_splits = (x if x is None or hasattr(x, "shape") else jnp.asarray(x)
                                            for x in (tile_scheduler_metadata, num_splits))
@@ -126,15 +135,13 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         tile_scheduler_metadata, num_splits = get_mla_metadata(cache_seqlens, s_q * h_q // h_kv, h_kv)
     if softmax_scale is None:
         softmax_scale = head_dim ** -0.5
-    validation.check_softmax_scale(softmax_scale)
     if attn_sink is not None:
-        attn_sink = jnp.asarray(attn_sink)
-        validation.check_attn_sink(attn_sink, h_q)
+        attn_sink = validation.check_attn_sink(attn_sink, h_q)
     out, lse = sharding.decode(
         q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
         jnp.asarray(0 if layer is None else layer, jnp.int32), head_dim_v=int(head_dim_v),
         softmax_scale=float(softmax_scale), causal=bool(causal) and s_q > 1, poison_outputs=bool(poison_outputs))
     if attn_sink is not None:
         # An elementwise epilogue in XLA (fused, and partitioned like out): the kernels need not know.
-        out = apply_attention_sink(out, lse, attn_sink)
+        out = apply_attention_sink(out, lse, sharding.split_like_heads(attn_sink, lse))
     return out, lse

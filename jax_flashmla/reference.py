@@ -76,9 +76,11 @@ def apply_attention_sink(out, lse, attn_sink):
 
     The sink is one more logit per query head whose value vector is zero: it takes a share of the softmax
     and gives nothing back. Written as sigmoid(lse - sink) so neither exponential overflows. A sink of -inf
-    leaves out as it is, +inf zeroes it; a query that saw no key (lse = +inf, out = 0) stays 0.
+    leaves out as it is, +inf zeroes it, NaN makes it NaN; a query that saw no key (lse = +inf, out = 0) stays 0.
     """
     sink = attn_sink.astype(jnp.float32)[None, :, None]  # (1, h_q, 1), against lse (b, h_q, s_q)
-    factor = jnp.where(sink == jnp.inf, 0.0, jax.nn.sigmoid(lse - sink))
+    # A sink of +inf gives 0; the sigmoid never sees it (lse = +inf would make inf - inf, NaN even in a gradient).
+    sink_is_inf = sink == jnp.inf
+    factor = jnp.where(sink_is_inf, 0.0, jax.nn.sigmoid(lse - jnp.where(sink_is_inf, 0.0, sink)))
     factor = factor.transpose(0, 2, 1)[..., None]  # (b, s_q, h_q, 1)
     return (out.astype(jnp.float32) * factor).astype(out.dtype)

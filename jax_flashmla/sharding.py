@@ -203,6 +203,19 @@ def gathered(x):
     return jax.sharding.reshard(x, sharding.update(spec=P()))
 
 
+def split_like_heads(per_head, lse):
+    """A (h_q,) array split as lse's head axis (lse is (b, h_q, s_q)) under Explicit axes, so that an elementwise
+    epilogue pairs each head with its own; as it is elsewhere. Replicated in, it is a local slice, no collective."""
+    lse_sharding = explicit_sharding(lse)
+    if lse_sharding is None:
+        return per_head
+    spec = tuple(lse_sharding.spec) + (None,) * 3
+    current = explicit_sharding(per_head)
+    if current is not None and (tuple(current.spec) + (None,))[0] == spec[1]:
+        return per_head
+    return jax.sharding.reshard(per_head, lse_sharding.update(spec=P(spec[1])))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Inside a shard
 

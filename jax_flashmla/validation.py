@@ -81,8 +81,10 @@ def check_unsupported_features(**arguments):
     refused unless they keep their defaults (False or None): those kernels do not exist here yet."""
     for name, value in arguments.items():
         if name == "is_fp8_kvcache":
-            if isinstance(value, (bool, np.bool_)) and not value:
-                continue
+            if value is None or (_is_int(value) or isinstance(value, (bool, np.bool_))) and not value:
+                continue  # any false Python or NumPy value, as FlashMLA's dense path takes
+            if not isinstance(value, (bool, np.bool_, int, np.integer)):
+                raise TypeError(f"is_fp8_kvcache must be a Python bool known at trace time, got {_short(value)}")
             what, default = "the FP8 KV cache", "False"
         elif value is None:
             continue
@@ -97,9 +99,18 @@ def _short(value) -> str:
 
 
 def check_attn_sink(attn_sink, h_q: int):
-    if attn_sink.shape != (h_q,) or not jnp.issubdtype(attn_sink.dtype, jnp.floating):
-        raise ValueError(f"attn_sink must be a float array of shape ({h_q},) (one logit per query head), got "
+    """Returns attn_sink as an array: (h_q,) floats, one logit per query head."""
+    try:
+        attn_sink = jnp.asarray(attn_sink)
+    except TypeError as error:
+        raise TypeError(f"attn_sink must be a float array of shape ({h_q},), got {attn_sink!r}") from error
+    if not jnp.issubdtype(attn_sink.dtype, jnp.floating):
+        raise TypeError(f"attn_sink must be a float array of shape ({h_q},) (one logit per query head), got "
+                        f"{_describe(attn_sink)}")
+    if attn_sink.shape != (h_q,):
+        raise ValueError(f"attn_sink must have shape ({h_q},) (one logit per query head), got "
                          f"{_describe(attn_sink)}")
+    return attn_sink
 
 
 def check_layer(k_cache, layer, name: str = "k_cache"):
@@ -196,7 +207,11 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_m
 
 
 def check_softmax_scale(softmax_scale):
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, np.integer, np.floating)):
+    if isinstance(softmax_scale, (bool, np.bool_)):
+        raise TypeError(f"softmax_scale must be a Python float, got the bool {softmax_scale!r}: FlashMLA's order is "
+                        f"(..., num_splits, softmax_scale, causal, is_fp8_kvcache, indices), so a causal flag "
+                        f"passed right after num_splits lands here; pass causal= by keyword")
+    if not isinstance(softmax_scale, (int, float, np.integer, np.floating)):
         raise TypeError(f"softmax_scale must be a Python float known at trace time, got {type(softmax_scale).__name__}")
     if not np.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale must be finite and positive, got {softmax_scale!r}")

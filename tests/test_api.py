@@ -172,6 +172,29 @@ def test_cuda_lowering_float32_falls_back_to_reference():
     assert "@jax_flashmla_mla_decode" not in text and "@jax_flashmla_mla_metadata" in text
 
 
+@needs_extension
+def test_export_for_cuda_and_cpu(rng_seed):
+    """jax.export for cuda needs this package's custom calls allowed (export_disabled_checks); the artifact for
+    ("cpu", "cuda") holds both custom calls and runs here on the CPU, matching the jitted function."""
+    from jax import export
+
+    shapes = (jax.ShapeDtypeStruct((2, 1, 16, 576), jnp.bfloat16), jax.ShapeDtypeStruct((8, 64, 1, 576), jnp.bfloat16),
+              jax.ShapeDtypeStruct((2, 4), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
+    step = jax.jit(decode)
+    with pytest.raises(ValueError, match="custom calls whose targets have no compatibility guarantees"):
+        export.export(step, platforms=("cuda",))(*shapes)
+    exported = export.export(step, platforms=("cpu", "cuda"), disabled_checks=jfm.export_disabled_checks())(*shapes)
+    module = exported.mlir_module()
+    assert module.count("custom_call @jax_flashmla_mla_metadata") == 1
+    assert module.count("custom_call @jax_flashmla_mla_decode") == 1
+    p = make_problem(np.random.default_rng(rng_seed), batch=2, s_q=1, h_q=16, h_kv=1,
+                     seqlens=np.array([130, 7], np.int32), dtype=jnp.bfloat16, spare_pages=0)
+    args = (p.q, jnp.pad(p.k_cache, ((0, 8 - p.k_cache.shape[0]),) + ((0, 0),) * 3),
+            jnp.pad(p.block_table, ((0, 0), (0, 4 - p.block_table.shape[1])), constant_values=-1), p.cache_seqlens)
+    for got, want in zip(exported.call(*args), step(*args)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_gpus_other_than_hopper_get_the_reference(monkeypatch):
     from types import SimpleNamespace
 

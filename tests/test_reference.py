@@ -92,3 +92,28 @@ def test_attention_sink_matches_the_oracle(dtype, rng_seed):
     np.testing.assert_array_equal(out[:, :, 0], np.asarray(plain, np.float32)[:, :, 0])  # -inf: untouched
     assert np.all(out[:, :, 1] == 0) and np.all(out[1] == 0)  # +inf zeroes; the empty sequence stays 0
     assert np.abs(out[0, :, 2]).max() < 1e-6 < np.abs(out[0, :, 3]).max()  # a sink far above every score
+
+
+def test_attention_sink_positional_vmap_and_gradient(rng_seed):
+    """attn_sink in FlashMLA's position (the twelfth argument), under vmap (mapped and not), and its gradient:
+    finite for a sink of +inf beside a query that saw no key."""
+    rng = np.random.default_rng(rng_seed)
+    p = make_problem(rng, batch=2, s_q=1, h_q=4, h_kv=1, seqlens=np.array([90, 0], np.int32), dtype=jnp.float16)
+    args = (p.q, p.k_cache, p.block_table, p.cache_seqlens, 512)
+    sink = jnp.asarray([np.inf, -np.inf, 0.5, -2.0], jnp.float32)
+    by_name = jfm.flash_mla_with_kvcache(*args, attn_sink=sink)
+    by_position = jfm.flash_mla_with_kvcache(*args, None, None, None, False, False, None, sink)
+    np.testing.assert_array_equal(np.asarray(by_name[0], np.float32), np.asarray(by_position[0], np.float32))
+
+    decode = lambda q, sink: jfm.flash_mla_with_kvcache(q, *args[1:], attn_sink=sink)[0]
+    sinks = jnp.stack([sink, sink[::-1]])
+    mapped = jax.vmap(decode, in_axes=(None, 0))(p.q, sinks)
+    qs = jnp.stack([p.q, p.q[::-1]])
+    mapped_q = jax.vmap(decode, in_axes=(0, None))(qs, sink)
+    for i in range(2):
+        np.testing.assert_array_equal(np.asarray(mapped[i], np.float32), np.asarray(decode(p.q, sinks[i]), np.float32))
+        np.testing.assert_array_equal(np.asarray(mapped_q[i], np.float32), np.asarray(decode(qs[i], sink), np.float32))
+
+    grad = jax.grad(lambda sink: jnp.sum(decode(p.q, sink).astype(jnp.float32)))(sink)
+    assert np.all(np.isfinite(np.asarray(grad))), grad
+    assert grad[0] == 0 and grad[1] == 0 and grad[2] != 0  # +inf and -inf sinks: flat

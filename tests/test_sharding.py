@@ -220,7 +220,7 @@ def test_cache_write_equals_single_device(layout, rng_seed):
 def test_decode_step_writes_then_attends(axis_types, pool, rng_seed):
     """mla_module's decode step: write the new latents, attend over the cache, per shard, in place. The
     decode reads the stacked pool with layer= (as mla_module does) or FlashMLA's one-layer pool, with an
-    attention sink (an XLA epilogue, partitioned like out).
+    attention sink (an XLA epilogue, partitioned like out), split like q's heads or replicated.
     Under Explicit axes (jax.make_mesh's default) the result types carry the split too."""
     rng = np.random.default_rng(rng_seed)
     lengths = rng.integers(0, 151, 8).astype(np.int32)
@@ -229,9 +229,9 @@ def test_decode_step_writes_then_attends(axis_types, pool, rng_seed):
     cache = cache.write(prompts[:, ::-1] * 2, layer=1, num_new=lengths).advance(lengths)
     q = jnp.asarray(rng.normal(size=(8, 1, 8, 576)).astype(np.float32) / 10)
     kv = jnp.asarray(rng.normal(size=(8, 1, 1, 576)).astype(np.float32) / 10)
-    sink = rng.normal(size=8).astype(np.float32)  # a replicated constant beside out's split heads
+    sink = rng.normal(size=8).astype(np.float32)  # split as q's heads, or a replicated constant
 
-    def step(cache, q, kv, sharded=True):
+    def step(cache, q, kv, sink, sharded=True):
         cache = cache.write(kv, layer=1)
         if pool == "stacked":
             out, lse = jfm.flash_mla_with_kvcache(q, cache.pages, cache.block_table, cache.seqlens + 1, 512, layer=1,
@@ -244,12 +244,32 @@ def test_decode_step_writes_then_attends(axis_types, pool, rng_seed):
             assert jax.typeof(cache.pages).sharding.spec == P(None, "data", None, None, None)
         return out, lse, cache.advance(1)
 
-    want = step(cache, q, kv, sharded=False)
+    want = step(cache, q, kv, sink, sharded=False)
     mesh = make_mesh((2, 4), axis_types)
+    for sink_spec in (P("model"), P()):
+        with jax.set_mesh(mesh):
+            got = run_without_collectives(step, put_cache(mesh, cache), *put(mesh, (q, P("data", None, "model")),
+                                                                              (kv, P("data")), (sink, sink_spec)),
+                                          donate_argnums=0)
+        assert_same(got, want)
+
+
+@eight_devices
+def test_attention_sink_split_on_another_axis(rng_seed):
+    """Under Explicit axes a sink split over the batch's axis, not the heads', is moved to the heads' split (a
+    collective, the only one) rather than failing on mismatched shardings."""
+    q, k_cache, table, seqlens = split_problem(np.random.default_rng(rng_seed), 2)
+    sink = np.random.default_rng(rng_seed + 1).normal(size=q.shape[2]).astype(np.float32)
+    decode_with_sink = lambda q, k, t, l, sink: jfm.flash_mla_with_kvcache(q, k, t, l, 512, causal=True,
+                                                                           attn_sink=sink)
+    want = decode_with_sink(q, k_cache, table, seqlens, sink)
+    mesh = make_mesh((2, 4), AxisType.Explicit)
     with jax.set_mesh(mesh):
-        got = run_without_collectives(step, put_cache(mesh, cache), *put(mesh, (q, P("data", None, "model")),
-                                                                          (kv, P("data"))), donate_argnums=0)
+        args = put(mesh, (q, P("data", None, "model")), (k_cache, P("data")), (table, P("data")),
+                   (seqlens, P("data")), (sink, P("data")))
+        got = jax.jit(decode_with_sink)(*args)
     assert_same(got, want)
+    assert got[0].sharding.is_equivalent_to(NamedSharding(mesh, P("data", None, "model", None)), 4)
 
 
 # ----------------------------------------------------------------------------------------------------

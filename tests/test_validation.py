@@ -96,7 +96,9 @@ def test_head_dim_v_larger_than_d():
 def test_metadata_checks():
     md, splits = S((132, 8), jnp.int32), S((3,), jnp.int32)
     with pytest.raises(ValueError, match="go together"):
-        call(md=md)
+        call(splits=splits)
+    out, _ = call(md=S((1, 1), jnp.float32))  # metadata without num_splits (FlashMLA's newest form) is not read
+    assert out.shape == (2, 1, 16, 512)
     with pytest.raises(ValueError, match=r"num_splits must have shape \(3,\)"):
         call(md=md, splits=S((2,), jnp.int32))
     with pytest.raises(ValueError, match=r"tile_scheduler_metadata must have shape \(num_parts >= 1, 8\)"):
@@ -133,9 +135,21 @@ def test_flashmla_call_forms_port_unchanged(rng_seed):
     assert sched_meta is None and no_splits is None
     newest = jfm.flash_mla_with_kvcache(*args, sched_meta, no_splits, None, True, False, None, None, None, None,
                                         None, None)
-    for got in (older, newest):
+    # Its README calls get_mla_metadata with arguments and passes num_splits=None (which its decode requires).
+    md_only, _ = jfm.get_mla_metadata(p.cache_seqlens, 2 * 8 // 2, 2, 8, False, None)
+    newest_readme = jax.jit(lambda md, *a: jfm.flash_mla_with_kvcache(*a, 512, md, None, causal=True, is_fp8_kvcache=0,
+                                                                      indices=None))(md_only, *args[:4])
+    for got in (older, newest, newest_readme):
         for g, w in zip(got, want):
             np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    for false in (False, np.False_, 0, None):  # FlashMLA's dense path takes any false value
+        jfm.flash_mla_with_kvcache(*args, is_fp8_kvcache=false)
+    with pytest.raises(TypeError, match=r"is_fp8_kvcache must be a Python bool known at trace time, got shape \(\)"):
+        jfm.flash_mla_with_kvcache(*args, is_fp8_kvcache=jnp.bool_(False))
+    # FlashMLA's README passes (causal, is_fp8_kvcache, indices) right after num_splits, which puts causal in
+    # softmax_scale: named as that, not as an FP8 request.
+    with pytest.raises(TypeError, match="got the bool True: FlashMLA's order is .* pass causal= by keyword"):
+        jfm.flash_mla_with_kvcache(*args, md, splits, True, False, None)
 
 
 LENGTHS = jnp.zeros(2, jnp.int32)
@@ -174,11 +188,15 @@ def test_flashmla_argument_checks():
     for args, name in (((q, k_cache, None, seqlens), "block_table"), ((q, k_cache, table, None), "cache_seqlens")):
         with pytest.raises(TypeError, match=f"{name} is required"):
             jfm.flash_mla_with_kvcache(*args, 512)
-    for sink in (S((15,), jnp.float32), S((16,), jnp.int32), S((1, 16), jnp.float32)):
-        with pytest.raises(ValueError, match=r"attn_sink must be a float array of shape \(16,\) \(one logit per "
-                                             r"query head\), got shape"):
+    for sink, error, words in ((S((15,), jnp.float32), ValueError, "attn_sink must have shape (16,)"),
+                               (S((1, 16), jnp.float32), ValueError, "attn_sink must have shape (16,)"),
+                               (S((16,), jnp.int32), TypeError, "attn_sink must be a float array of shape (16,)")):
+        with pytest.raises(error) as info:
             jax.eval_shape(lambda sink, *args: jfm.flash_mla_with_kvcache(*args, 512, attn_sink=sink), sink,
                            *GOOD.values())
+        assert words in str(info.value) and "(one logit per query head), got shape" in str(info.value)
+    with pytest.raises(TypeError, match=r"attn_sink must be a float array of shape \(16,\), got 'x'"):
+        jax.eval_shape(lambda *args: jfm.flash_mla_with_kvcache(*args, 512, attn_sink="x"), *GOOD.values())
 
 
 def test_vmap_folded_batch_must_fit_the_scheduler():
