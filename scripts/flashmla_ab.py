@@ -7,7 +7,11 @@ Usage (on a Hopper GPU with PyTorch, after jax_flashmla is built):
                 2025-2026). Its SM90 dense decode, combine and scheduler kernels are compiled with
                 torch.utils.cpp_extension (flags of its setup.py, SM90 only, bf16 only) against the CUTLASS
                 headers of the nvidia-cutlass wheel, with a three-line binding of its `dense_attn_decode_interface`;
-                the first run compiles for about 2 minutes, later runs reuse --build-dir.
+                the first run compiles for about 2 minutes, later runs reuse --build-dir. Its setup.py passes
+                ptxas --register-usage-level=10, and so does this script unless --register-usage-level says
+                otherwise; before 2026-12-05 it passed nothing (ptxas's default, 5), so the FlashMLA figures
+                of earlier runs are of such a build (the level changes its SASS: 7,488 instructions at 5, 7,544
+                at 10, 240 registers both).
 
 Each row of the bench's grid (b 128, FlashMLA's lengths, bf16) is drawn once by jax_flashmla.bench and handed to
 FlashMLA through DLPack, so both decode the same q, pool, block table and lengths; their outputs are compared.
@@ -49,22 +53,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("dense_decode_fwd", &dense_attn
 """
 
 
-def build_flashmla(src: Path, build_dir: Path):
-    """FlashMLA's dense decode as a torch extension with one function, dense_decode_fwd."""
+def build_flashmla(src: Path, build_dir: Path, register_usage_level: int):
+    """FlashMLA's dense decode as a torch extension with one function, dense_decode_fwd; one build per level."""
     import cutlass_library
     from torch.utils.cpp_extension import CUDA_HOME, load
 
     cutlass = Path(cutlass_library.__file__).parent / "source"
+    build_dir = build_dir / f"register_usage_level_{register_usage_level}"
     build_dir.mkdir(parents=True, exist_ok=True)
     binding = build_dir / "flashmla_dense_binding.cpp"
     binding.write_text(BINDING)
     common = ["-O3", "-std=c++20", "-DNDEBUG", "-DFLASH_MLA_DISABLE_FP16", "-Wno-deprecated-declarations"]
     nvcc = common + ["--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math", "-lineinfo",
                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
-                     "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-gencode", "arch=compute_90a,code=sm_90a"]
+                     "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-gencode", "arch=compute_90a,code=sm_90a",
+                     f"--ptxas-options=--register-usage-level={register_usage_level}"]
     includes = [src / "csrc", src / "csrc" / "api", src / "csrc" / "kerutils" / "include", src / "csrc" / "sm90",
                 cutlass / "include", cutlass / "tools" / "util" / "include", Path(CUDA_HOME) / "include" / "cccl"]
-    return load(name="flashmla_dense_ab", sources=[str(binding), *(str(src / s) for s in FLASHMLA_SOURCES)],
+    return load(name=f"flashmla_dense_ab_rul{register_usage_level}", sources=[str(binding), *(str(src / s) for s in FLASHMLA_SOURCES)],
                 extra_cflags=common, extra_cuda_cflags=nvcc, extra_include_paths=[str(p) for p in includes],
                 build_directory=str(build_dir), verbose=False)
 
@@ -80,6 +86,8 @@ def main(argv=None) -> int:
                    help="time nothing; decode each row N more times on each side, for a profiler around the script")
     p.add_argument("--iters", type=int, default=50, help="calls per block (default 50)")
     p.add_argument("--rounds", type=int, default=3, help="alternating blocks per side (default 3)")
+    p.add_argument("--register-usage-level", type=int, default=10, choices=range(11), metavar="0..10",
+                   help="ptxas's --register-usage-level for FlashMLA's kernels (default 10, as its setup.py)")
     p.add_argument("--build-dir", type=Path, default=Path("/tmp/flashmla_ab_build"))
     p.add_argument("--out", type=Path, default=Path("flashmla_ab_out"))
     args = p.parse_args(argv)
@@ -95,7 +103,7 @@ def main(argv=None) -> int:
     import pynvml
     import torch
 
-    flashmla = build_flashmla(args.flashmla_dir.resolve(), args.build_dir)
+    flashmla = build_flashmla(args.flashmla_dir.resolve(), args.build_dir, args.register_usage_level)
     pynvml.nvmlInit()
     nvml_gpu = pynvml.nvmlDeviceGetHandleByIndex(0)
 
@@ -163,7 +171,8 @@ def main(argv=None) -> int:
                           "jax_flashmla_gbps": nbytes / ours / 1e6, "flashmla_gbps": nbytes / theirs / 1e6,
                           "rounds_jax_flashmla_ms": ours_ms, "rounds_flashmla_ms": theirs_ms,
                           "sm_mhz_and_watts_after_each_block": clocks, "max_abs_diff": max_abs_diff,
-                          "iters": args.iters, "device": jax.devices()[0].device_kind}
+                          "iters": args.iters, "device": jax.devices()[0].device_kind,
+                          "flashmla_register_usage_level": args.register_usage_level}
                 records.append(record)
                 unit, key = ("GB/s", "gbps") if s_q == 1 else ("TFLOPS", "tflops")
                 print(f"s_k {s_k:5d} s_q {s_q} h_q {h_q:3d} causal {int(causal)}: jax_flashmla {ours:.4f} ms "

@@ -5,9 +5,10 @@
 cd "$(dirname "$0")/.."
 source scripts/gpu_env.sh
 t0=$SECONDS
-# FlashMLA is built before ncu starts (ncu would follow the compiler's processes too), beside our own build.
+# FlashMLA is built before ncu starts (ncu would follow the compiler's processes too), beside our own build, at the
+# register-usage level flashmla_ab.py uses by default (10, as FlashMLA's setup.py).
 python3 -c "import pathlib, sys; sys.path.insert(0, 'scripts'); import flashmla_ab; \
-flashmla_ab.build_flashmla(pathlib.Path('.fm').resolve(), pathlib.Path('/tmp/flashmla_ab_build'))" \
+flashmla_ab.build_flashmla(pathlib.Path('.fm').resolve(), pathlib.Path('/tmp/flashmla_ab_build'), 10)" \
   > $OUT/build_flashmla.log 2>&1 &
 fm=$!
 python3 -c "import jax_flashmla as j; assert j.kernels_available(), j.why_kernels_unavailable()" 2>/dev/null \
