@@ -1,0 +1,81 @@
+"""The FFI handlers' bindings (src/ffi/handlers.cc) against the custom calls the cuda lowering emits.
+
+XLA checks a call against its handler's binding only when it runs, on a GPU: an operand, result or attribute
+added on one side alone would fail every GPU test of the next session, and CI has no GPU. This reads the
+bindings from the C++ source and compares them, in order and element type, with the lowered custom calls.
+"""
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jax_flashmla as jfm
+
+SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "ffi"
+BUFFER_TYPES = {"ffi::Buffer<ffi::S32>": "i32", "ffi::Buffer<ffi::F32>": "f32", "ffi::AnyBuffer": None}
+ATTRIBUTE_TYPES = {"float": r"-?[0-9.e+-]+ : f32", "bool": r"true|false"}
+
+
+def bindings() -> dict:
+    """Target name -> {"args": [element type or None], "rets": [...], "attrs": {name: C++ type}}."""
+    handlers = (SRC / "handlers.cc").read_text()
+    symbols = dict(re.findall(r'targets\["(\w+)"\]\s*=\s*nb::capsule\(reinterpret_cast<void\*>\((\w+)\)\)',
+                              (SRC / "module.cc").read_text()))
+    found = {}
+    for symbol, chain in re.findall(r"XLA_FFI_DEFINE_HANDLER_SYMBOL\((\w+),\s*[\w:]+,\s*ffi::Ffi::Bind\(\)(.*?),\s*\{",
+                                    handlers, re.S):
+        steps = re.findall(r'\.(Arg|Ret|Attr|Ctx)<((?:[^<>]|<[^<>]*>)*)>(?:\("(\w+)"\))?', chain)
+        found[symbol] = {"args": [BUFFER_TYPES[t] for kind, t, _ in steps if kind == "Arg"],
+                         "rets": [BUFFER_TYPES[t] for kind, t, _ in steps if kind == "Ret"],
+                         "attrs": {name: t for kind, t, name in steps if kind == "Attr"}}
+    assert sorted(symbols.values()) == sorted(found), (symbols, found)
+    return {target: found[symbol] for target, symbol in symbols.items()}
+
+
+def lowered_calls() -> dict:
+    """Target name -> (operand element types, result element types, backend_config text) of a cuda lowering."""
+    args = (jax.ShapeDtypeStruct((2, 2, 16, 576), jnp.bfloat16), jax.ShapeDtypeStruct((9, 64, 1, 576), jnp.bfloat16),
+            jax.ShapeDtypeStruct((2, 5), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
+
+    def step(q, k_cache, table, seqlens):
+        md, splits = jfm.get_mla_metadata(seqlens, 32, 1, num_sms=8)
+        return jfm.flash_mla_with_kvcache(q, k_cache, table, seqlens, 512, md, splits, causal=True)
+
+    text = jax.jit(step).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = {}
+    for target, config, operands, results in re.findall(
+            r"stablehlo\.custom_call @(\w+)\(.*?mhlo\.backend_config = \{(.*?)\}.*? : \((.*?)\) -> \(?(.*?)\)?$",
+            text, re.M):
+        element = lambda types: [shape.rsplit("x", 1)[-1] for shape in re.findall(r"tensor<([^>]*)>", types)]
+        calls[target] = (element(operands), element(results), config)
+    return calls
+
+
+@pytest.mark.skipif(not jfm.kernels_built(), reason="the cuda lowering needs the CUDA extension built")
+def test_bindings_match_the_lowered_custom_calls():
+    expected, calls = bindings(), lowered_calls()
+    assert sorted(calls) == sorted(expected), (sorted(calls), sorted(expected))
+    for target, binding in expected.items():
+        operands, results, config = calls[target]
+        for what, declared, lowered in (("operands", binding["args"], operands), ("results", binding["rets"], results)):
+            assert len(declared) == len(lowered), f"{target}: {len(declared)} {what} bound, {len(lowered)} lowered"
+            for i, (want, got) in enumerate(zip(declared, lowered)):
+                assert want is None or want == got, f"{target} {what}[{i}]: bound {want}, lowered {got}"
+        lowered_attrs = dict(re.findall(r"(\w+) = ([^,]+)", config))
+        assert sorted(lowered_attrs) == sorted(binding["attrs"]), (target, lowered_attrs, binding["attrs"])
+        for name, cxx_type in binding["attrs"].items():
+            assert re.fullmatch(ATTRIBUTE_TYPES[cxx_type], lowered_attrs[name].strip()), (target, name, cxx_type)
+
+
+def test_the_binding_parser_reads_every_handler():
+    """The parse itself, without the extension: both targets, and the decode's known arity."""
+    found = bindings()
+    assert sorted(found) == ["jax_flashmla_mla_decode", "jax_flashmla_mla_metadata"]
+    assert found["jax_flashmla_mla_metadata"] == {"args": ["i32"], "rets": ["i32", "i32"], "attrs": {}}
+    decode = found["jax_flashmla_mla_decode"]
+    assert decode["args"] == [None, None, "i32", "i32", "i32", "i32", "i32"]
+    assert decode["attrs"] == {"softmax_scale": "float", "causal": "bool", "poison_outputs": "bool"}
+    assert decode["rets"][:4] == [None, "f32", "f32", "f32"]
