@@ -431,7 +431,7 @@ def environment() -> dict:
         "jax_flashmla_version": __version__,
         # The Hopper kernel picked by hand (seesaw, hopper: src/kernels/decode_launch.cuh); None is the default.
         "decode_kernel_env": os.environ.get("JAX_FLASHMLA_DECODE_KERNEL"),
-        # JAX_FLASHMLA_COMBINE=in_kernel: the 16-row narrow kernel merges its splits itself (default: the combine).
+        # JAX_FLASHMLA_COMBINE=dependent: the combine kernel launched as the decode's dependent (default: after it).
         "combine_env": os.environ.get("JAX_FLASHMLA_COMBINE"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "method": METHOD,

@@ -3,14 +3,13 @@
 Two primitives, both internal (jax_flashmla.api is the public face):
   mla_metadata_p  cache_seqlens -> (tile_metadata, num_splits)                    param: num_parts
   mla_decode_p    q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer
-                  -> (out, lse, o_accum, lse_accum, split_arrivals)               params below
+                  -> (out, lse, o_accum, lse_accum)                               params below
 k_cache is one layer's pool (num_pages, 64, h_kv, d), or a stacked pool (num_layers, num_pages, 64, h_kv, d)
 of which the decode reads layer `layer` (an int32 scalar operand, clamped into range: validation.clamp_layer;
 0 for a one-layer pool). The kernels read that layer in place, whether the index is static or traced.
-o_accum/lse_accum are the split-KV partials, and split_arrivals counts them as they are stored (for a decode
-kernel that merges the splits itself). They are results of the custom call so that XLA owns their memory for
-as long as the kernels run (FFI scratch memory is released when the handler returns, before the kernels on the
-stream are done); the public function drops them.
+o_accum/lse_accum are the split-KV partials. They are results of the custom call so that XLA owns their memory
+for as long as the kernels run (FFI scratch memory is released when the handler returns, before the kernels on
+the stream are done); the public function drops them.
 
 Lowering: the `cuda` platform gets the FFI custom calls when the extension is loaded and the process's GPUs
 are Hopper (sm_90, what the kernels are built for); every other platform (and float32 inputs, which the
@@ -92,13 +91,12 @@ mla_decode_p.def_impl(functools.partial(dispatch.apply_primitive, mla_decode_p))
 
 
 def accum_shapes(batch, num_parts, h_kv, q_rows, head_dim_v):
-    """Split-KV scratch: the partials, one slot per possible split (at most b + num_parts of them), and a count
-    of stored partials per sequence, KV head and row block."""
+    """Split-KV scratch: the partials, one slot per possible split (at most b + num_parts of them)."""
     splits = batch + num_parts
-    return (splits, h_kv, q_rows, head_dim_v), (splits, h_kv, q_rows), (batch, h_kv, -(-q_rows // BLOCK_M))
+    return (splits, h_kv, q_rows, head_dim_v), (splits, h_kv, q_rows)
 
 
-ACCUM_DTYPES = (jnp.float32, jnp.float32, jnp.int32)
+ACCUM_DTYPES = (jnp.float32, jnp.float32)
 
 
 def _accum_zeros(*args, mapped=()):
@@ -191,7 +189,7 @@ def _decode_batch(args, dims, **params):
     lse = lse.reshape(size, batch, *lse.shape[1:])
     # Scratch of a folded launch has no per-element meaning; hand back zeros of the mapped shape.
     scratch = _accum_zeros(batch, num_parts, o_accum.shape[1], o_accum.shape[2], o_accum.shape[3], mapped=(size,))
-    return (out, lse, *scratch), (0,) * 5
+    return (out, lse, *scratch), (0,) * 4
 
 
 batching.primitive_batchers[mla_decode_p] = _decode_batch

@@ -11,9 +11,9 @@
 #   narrow   the same for the narrow kernel (src/kernels/decode_narrow.cuh, the default for head groups of at most
 #            32 query rows; wider ones run the seesaw): one case under a short timeout, the layout probe
 #            (scripts/layout_probe.py; on the seesaw too where it finds a fault), its tests and the quick subset,
-#            then the memory-bound rows (h_q 16) timed with it (its splits merged by the combine kernel, then in
-#            the kernel: JAX_FLASHMLA_COMBINE=in_kernel) and with the seesaw, and b 8 with both merges, then
-#            memcheck and racecheck.
+#            then the memory-bound rows (h_q 16) timed with it (the combine kernel launched after it, then as its
+#            programmatic dependent: JAX_FLASHMLA_COMBINE=dependent) and with the seesaw, and b 8 with both
+#            launches, then memcheck and racecheck.
 # Environment: SKIP_BENCH=1 skips the benchmarks; BENCH_ARGS replaces the first one's flags (default --quick;
 # BENCH_ARGS="" runs the full grid); the second times a stacked two-layer pool (--quick --layers 2).
 # Offline machines: put wheels the image lacks (nvidia-cutlass) in .whl/ (scripts/gpu_env.sh installs them).
@@ -107,11 +107,11 @@ if [ "$MODE" = narrow ]; then
   if [ $smoke -eq 0 ] && kernel_tests narrow "narrow or 2-1-140-16"; then
     memory_rows() { step "$1" timeout 150 python3 -m jax_flashmla.bench --h-q 16 --s-q 1,2 --seqlen 4096,16384 \
       --no-baseline --out "$LOG_DIR/$1"; }
-    memory_rows narrow_bench  # the splits merged by the combine kernel (the default)
-    JAX_FLASHMLA_COMBINE=in_kernel memory_rows narrow_merge_bench  # the 16-row kernel merges its splits itself
+    memory_rows narrow_bench  # the combine kernel launched after the decode (the default)
+    JAX_FLASHMLA_COMBINE=dependent memory_rows narrow_dependent_bench  # the combine as the decode's dependent
     JAX_FLASHMLA_DECODE_KERNEL=seesaw memory_rows seesaw_bench
-    # Few sequences, so many splits each: where a merge costs most (about 16 splits a sequence here).
-    for combine in in_kernel separate; do
+    # Few sequences, so many splits each: where the combine costs most (about 16 splits a sequence here).
+    for combine in dependent separate; do
       JAX_FLASHMLA_COMBINE=$combine step narrow_b8_${combine}_bench timeout 90 python3 -m jax_flashmla.bench \
         --batch 8 --h-q 16 --s-q 1 --seqlen 16384 --causal off --no-baseline --out "$LOG_DIR/narrow_b8_${combine}_bench"
     done

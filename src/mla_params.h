@@ -22,9 +22,6 @@
 //   o_accum   (b + num_parts, h_kv, q_rows, dv) float32    lse_accum (b + num_parts, h_kv, q_rows) float32
 //   partial of batch i, local split t, lives at index num_splits[i] + t. A batch with one split is written
 //   straight to out/lse by the decode kernel and skipped by the combine.
-//   split_arrivals (b, h_kv, row blocks of 64 query rows) int32: for a decode kernel that merges the splits
-//   itself (merge_splits), how many of a sequence's splits have stored their partials; the launcher zeroes it,
-//   and the CTA that stores the last one merges them all. No combine launch follows then.
 #pragma once
 
 #include <cstdint>
@@ -86,14 +83,11 @@ struct DecodeParams {
   int q_rows;                // s_q * h_q / h_kv: query rows per head group
   float softmax_scale;
   bool causal;
-  int32_t* split_arrivals;  // (b, h_kv, row blocks) int32, scratch for merge_splits
-  bool merge_splits;        // set by the launcher: the decode kernel merges the splits (launch_decode says so)
 };
 
 // Each launcher checks its arguments' invariants, launches on `stream` and returns the launch's error.
 cudaError_t launch_scheduler(const SchedulerParams& params, cudaStream_t stream);
-// *splits_merged: whether the decode kernel merged the splits itself, so that no combine is needed.
-cudaError_t launch_decode(const DecodeParams& params, ElementType type, cudaStream_t stream, bool* splits_merged);
+cudaError_t launch_decode(const DecodeParams& params, ElementType type, cudaStream_t stream);
 cudaError_t launch_combine(const DecodeParams& params, ElementType type, cudaStream_t stream);
 
 }  // namespace jax_flashmla

@@ -12,7 +12,6 @@ import pytest
 
 import jax_flashmla as jfm
 from jax_flashmla import scheduler
-from jax_flashmla.primitives import mla_decode_p
 from jax_flashmla.reference import mla_decode_reference
 
 from cases import INT32_MAX, INT32_MIN, PAGE, UNUSED_PAGE_ID, lengths, make_problem
@@ -155,42 +154,6 @@ def test_narrow_head_groups(kernel, h_q, h_kv, s_q, dtype, launch_switches, rng_
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("h_q,h_kv,s_q,merged", [(16, 1, 1, True), (8, 1, 2, True), (10, 1, 1, True),
-                                                 (32, 2, 1, True), (16, 1, 2, False)])
-def test_narrow_kernel_merges_splits_as_the_combine_does(h_q, h_kv, s_q, merged, dtype, launch_switches, rng_seed):
-    """With JAX_FLASHMLA_COMBINE=in_kernel the narrow kernel of 16 query rows merges a sequence's splits itself:
-    the CTA that stores the last partial (split_arrivals counts them) merges all of them in split order with the
-    combine kernel's arithmetic. So out and lse are the combine kernel's (the default) bit for bit, whichever CTA
-    finished last. The 32-row kernel always leaves the merge to the combine kernel."""
-    launch_switches(decode_kernel="narrow")
-    rng = np.random.default_rng([rng_seed, h_q, h_kv, s_q])
-    seqlens = lengths(rng, 16, 2048, True, zero_one=True)
-    p = make_problem(rng, batch=16, s_q=s_q, h_q=h_q, h_kv=h_kv, seqlens=seqlens, dtype=dtype)
-    md, splits = jfm.get_mla_metadata(p.cache_seqlens, s_q * h_q // h_kv, h_kv)
-    n_splits = np.diff(np.asarray(splits))
-    assert (n_splits > 1).sum() >= 4, n_splits  # the schedule splits several sequences
-    decode = jax.jit(lambda *args: mla_decode_p.bind(*args, head_dim_v=512, softmax_scale=576 ** -0.5, causal=True,
-                                                     poison_outputs=True))
-    results = {}
-    for combine in ("separate", "in_kernel"):
-        launch_switches(combine=combine)  # which also drops what `decode` compiled under the other setting
-        results[combine] = [np.asarray(x) for x in decode(p.q, p.k_cache, p.block_table, p.cache_seqlens, md, splits,
-                                                          jnp.int32(0))]
-    out_separate, lse_separate, *_, arrivals_separate = results["separate"]
-    out_merged, lse_merged, *_, arrivals_merged = results["in_kernel"]
-    # Which path ran: the in-kernel merge counted every split of the split sequences; the combine left the poison.
-    assert np.all(arrivals_separate == -1)
-    if merged:  # (b, h_kv, 1): each KV head's CTAs count their own arrivals
-        want = np.where(n_splits > 1, n_splits, 0)
-        np.testing.assert_array_equal(arrivals_merged, np.broadcast_to(want[:, None, None], arrivals_merged.shape))
-    else:
-        assert np.all(arrivals_merged == -1)
-    np.testing.assert_array_equal(out_merged.view(np.uint16), out_separate.view(np.uint16))
-    np.testing.assert_array_equal(lse_merged, lse_separate)
-    check_against_reference(p, True, dtype)
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("kernel,h_q,s_q", [("narrow", 16, 1), ("narrow", 16, 2), ("seesaw", 128, 2),
                                            ("hopper", 16, 1)])
 def test_dependent_combine_launch(kernel, h_q, s_q, dtype, launch_switches, rng_seed):
@@ -274,17 +237,16 @@ def test_hostile_runtime_values_stay_in_bounds(rng_seed):
         check_against_reference(problem, causal, jnp.bfloat16)
 
 
-@pytest.mark.parametrize("kernel,head_dim", [("seesaw", 576), ("narrow", 576), ("narrow_in_kernel_merge", 576),
-                                             ("narrow_dependent_combine", 576), ("portable", 512)])
+@pytest.mark.parametrize("kernel,head_dim", [("seesaw", 576), ("narrow", 576), ("narrow_dependent_combine", 576),
+                                             ("portable", 512)])
 def test_hostile_metadata_stays_in_bounds(kernel, head_dim, launch_switches, rng_seed):
     """The schedule is a runtime value too. One computed for other lengths, arbitrary integers, or the extremes of
-    int32 make the results undefined, but no kernel (split-KV, in-kernel merge, combine, its dependent launch) may
+    int32 make the results undefined, but no kernel (split-KV, combine, its dependent launch) may
     fault or read or write out of bounds: compute-sanitizer's memcheck runs this (scripts/sanitize_cases.py; with
     the dependent launch in gpu_check.sh's dependent_* steps). Afterwards the right schedule still gives
     the right answer."""
     launch_switches(decode_kernel="seesaw" if kernel in ("seesaw", "portable") else "narrow",
-                    combine={"narrow_in_kernel_merge": "in_kernel",
-                             "narrow_dependent_combine": "dependent"}.get(kernel, "separate"))
+                    combine="dependent" if kernel == "narrow_dependent_combine" else "separate")
     for problem, causal in hostile_metadata_problems(np.random.default_rng(rng_seed), head_dim):
         check_against_reference(problem, causal, jnp.bfloat16)
 

@@ -47,8 +47,8 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
                       ffi::Buffer<ffi::S32> cache_seqlens, ffi::Buffer<ffi::S32> tile_metadata,
                       ffi::Buffer<ffi::S32> num_splits, ffi::Buffer<ffi::S32> layer, ffi::Result<ffi::AnyBuffer> out,
                       ffi::ResultBuffer<ffi::F32> lse, ffi::ResultBuffer<ffi::F32> o_accum,
-                      ffi::ResultBuffer<ffi::F32> lse_accum, ffi::ResultBuffer<ffi::S32> split_arrivals,
-                      float softmax_scale, bool causal, bool poison_outputs) {
+                      ffi::ResultBuffer<ffi::F32> lse_accum, float softmax_scale, bool causal,
+                      bool poison_outputs) {
   const auto qd = q.dimensions(), bd = block_table.dimensions();
   const auto od = out->dimensions(), md = tile_metadata.dimensions();
   // k_cache is one layer's pool (num_pages, 64, h_kv, d), or a stacked pool (num_layers, num_pages, 64, h_kv, d)
@@ -83,16 +83,14 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
                                        dims_to_string(md) + ", q " + dims_to_string(qd) + ", h_kv " +
                                        std::to_string(h_kv));
   if (o_accum->element_count() != (batch + num_parts) * h_kv * q_rows * head_dim_v ||
-      lse_accum->element_count() != (batch + num_parts) * h_kv * q_rows || lse->element_count() != batch * h_q * s_q ||
-      split_arrivals->element_count() != batch * h_kv * ((q_rows + kRowBlock - 1) / kRowBlock))
+      lse_accum->element_count() != (batch + num_parts) * h_kv * q_rows || lse->element_count() != batch * h_q * s_q)
     return ffi::Error::InvalidArgument("jax_flashmla decode: split-KV buffers do not match the schedule");
 
   if (poison_outputs) {  // testing aid: NaN everywhere, so an element the kernels skip cannot pass for right
     for (auto [ptr, bytes] : {std::pair<void*, size_t>{out->untyped_data(), out->size_bytes()},
                               {lse->untyped_data(), lse->size_bytes()},
                               {o_accum->untyped_data(), o_accum->size_bytes()},
-                              {lse_accum->untyped_data(), lse_accum->size_bytes()},
-                              {split_arrivals->untyped_data(), split_arrivals->size_bytes()}})
+                              {lse_accum->untyped_data(), lse_accum->size_bytes()}})
       if (auto e = cuda_error(cudaMemsetAsync(ptr, 0xFF, bytes, stream), "poisoning outputs"); e.failure()) return e;
   }
 
@@ -108,7 +106,6 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   p.lse = lse->typed_data();
   p.o_accum = o_accum->typed_data();
   p.lse_accum = lse_accum->typed_data();
-  p.split_arrivals = split_arrivals->typed_data();
   p.batch = static_cast<int>(batch);
   p.s_q = static_cast<int>(s_q);
   p.h_q = static_cast<int>(h_q);
@@ -123,10 +120,8 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
   p.softmax_scale = softmax_scale;
   p.causal = causal;
   const ElementType element = type == ffi::DataType::BF16 ? ElementType::kBF16 : ElementType::kFP16;
-  bool splits_merged = false;
-  if (auto e = cuda_error(launch_decode(p, element, stream, &splits_merged), "split-KV decode launch"); e.failure())
-    return e;
-  return splits_merged ? ffi::Error::Success() : cuda_error(launch_combine(p, element, stream), "combine launch");
+  if (auto e = cuda_error(launch_decode(p, element, stream), "split-KV decode launch"); e.failure()) return e;
+  return cuda_error(launch_combine(p, element, stream), "combine launch");
 }
 
 }  // namespace
@@ -154,7 +149,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashmlaDecode, jax_flashmla::DecodeImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // lse
                                   .Ret<ffi::Buffer<ffi::F32>>()   // o_accum
                                   .Ret<ffi::Buffer<ffi::F32>>()   // lse_accum
-                                  .Ret<ffi::Buffer<ffi::S32>>()   // split_arrivals
                                   .Attr<float>("softmax_scale")
                                   .Attr<bool>("causal")
                                   .Attr<bool>("poison_outputs"),

@@ -1,25 +1,29 @@
 // Merges the split-KV partials of sequences with more than one split: one warp per query row, the splits
-// in index order (so the result does not depend on which CTA finished first). decode_narrow.cuh's in-kernel
-// merge does the same arithmetic in the same order. Also home of the element-type dispatch for the decode
-// launcher.
+// in index order (so the result does not depend on which CTA finished first). Also home of the element-type
+// dispatch for the decode launcher.
 #include <cmath>
 
 #include "kernels/element.cuh"
 #include "kernels/launch_environment.h"
-#include "kernels/split_merge.cuh"
 #include "mla_params.h"
 
 namespace jax_flashmla {
 
-cudaError_t launch_decode_bf16(const DecodeParams& p, cudaStream_t stream, bool* splits_merged);
-cudaError_t launch_decode_fp16(const DecodeParams& p, cudaStream_t stream, bool* splits_merged);
+cudaError_t launch_decode_bf16(const DecodeParams& p, cudaStream_t stream);
+cudaError_t launch_decode_fp16(const DecodeParams& p, cudaStream_t stream);
 
-cudaError_t launch_decode(const DecodeParams& params, ElementType type, cudaStream_t stream, bool* splits_merged) {
-  return type == ElementType::kBF16 ? launch_decode_bf16(params, stream, splits_merged)
-                                    : launch_decode_fp16(params, stream, splits_merged);
+cudaError_t launch_decode(const DecodeParams& params, ElementType type, cudaStream_t stream) {
+  return type == ElementType::kBF16 ? launch_decode_bf16(params, stream) : launch_decode_fp16(params, stream);
 }
 
 namespace {
+
+// Whether num_splits gives a sequence more than one split, [first, next), inside the partial buffers' slots
+// [0, slots). The values may be anything (a schedule for other lengths, say), so nothing is computed from them
+// before they are bounded: first + count or next - first could wrap around.
+__device__ __forceinline__ bool several_splits_inside(int first, int next, int slots) {
+  return first >= 0 && first <= slots && next <= slots && next >= first + 2;
+}
 
 constexpr int kCombineWarps = 8;
 static_assert(kMaxQueryRows <= kCombineWarps * kMaxGridYZ, "the grid's z dimension covers every query row");

@@ -1,7 +1,7 @@
 #include "kernels/decode_launch.cuh"
 
 namespace jax_flashmla {
-cudaError_t launch_decode_bf16(const DecodeParams& p, cudaStream_t stream, bool* splits_merged) {
-  return launch_decode_typed<__nv_bfloat16>(p, stream, splits_merged);
+cudaError_t launch_decode_bf16(const DecodeParams& p, cudaStream_t stream) {
+  return launch_decode_typed<__nv_bfloat16>(p, stream);
 }
 }  // namespace jax_flashmla

@@ -61,21 +61,9 @@ constexpr ElementType element_type_of() {
   return std::is_same_v<T, __nv_bfloat16> ? ElementType::kBF16 : ElementType::kFP16;
 }
 
-// Launches the narrow kernel of width kN. The combine kernel merges the splits, unless JAX_FLASHMLA_COMBINE=in_kernel
-// asks the 16-wide kernel to merge each sequence's splits itself (the CTA that stores the last partial); any other
-// value (=separate included) leaves them to the combine kernel. That merge saves a launch but sits on the critical
-// path of the last CTA of each sequence: on the H200 it was no faster at b 128 (within the runs' spread) and 16%
-// slower at b 8 (RESULTS.md 2026-12-05), so it stays opt-in.
+// Launches the narrow kernel of width kN; the combine kernel merges its splits.
 template <typename T, int kN>
-cudaError_t launch_narrow(DecodeParams p, int device, dim3 grid, cudaStream_t stream, const CUtensorMap& kv_map,
-                          bool* splits_merged) {
-  p.merge_splits = narrow::merges_splits<kN>() && p.split_arrivals != nullptr &&
-                   environment_says("JAX_FLASHMLA_COMBINE", "in_kernel");
-  if (p.merge_splits) {
-    const size_t counters = static_cast<size_t>(p.batch) * p.h_kv * grid.x;
-    if (cudaError_t err = cudaMemsetAsync(p.split_arrivals, 0, counters * sizeof(int32_t), stream); err != cudaSuccess)
-      return err;
-  }
+cudaError_t launch_narrow(const DecodeParams& p, int device, dim3 grid, cudaStream_t stream, const CUtensorMap& kv_map) {
   cudaError_t err =
       launch_with_smem<narrow::decode_kernel<T, kN>, narrow::kThreads, narrow::smem_bytes<kN>()>(device, grid, stream,
                                                                                                 p, kv_map);
@@ -86,13 +74,11 @@ cudaError_t launch_narrow(DecodeParams p, int device, dim3 grid, cudaStream_t st
     err = cudaGetLastError();
   }
 #endif
-  *splits_merged = err == cudaSuccess && p.merge_splits;
   return err;
 }
 
 template <typename T>
-cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream, bool* splits_merged) {
-  *splits_merged = false;
+cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream) {
   if (p.head_dim % 8 != 0 || p.head_dim > simt::kMaxHeadDim || p.head_dim_v != simt::kHeadDimV ||
       p.h_kv < 1 || p.h_q % p.h_kv != 0 || p.num_parts < 1 || p.max_pages < 1 || p.q_rows < 1 || p.num_layers < 1 ||
       p.layer_index == nullptr)
@@ -114,8 +100,8 @@ cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream, bool
       return launch_with_smem<hopper::decode_kernel<T>, hopper::kThreads, hopper::kSmemBytes>(device, grid, stream, p,
                                                                                              kv_map);
     if (p.q_rows <= 32 && !decode_kernel_selected("seesaw"))
-      return p.q_rows <= 16 ? launch_narrow<T, 16>(p, device, grid, stream, kv_map, splits_merged)
-                            : launch_narrow<T, 32>(p, device, grid, stream, kv_map, splits_merged);
+      return p.q_rows <= 16 ? launch_narrow<T, 16>(p, device, grid, stream, kv_map)
+                            : launch_narrow<T, 32>(p, device, grid, stream, kv_map);
     CUtensorMap q_map{};  // unused where q_box_bytes is 0
     int q_box_bytes = 0;
     if (cudaError_t err = make_q_tensor_map(&q_map, p, element_type_of<T>(), &q_box_bytes); err != cudaSuccess)

@@ -22,13 +22,11 @@
 // writes P^T; zeroes the page's rows past its valid tokens (they may hold NaN, and P V multiplies them by 0);
 // rescales O^T; issues P V(n), waits for it and frees the page's other tiles; issues S(n+1). After a chunk's
 // last S it issues the next chunk's Q (cp.async), which then lands behind the last P V and the epilogue.
-// A split's partial goes to o_accum; at kN = 16 the CTA that stores a sequence's last one merges them
-// (merge_if_last), so the combine kernel's launch, and its wait for the whole grid, are saved.
+// A split's partial goes to o_accum, and the combine kernel (combine.cu) merges a sequence's partials.
 #pragma once
 
 #include "kernels/decode_hopper.cuh"
 #include "kernels/narrow_stalls.cuh"
-#include "kernels/split_merge.cuh"
 
 namespace jax_flashmla {
 namespace narrow {
@@ -76,15 +74,7 @@ struct alignas(1024) SharedStorage {
   float sum_part[2][4][kN];           // each warp's row sums at a chunk's end, by chunk parity
   uint64_t full[kSlots];              // the slot holds its tile (or was skipped: a page outside the pool)
   uint64_t empty[kSlots];             // the consumer's four warps are done with the slot
-  int last_split;                     // merge_if_last: this CTA stored a sequence's last partial
 };
-// Whether the kernel of width kN merges a sequence's splits itself (Consumer::merge_if_last). At kN = 32 the
-// kernel holds 254 registers: with the merge it spilled (4 rows a warp), or took 255 and its page loop grew by
-// 30-56 instructions (1 or 2 rows). There the combine kernel merges the splits.
-template <int kN>
-constexpr bool merges_splits() {
-  return kN == 16;
-}
 
 template <int kN>
 constexpr int smem_bytes() {
@@ -485,34 +475,6 @@ struct Consumer {
     }
   }
 
-  // After a split's partial is stored: the CTA that stores a sequence's last one (in time) merges them all into out
-  // and lse (split_merge.cuh), so no combine launch follows (p.merge_splits). p.split_arrivals counts the stored
-  // partials; the launcher zeroes it. With this scheduler the last to arrive is mostly a part's last chunk, at the
-  // kernel's end, so the merge is on the critical path: each warp merges kMergeRows rows at once, their loads in
-  // flight together.
-  static constexpr int kMergeRows = 4;
-  __device__ __forceinline__ void merge_if_last(const DecodeParams& p, const Chunk& c) const {
-    const int head_kv = blockIdx.y;
-    const int first = p.num_splits[c.seq], next = p.num_splits[c.seq + 1];
-    // A range outside the buffers means metadata for other lengths: no arrival, nothing merged, as in combine.cu.
-    if (!several_splits_inside(first, next, p.batch + p.num_parts)) return;
-    const int count = next - first;
-    __threadfence();  // this thread's partial stores, visible to whichever CTA merges, before the arrival below
-    hopper::named_sync(kBarConsumer, kConsumerThreads);
-    if (thread == 0) {
-      static_assert(kN <= kRowBlock, "one row block: the counter of (sequence, KV head)");
-      static_assert(kConsumerThreads == 4 * 32, "four warps merge the rows");
-      int* arrivals = p.split_arrivals + static_cast<size_t>(c.seq) * p.h_kv + head_kv;
-      s.last_split = atomicAdd(arrivals, 1) == count - 1;
-    }
-    hopper::named_sync(kBarConsumer, kConsumerThreads);
-    if (!s.last_split) return;
-    __threadfence();  // the other CTAs' partials, stored before their arrivals
-#pragma unroll 1
-    for (int row0 = warp * kMergeRows; row0 < p.q_rows; row0 += 4 * kMergeRows)
-      merge_split_rows<T, kMergeRows>(p, c.seq, head_kv, first, count, row0, lane);
-  }
-
   // Issues the Q load of the chunk after `seq` if it has pages to compute (called after the chunk's last S), so that
   // it lands behind this chunk's last P V and epilogue. Returns whether it did.
   __device__ __forceinline__ bool prefetch_next_q(const DecodeParams& p, const PartWalk& walk, int seq) const {
@@ -612,9 +574,7 @@ struct Consumer {
         // wait inside the epilogue.
         warpgroup_wait<0>();
       }
-      JFM_TIMED(stall_chunk_ends, epilogue(p, c, tO, m, sum, chunks_done & 1); if constexpr (merges_splits<kN>()) {
-        if (p.merge_splits && !c.final_output) merge_if_last(p, c);
-      });
+      JFM_TIMED(stall_chunk_ends, epilogue(p, c, tO, m, sum, chunks_done & 1));
       ++chunks_done;
     }
 #ifdef JFM_NARROW_STALLS

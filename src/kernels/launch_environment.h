@@ -1,10 +1,9 @@
 // The environment variables the launchers read at every launch (so a test or a benchmark can switch them between
 // calls; under CUDA graphs the captured choice stays):
 //   JAX_FLASHMLA_DECODE_KERNEL  which Hopper decode kernel runs (decode_launch.cuh);
-//   JAX_FLASHMLA_COMBINE        how a sequence's splits are merged: the combine kernel launched after the decode
-//                               (unset or =separate), the same kernel launched as a programmatic dependent of the
-//                               decode (=dependent, combine.cu), or the 16-row narrow kernel merging them itself
-//                               (=in_kernel, decode_launch.cuh).
+//   JAX_FLASHMLA_COMBINE        how the combine kernel, which merges a sequence's splits, is launched: after the
+//                               decode (unset or =separate), or as a programmatic dependent of the decode
+//                               (=dependent, combine.cu).
 #pragma once
 
 #include <cstdlib>
