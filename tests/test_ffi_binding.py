@@ -5,6 +5,7 @@ added on one side alone would fail every GPU test of the next session, and CI ha
 bindings from the C++ source and compares them, in order and element type, with the lowered custom calls.
 """
 
+import inspect
 import pathlib
 import re
 
@@ -19,18 +20,27 @@ BUFFER_TYPES = {"ffi::Buffer<ffi::S32>": "i32", "ffi::Buffer<ffi::F32>": "f32", 
 ATTRIBUTE_TYPES = {"float": r"-?[0-9.e+-]+ : f32", "bool": r"true|false"}
 
 
+def without_comments(source: str) -> str:
+    """C++ source with its comments blanked: a commented-out binding step must not count."""
+    return re.sub(r"//[^\n]*|/\*.*?\*/", " ", source, flags=re.S)
+
+
 def bindings() -> dict:
-    """Target name -> {"args": [element type or None], "rets": [...], "attrs": {name: C++ type}}."""
-    handlers = (SRC / "handlers.cc").read_text()
+    """Target name -> {"args": [element type or None], "rets": [...], "attrs": {name: C++ type},
+    "params": the handler function's parameter names in order (the stream first)}."""
+    handlers = without_comments((SRC / "handlers.cc").read_text())
     symbols = dict(re.findall(r'targets\["(\w+)"\]\s*=\s*nb::capsule\(reinterpret_cast<void\*>\((\w+)\)\)',
-                              (SRC / "module.cc").read_text()))
+                              without_comments((SRC / "module.cc").read_text())))
     found = {}
-    for symbol, chain in re.findall(r"XLA_FFI_DEFINE_HANDLER_SYMBOL\((\w+),\s*[\w:]+,\s*ffi::Ffi::Bind\(\)(.*?),\s*\{",
-                                    handlers, re.S):
+    for symbol, impl, chain in re.findall(
+            r"XLA_FFI_DEFINE_HANDLER_SYMBOL\((\w+),\s*(?:\w+::)*(\w+),\s*ffi::Ffi::Bind\(\)(.*?),\s*\{", handlers, re.S):
         steps = re.findall(r'\.(Arg|Ret|Attr|Ctx)<((?:[^<>]|<[^<>]*>)*)>(?:\("(\w+)"\))?', chain)
+        signature, = re.findall(rf"ffi::Error {impl}\((.*?)\)\s*\{{", handlers, re.S)
         found[symbol] = {"args": [BUFFER_TYPES[t] for kind, t, _ in steps if kind == "Arg"],
                          "rets": [BUFFER_TYPES[t] for kind, t, _ in steps if kind == "Ret"],
-                         "attrs": {name: t for kind, t, name in steps if kind == "Attr"}}
+                         "attrs": {name: t for kind, t, name in steps if kind == "Attr"},
+                         "params": [param.split()[-1] for param in signature.split(",")]}
+        assert len(found[symbol]["params"]) == len(steps), (symbol, found[symbol]["params"], steps)
     assert sorted(symbols.values()) == sorted(found), (symbols, found)
     return {target: found[symbol] for target, symbol in symbols.items()}
 
@@ -54,6 +64,23 @@ def lowered_calls() -> dict:
     return calls
 
 
+def test_handler_parameters_follow_the_primitives_operands():
+    """Element types cannot tell two int32 operands apart: the handlers' parameter names, in binding order, must be
+    the primitives' operand names, and their trailing ones the attribute names."""
+    from jax_flashmla import primitives
+
+    found = bindings()
+    for target, abstract_eval in (("jax_flashmla_mla_metadata", primitives._metadata_abstract_eval),
+                                  ("jax_flashmla_mla_decode", primitives._decode_abstract_eval)):
+        operands = [name for name, param in inspect.signature(abstract_eval).parameters.items()
+                    if param.kind is param.POSITIONAL_OR_KEYWORD]
+        binding = found[target]
+        params = binding["params"][1:]  # after the stream
+        assert params[:len(operands)] == operands, (target, params, operands)
+        if binding["attrs"]:
+            assert params[-len(binding["attrs"]):] == list(binding["attrs"]), (target, params, binding["attrs"])
+
+
 @pytest.mark.skipif(not jfm.kernels_built(), reason="the cuda lowering needs the CUDA extension built")
 def test_bindings_match_the_lowered_custom_calls():
     expected, calls = bindings(), lowered_calls()
@@ -74,8 +101,9 @@ def test_the_binding_parser_reads_every_handler():
     """The parse itself, without the extension: both targets, and the decode's known arity."""
     found = bindings()
     assert sorted(found) == ["jax_flashmla_mla_decode", "jax_flashmla_mla_metadata"]
-    assert found["jax_flashmla_mla_metadata"] == {"args": ["i32"], "rets": ["i32", "i32"], "attrs": {}}
+    assert found["jax_flashmla_mla_metadata"] == {"args": ["i32"], "rets": ["i32", "i32"], "attrs": {},
+                                                  "params": ["stream", "cache_seqlens", "tile_metadata", "num_splits"]}
     decode = found["jax_flashmla_mla_decode"]
     assert decode["args"] == [None, None, "i32", "i32", "i32", "i32", "i32"]
     assert decode["attrs"] == {"softmax_scale": "float", "causal": "bool", "poison_outputs": "bool"}
-    assert decode["rets"][:4] == [None, "f32", "f32", "f32"]
+    assert decode["rets"] == [None, "f32", "f32", "f32"]

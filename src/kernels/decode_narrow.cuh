@@ -55,7 +55,7 @@ template <int kN>
 struct Storage {
   static constexpr int kQBytes = kN * kHeadDim * 2;
   static constexpr int kPBytes = kN * kBlockN * 2;
-  static constexpr int kFixedBytes = kQBytes + kPBytes + (2 * 4 * kN + 2 * 4 * kN) * 4 + 16 + 1024 /* alignment */;
+  static constexpr int kFixedBytes = kQBytes + kPBytes + (2 * 4 * kN + 2 * 4 * kN) * 4 + 1024 /* alignment */;
   static constexpr int kFitSlots = (kSmemLimit - kFixedBytes) / (kChunkBytes + 2 * 8);
 #ifdef JFM_NARROW_RING_SLOTS  // an experiment's cap on the ring (NOTES.md, version 2.14): fewer loads in flight
   static constexpr int kSlots = JFM_NARROW_RING_SLOTS < kFitSlots ? JFM_NARROW_RING_SLOTS : kFitSlots;

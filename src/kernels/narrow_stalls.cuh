@@ -1,6 +1,6 @@
 // Where the narrow kernel's time goes, in a build made with -DJFM_NARROW_STALLS (scripts/compare_builds.sh takes
 // the flag): the consumer's cycles waiting for page tiles to land (the DRAM side binds), waiting for its wgmmas
-// (the tensor pipe binds), and in chunk ends (epilogue and merge); the producer's cycles waiting for a free ring
+// (the tensor pipe binds), and in chunk ends (the epilogue); the producer's cycles waiting for a free ring
 // slot (the consumer binds). A one-thread kernel after each decode prints the means per CTA of every 32 decodes of
 // one shape. In every other build the macros only run their statement, and the kernels are unchanged.
 #pragma once
