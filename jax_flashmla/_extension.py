@@ -8,6 +8,8 @@ reference, and says why once.
 from __future__ import annotations
 
 import functools
+import hashlib
+import pathlib
 import warnings
 
 import jax
@@ -15,6 +17,8 @@ import jaxlib
 
 # CMakeLists.txt builds every kernel for sm_90a alone: they load on compute capability 9.0 GPUs only.
 KERNEL_COMPUTE_CAPABILITY = "9.0"
+# Present in a source checkout only; an installed package comes with the extension built beside it.
+HANDLERS_SOURCE = pathlib.Path(__file__).resolve().parents[1] / "src" / "ffi" / "handlers.cc"
 
 
 class KernelsUnavailableWarning(UserWarning):
@@ -26,7 +30,8 @@ def _load():
         import _jax_flashmla_cuda as ext  # noqa: PLC0415 (optional compiled module)
     except ImportError as err:
         return None, (f"the CUDA kernels were not built ({err}); install with nvcc on PATH to build them")
-    return ext, check_abi(ext.built_against_jaxlib(), jaxlib.__version__)
+    return ext, (check_abi(ext.built_against_jaxlib(), jaxlib.__version__)
+                 or check_handlers(getattr(ext, "handlers_sha256", lambda: None)(), HANDLERS_SOURCE))
 
 
 def check_abi(built_against: str, running: str) -> str | None:
@@ -36,6 +41,18 @@ def check_abi(built_against: str, running: str) -> str | None:
                 "(XLA FFI handlers are tied to the jaxlib whose headers built them); rebuild with "
                 "`pip install --no-build-isolation --force-reinstall .` in this environment")
     return None
+
+
+def check_handlers(built_from_sha256: str | None, source: pathlib.Path) -> str | None:
+    """A source checkout finds the installed extension (a top-level module). If that was built from other FFI
+    handlers, its custom calls may take other operands or results than this checkout's primitives emit, which
+    XLA would refuse only when a call runs on the GPU: refuse it here, naming the fix."""
+    if not source.is_file():
+        return None
+    if built_from_sha256 == hashlib.sha256(source.read_bytes()).hexdigest():
+        return None
+    return (f"the installed CUDA extension was built from other FFI handlers than this checkout's {source} "
+            f"(an older build?); rebuild with `pip install --no-build-isolation --force-reinstall .` here")
 
 
 _ext, _why_not = _load()

@@ -223,6 +223,27 @@ def test_cpu_lowering_has_no_custom_call():
     assert "custom_call @jax_flashmla" not in text
 
 
+def test_an_extension_built_from_other_handlers_is_refused(tmp_path):
+    """A source checkout imports the installed extension; one built from other FFI handlers (an older install) is
+    refused at import with the fix, instead of failing when XLA runs a call whose operands it does not take."""
+    import hashlib
+
+    from jax_flashmla._extension import HANDLERS_SOURCE, check_handlers
+
+    source = tmp_path / "handlers.cc"
+    source.write_text("// the handlers\n")
+    built = hashlib.sha256(source.read_bytes()).hexdigest()
+    assert check_handlers(built, source) is None
+    assert check_handlers(built, tmp_path / "absent.cc") is None  # an installed package: no source beside it
+    for other in ("0" * 64, None):  # other handlers, or an extension too old to say
+        message = check_handlers(other, source)
+        assert "built from other FFI handlers" in message and "--force-reinstall" in message
+    if jfm.kernels_built() and HANDLERS_SOURCE.is_file():  # this checkout's own build
+        import _jax_flashmla_cuda
+
+        assert _jax_flashmla_cuda.handlers_sha256() == hashlib.sha256(HANDLERS_SOURCE.read_bytes()).hexdigest()
+
+
 def test_abi_mismatch_message_names_both_versions():
     from jax_flashmla._extension import check_abi
 

@@ -15,4 +15,6 @@ NB_MODULE(_jax_flashmla_cuda, m) {
   });
   m.def("built_against_jaxlib", [] { return JFM_BUILT_AGAINST_JAXLIB; },
         "The jaxlib whose XLA FFI headers this extension was compiled with.");
+  m.def("handlers_sha256", [] { return JFM_HANDLERS_SHA256; },
+        "SHA-256 of the src/ffi/handlers.cc this extension was compiled from.");
 }
