@@ -68,6 +68,12 @@ for name in "${names[@]}"; do
     continue
   fi
   export PYTHONPATH=/tmp/variant_$name${base_path:+:$base_path}
+  # The checkout's package imports the variant's extension: one it refuses (built from other FFI handlers, say)
+  # would leave the pure-JAX path to be timed.
+  if ! why=$(python3 -c "import jax_flashmla as j; assert j.kernels_available(), j.why_kernels_unavailable()" 2>&1); then
+    printf '%-8s build  unusable: %s\n' "$name" "$(echo "$why" | tail -n 1)" | tee -a "$summary"
+    continue
+  fi
   steps=(check bench)
   [ "$CHECK_TESTS" = none ] || [[ $name == probe* ]] && steps=(bench)
   [ "${BOUNDARY_ROW:-1}" = 0 ] || steps+=(boundary)
