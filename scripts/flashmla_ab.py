@@ -71,7 +71,8 @@ def build_flashmla(src: Path, build_dir: Path, register_usage_level: int):
     includes = [src / "csrc", src / "csrc" / "api", src / "csrc" / "kerutils" / "include", src / "csrc" / "sm90",
                 cutlass / "include", cutlass / "tools" / "util" / "include", Path(CUDA_HOME) / "include" / "cccl"]
     return load(name=f"flashmla_dense_ab_rul{register_usage_level}",
-                sources=[str(binding), *(str(src / s) for s in FLASHMLA_SOURCES)], extra_cflags=common, extra_cuda_cflags=nvcc, extra_include_paths=[str(p) for p in includes],
+                sources=[str(binding), *(str(src / s) for s in FLASHMLA_SOURCES)], extra_cflags=common,
+                extra_cuda_cflags=nvcc, extra_include_paths=[str(p) for p in includes],
                 build_directory=str(build_dir), verbose=False)
 
 
