@@ -80,14 +80,14 @@ def check_unsupported_features(**arguments):
     """FlashMLA's FP8 cache and sparse-attention arguments, accepted by name so its calls port unchanged, but
     refused unless they keep their defaults (False or None): those kernels do not exist here yet."""
     for name, value in arguments.items():
+        if value is None:
+            continue
         if name == "is_fp8_kvcache":
-            if value is None or (_is_int(value) or isinstance(value, (bool, np.bool_))) and not value:
-                continue  # any false Python or NumPy value, as FlashMLA's dense path takes
             if not isinstance(value, (bool, np.bool_, int, np.integer)):
                 raise TypeError(f"is_fp8_kvcache must be a Python bool known at trace time, got {_short(value)}")
+            if not value:
+                continue  # any false Python or NumPy value (or None), as FlashMLA's dense path takes
             what, default = "the FP8 KV cache", "False"
-        elif value is None:
-            continue
         else:
             what, default = "sparse attention", "None"
         raise NotImplementedError(f"{name}={_short(value)}: {what} is not supported yet by jax_flashmla; leave "

@@ -37,3 +37,11 @@ def decode_oracle(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
                 out[i, s, h] = weights @ keys[:, :head_dim_v] / (weights.sum() + sink_weight)
                 lse[i, h, s] = np.log(weights.sum()) + top
     return out, lse
+
+
+def problem_oracle(p, causal, softmax_scale=576**-0.5, attn_sink=None):
+    """decode_oracle of a cases.Problem, float32 inputs widened here; the pool's unowned slots hold NaN, which no
+    visible key reaches, made finite all the same."""
+    with np.errstate(over="ignore"):  # exp of a sink of +inf
+        return decode_oracle(np.asarray(p.q, np.float32), np.nan_to_num(np.asarray(p.k_cache, np.float32), nan=1e30),
+                             p.block_table, p.cache_seqlens, 512, softmax_scale, causal, attn_sink=attn_sink)

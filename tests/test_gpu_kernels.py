@@ -15,7 +15,7 @@ from jax_flashmla import scheduler
 from jax_flashmla.reference import mla_decode_reference
 
 from cases import INT32_MAX, INT32_MIN, PAGE, UNUSED_PAGE_ID, lengths, make_problem
-from oracle import decode_oracle
+from oracle import problem_oracle
 from tolerances import assert_lse_close, assert_out_close
 
 pytestmark = pytest.mark.gpu
@@ -61,11 +61,11 @@ def reference_f32(q, k_cache, block_table, cache_seqlens, *, causal, softmax_sca
 
 
 @functools.partial(jax.jit, static_argnames=("causal",))
-def kernel_call(q, k_cache, block_table, cache_seqlens, *, causal):
+def kernel_call(q, k_cache, block_table, cache_seqlens, attn_sink=None, *, causal):
     h_q, h_kv = q.shape[2], k_cache.shape[2]
     md, splits = jfm.get_mla_metadata(cache_seqlens, q.shape[1] * h_q // h_kv, h_kv)
     return jfm.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, md, splits, causal=causal,
-                                      poison_outputs=True)
+                                      attn_sink=attn_sink, poison_outputs=True)
 
 
 def check_against_reference(problem, causal, dtype, kernel_q=None):
@@ -212,18 +212,8 @@ def test_attention_sink_on_the_kernels(h_q, s_q, rng_seed):
                      dtype=jnp.bfloat16)
     sink = rng.normal(size=h_q).astype(np.float32)
     sink[:2] = -np.inf, np.inf
-
-    @jax.jit
-    def decode(q, k_cache, block_table, cache_seqlens, sink):
-        md, splits = jfm.get_mla_metadata(cache_seqlens, s_q * h_q, 1)
-        return jfm.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, md, splits, causal=True,
-                                          attn_sink=sink, poison_outputs=True)
-
-    out, lse = decode(p.q, p.k_cache, p.block_table, p.cache_seqlens, jnp.asarray(sink))
-    with np.errstate(over="ignore"):
-        want_out, want_lse = decode_oracle(np.asarray(p.q, np.float32),
-                                           np.nan_to_num(np.asarray(p.k_cache, np.float32), nan=1e30),
-                                           p.block_table, p.cache_seqlens, 512, 576**-0.5, True, attn_sink=sink)
+    out, lse = kernel_call(p.q, p.k_cache, p.block_table, p.cache_seqlens, jnp.asarray(sink), causal=True)
+    want_out, want_lse = problem_oracle(p, True, attn_sink=sink)
     assert_out_close(out, want_out, jnp.bfloat16)
     assert_lse_close(lse, want_lse)
     assert np.all(np.asarray(out, np.float32)[:, :, 1] == 0) and np.all(np.asarray(out, np.float32)[1] == 0)

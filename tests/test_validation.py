@@ -136,9 +136,8 @@ def test_flashmla_call_forms_port_unchanged(rng_seed):
     newest = jfm.flash_mla_with_kvcache(*args, sched_meta, no_splits, None, True, False, None, None, None, None,
                                         None, None)
     # Its README calls get_mla_metadata with arguments and passes num_splits=None (which its decode requires).
-    md_only, _ = jfm.get_mla_metadata(p.cache_seqlens, 2 * 8 // 2, 2, 8, False, None)
     newest_readme = jax.jit(lambda md, *a: jfm.flash_mla_with_kvcache(*a, 512, md, None, causal=True, is_fp8_kvcache=0,
-                                                                      indices=None))(md_only, *args[:4])
+                                                                      indices=None))(md, *args[:4])
     for got in (older, newest, newest_readme):
         for g, w in zip(got, want):
             np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
