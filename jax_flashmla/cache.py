@@ -10,6 +10,10 @@ field; the kernels and `write` only ever follow the table. A page several rows s
 not be written through any of them: two rows writing one slot is a race, and one row's write changes what the
 others read. Copy-on-write is the caller's (give the writing row a page of its own first).
 
+FP8 (DeepSeek-V3.2's layout, fp8_cache.py): `create(dtype=jnp.float8_e4m3fn)` keeps each 576-dim token as 656
+packed bytes, (num_layers, num_pages, 64, h_kv, 656); `write` packs what it stores. Sparse attention reads such a
+pool (flash_mla_with_kvcache with indices= and is_fp8_kvcache=True; `sparse_indices` makes the indices).
+
 Writes go through scatters on the device. Inside `jax.jit(..., donate_argnums=...)` with the cache donated,
 XLA updates the pool in place: a decode step moves only the new tokens' bytes.
 """
@@ -24,23 +28,31 @@ import numpy as np
 
 from . import validation
 from .constants import PAGE_SIZE
+from .fp8_cache import FP8_TOKEN_BYTES, HEAD_DIM as FP8_HEAD_DIM, is_packed_fp8, quantize_kv_cache
 from .sharding import scatter_tokens
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
-    pages: jax.Array  # (num_layers, num_pages, 64, h_kv, d)
+    pages: jax.Array  # (num_layers, num_pages, 64, h_kv, d), or (..., 656) packed FP8 tokens
     block_table: jax.Array  # (b, max_pages_per_seq) int32
     seqlens: jax.Array  # (b,) int32, tokens stored per sequence
 
     @classmethod
     def create(cls, *, batch_size: int, max_seq_len: int, num_layers: int = 1, num_heads_k: int = 1,
                head_dim: int = 576, dtype=jnp.bfloat16, block_table=None, num_pages: int | None = None):
-        """An empty cache with room for max_seq_len tokens per sequence."""
+        """An empty cache with room for max_seq_len tokens per sequence. dtype=jnp.float8_e4m3fn keeps the tokens
+        packed in DeepSeek-V3.2's FP8 layout (head_dim must then be 576)."""
         if batch_size < 1 or max_seq_len < 1 or num_layers < 1 or num_heads_k < 1:
             raise ValueError("batch_size, max_seq_len, num_layers and num_heads_k must be positive, got "
                              f"{batch_size}, {max_seq_len}, {num_layers}, {num_heads_k}")
+        width = head_dim
+        if np.dtype(dtype) == np.dtype(jnp.float8_e4m3fn):
+            if head_dim != FP8_HEAD_DIM:
+                raise ValueError(f"an FP8 cache packs {FP8_HEAD_DIM}-dim tokens (512 latent + 64 rope dims), got "
+                                 f"head_dim={head_dim}")
+            width = FP8_TOKEN_BYTES
         max_pages = -(-max_seq_len // PAGE_SIZE)
         if block_table is None:
             block_table = jnp.arange(batch_size * max_pages, dtype=jnp.int32).reshape(batch_size, max_pages)
@@ -55,7 +67,7 @@ class PagedKVCache:
             if block_table.shape[1] < max_pages:
                 raise ValueError(f"block_table has {block_table.shape[1]} columns, fewer than the {max_pages} pages "
                                  f"max_seq_len={max_seq_len} needs")
-        pages = jnp.zeros((num_layers, num_pages, PAGE_SIZE, num_heads_k, head_dim), dtype)
+        pages = jnp.zeros((num_layers, num_pages, PAGE_SIZE, num_heads_k, width), dtype)
         return cls(pages=pages, block_table=block_table, seqlens=jnp.zeros((batch_size,), jnp.int32))
 
     @property
@@ -67,14 +79,42 @@ class PagedKVCache:
     def num_layers(self) -> int:
         return self.pages.shape[0]
 
+    @property
+    def is_fp8(self) -> bool:
+        """Are the tokens packed in the FP8 layout (pass is_fp8_kvcache=self.is_fp8 to the decode)."""
+        return is_packed_fp8(self.pages)
+
+    @property
+    def head_dim(self) -> int:
+        """Dims of a token as written and read: 576 for an FP8 cache, else the pool's last axis."""
+        return FP8_HEAD_DIM if self.is_fp8 else self.pages.shape[-1]
+
     def layer_pages(self, layer) -> jax.Array:
         """The page pool of one layer, (num_pages, 64, h_kv, d), FlashMLA's k_cache. flash_mla_with_kvcache
         also takes `pages` with layer=, which the kernels read in place whatever XLA does with a slice."""
         return self.pages[layer]
 
+    def sparse_indices(self, positions) -> jax.Array:
+        """Token positions of each sequence, (b, ..., topk) integers such as an indexer's top-k picks, -> the
+        indices sparse attention takes (FlashMLA's indices_in_kvcache): page * 64 + slot into one layer's pool,
+        through block_table. -1 where the position lies outside [0, capacity) or its page id outside
+        [0, num_pages), so that no index can wrap around in int32. Positions past seqlens are not masked: the
+        slots they name may not have been written."""
+        positions = jnp.asarray(positions)
+        batch = self.block_table.shape[0]
+        if not jnp.issubdtype(positions.dtype, jnp.integer) or positions.ndim < 2 or positions.shape[0] != batch:
+            raise TypeError(f"positions must be integers of shape ({batch}, ..., topk), got shape "
+                            f"{tuple(positions.shape)} and dtype {np.dtype(positions.dtype).name}")
+        ok = (positions >= 0) & (positions < self.capacity)
+        positions = jnp.where(ok, positions, 0).astype(jnp.int32)
+        rows = positions.reshape(batch, -1)
+        page = jnp.take_along_axis(self.block_table, rows // PAGE_SIZE, axis=1).reshape(positions.shape)
+        ok &= (page >= 0) & (page < min(self.pages.shape[1], 2**31 // PAGE_SIZE))  # page * 64 + slot fits int32
+        return jnp.where(ok, page * PAGE_SIZE + positions % PAGE_SIZE, -1).astype(jnp.int32)
+
     def write(self, kv, *, layer=0, num_new=None) -> "PagedKVCache":
         """Store kv (b, s_new, h_kv, d) at positions seqlens[i] + j of `layer`'s pool (seqlens clipped to
-        [0, capacity], as the decode clips them); seqlens unchanged.
+        [0, capacity], as the decode clips them); seqlens unchanged. An FP8 cache packs kv (d = 576) first.
 
         layer: a Python int in [0, num_layers), or a traced integer scalar, clamped into that range as the decode
         clamps it (so a write and a read at the same index meet).
@@ -83,7 +123,7 @@ class PagedKVCache:
         Tokens that fall past the capacity or on an invalid page id are dropped, never written elsewhere.
         """
         kv = jnp.asarray(kv)
-        _, num_pages, _, h_kv, head_dim = self.pages.shape
+        num_pages, h_kv, head_dim = self.pages.shape[1], self.pages.shape[3], self.head_dim
         batch = self.block_table.shape[0]
         if kv.ndim != 4 or kv.shape[0] != batch or kv.shape[2:] != (h_kv, head_dim):
             raise ValueError(f"kv must have shape ({batch}, s_new, {h_kv}, {head_dim}), got shape {tuple(kv.shape)}")
@@ -104,6 +144,8 @@ class PagedKVCache:
         # Dropped tokens get an out-of-range page id, which mode="drop" discards.
         page = jnp.where(keep, page, num_pages)
         # The scatter partitions over a mesh like the decode (jax_flashmla/sharding.py).
+        if self.is_fp8:
+            kv = jax.lax.bitcast_convert_type(quantize_kv_cache(kv), self.pages.dtype)  # float8 or uint8 storage
         pages = scatter_tokens(self.pages, kv.astype(self.pages.dtype), page, positions % PAGE_SIZE,
                                validation.clamp_layer(layer, self.num_layers))
         return dataclasses.replace(self, pages=pages)

@@ -63,6 +63,24 @@ def decode_query_sharding(mesh) -> jax.sharding.NamedSharding:
     return NamedSharding(mesh, spec)
 
 
+def _entry_dtype(cache: PagedKVCache):
+    """The dtype of the decode's query and of the entries handed to cache.write: the pool's, or bfloat16 for an
+    FP8 pool (write packs them)."""
+    return jnp.bfloat16 if cache.is_fp8 else cache.pages.dtype
+
+
+def _causal_positions(topk_positions, cache: PagedKVCache, s_q: int):
+    """topk_positions (b, s_q, topk) with -1 where query s may not look: past its own position, seqlens + s."""
+    topk_positions = jnp.asarray(topk_positions)
+    batch = cache.block_table.shape[0]
+    if (topk_positions.ndim != 3 or topk_positions.shape[:2] != (batch, s_q)
+            or not jnp.issubdtype(topk_positions.dtype, jnp.integer)):
+        raise TypeError(f"topk_positions must be integers of shape ({batch}, {s_q}, topk), got shape "
+                        f"{tuple(topk_positions.shape)} and dtype {topk_positions.dtype}")
+    own = jnp.clip(cache.seqlens, 0, cache.capacity)[:, None] + jnp.arange(s_q, dtype=jnp.int32)  # (b, s_q)
+    return jnp.where(topk_positions <= own[:, :, None], topk_positions, -1)
+
+
 @dataclasses.dataclass(frozen=True)
 class MLAConfig:
     """Sizes of one MLA layer; the defaults are DeepSeek-V3's."""
@@ -253,7 +271,7 @@ class MultiHeadLatentAttention(nnx.Module):
         out = self._output(jnp.einsum("bhqk,bkhv->bqhv", probs, v))
 
         if cache is not None:
-            cache = cache.write(self._cache_entries(c_kv, k_pe, cache.pages.dtype), layer=layer, num_new=lengths)
+            cache = cache.write(self._cache_entries(c_kv, k_pe, _entry_dtype(cache)), layer=layer, num_new=lengths)
         return out, cache
 
     # --- decode ------------------------------------------------------------------------------------------
@@ -266,6 +284,7 @@ class MultiHeadLatentAttention(nnx.Module):
         layer: int = 0,
         tile_scheduler_metadata: jax.Array | None = None,
         num_splits: jax.Array | None = None,
+        topk_positions: jax.Array | None = None,
     ) -> tuple[jax.Array, PagedKVCache]:
         """s_q new tokens per sequence (causal among themselves) against the paged latent cache.
 
@@ -277,15 +296,22 @@ class MultiHeadLatentAttention(nnx.Module):
         tile_scheduler_metadata / num_splits: get_mla_metadata(seqlens + s_q, s_q * num_heads, 1), computed
         once per step by the caller and shared by all layers (None: computed here).
         With a mesh, the FlashMLA query is constrained to P("data", None, "model", None) (class docstring).
+        topk_positions: DeepSeek-V3.2's sparse attention: (b, s_q, topk) integer token positions each query
+          attends to (its indexer's top-k picks; repeats count twice), instead of the whole sequence. Positions
+          a query may not see (past its own, so causal still holds; negative; past the capacity) are dropped.
+          It runs in XLA (no CUDA kernel yet), and is the only way to read an FP8 cache.
         Returns (out (b, s_q, hidden), cache with this layer's entries written).
         """
         c = self.config
         c.check_paged_decode()
+        if cache.is_fp8 and topk_positions is None:
+            raise ValueError("an FP8 cache is read by sparse attention only: pass topk_positions= (dense decode of "
+                             "an FP8 cache is not supported yet)")
         b, s_q, _ = x.shape
         positions = cache.seqlens[:, None] + jnp.arange(s_q, dtype=jnp.int32)
         q_nope, q_pe = self._queries(x, positions)
         c_kv, k_pe = self._latents(x, positions)
-        kv_dtype = cache.pages.dtype
+        kv_dtype = _entry_dtype(cache)
         cache = cache.write(self._cache_entries(c_kv, k_pe, kv_dtype), layer=layer)
 
         w_uk, w_uv = self._up_projections()
@@ -293,17 +319,23 @@ class MultiHeadLatentAttention(nnx.Module):
         q = jnp.concatenate([q_latent, q_pe], axis=-1).astype(kv_dtype)
         if self.mesh is not None:  # batch over "data", heads over "model": each device runs h / |model| heads
             q = jax.lax.with_sharding_constraint(q, decode_query_sharding(self.mesh))
-        out_latent, _ = flash_mla_with_kvcache(
-            q,
-            cache.pages,  # the stacked pool: the kernels read layer `layer` in place
-            cache.block_table,
-            cache.seqlens + s_q,
-            c.kv_lora_rank,
-            tile_scheduler_metadata=tile_scheduler_metadata,
-            num_splits=num_splits,
-            softmax_scale=c.softmax_scale,
-            causal=True,
-            layer=layer,
-        )
+        if topk_positions is None:
+            out_latent, _ = flash_mla_with_kvcache(
+                q,
+                cache.pages,  # the stacked pool: the kernels read layer `layer` in place
+                cache.block_table,
+                cache.seqlens + s_q,
+                c.kv_lora_rank,
+                tile_scheduler_metadata=tile_scheduler_metadata,
+                num_splits=num_splits,
+                softmax_scale=c.softmax_scale,
+                causal=True,
+                layer=layer,
+            )
+        else:
+            out_latent, _ = flash_mla_with_kvcache(
+                q, cache.pages, None, None, c.kv_lora_rank, softmax_scale=c.softmax_scale,
+                is_fp8_kvcache=cache.is_fp8, indices=cache.sparse_indices(_causal_positions(topk_positions, cache, s_q)),
+                layer=layer)
         o = jnp.einsum("bshr,rhv->bshv", out_latent.astype(c.dtype), w_uv)  # absorb W_UV into the output
         return self._output(o), cache

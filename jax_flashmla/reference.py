@@ -9,6 +9,12 @@ compare the kernels against it. Semantics, shared with the kernels:
   * causal with s_q > 1 aligns the queries to the end: query token s sees keys [0, L - s_q + s];
   * a query that sees no key gets out = 0 and lse = +inf (FlashMLA's convention for empty sequences);
   * an optional attention sink (apply_attention_sink) acts on out alone, after the decode.
+Sparse attention (DeepSeek-V3.2; sparse_decode_reference, sparse_prefill_reference) reads the keys its indices
+name instead of whole sequences:
+  * an index counts tokens of the flattened cache: page * page_size + slot (FlashMLA's indices_in_kvcache);
+  * an index outside [0, num_tokens), and every index at or past a row's topk_length, is ignored;
+  * a repeated index is a repeated key (it counts twice), and there is no causal mask;
+  * a packed FP8 cache (fp8_cache.py) is unpacked after the gather, so only the tokens read are unpacked.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from .constants import PAGE_SIZE
+from .fp8_cache import dequantize_kv_cache, is_packed_fp8
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # float32 products even where the default would use TF32
 
@@ -56,19 +63,30 @@ def mla_decode_reference(q, k_cache, block_table, cache_seqlens, *, head_dim_v: 
 
     queries = q.astype(jnp.float32).reshape(batch, s_q, h_kv, group, head_dim)
     scores = jnp.einsum("bskgd,btkd->bkgst", queries, keys, precision=_HIGHEST) * softmax_scale
-    scores = jnp.where(mask[:, None, None, :, :], scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    probs = jnp.exp(scores - row_max)
-    row_sum = jnp.sum(probs, axis=-1, keepdims=True)
+    probs, row_max, row_sum = _masked_softmax_parts(jnp.where(mask[:, None, None, :, :], scores, -jnp.inf))
     weighted = jnp.einsum("bkgst,btkv->bkgsv", probs, keys[..., :head_dim_v], precision=_HIGHEST)
-    seen_any = row_sum > 0
-    out = jnp.where(seen_any, weighted / jnp.where(seen_any, row_sum, 1.0), 0.0)
-    lse = jnp.where(seen_any, jnp.log(jnp.where(seen_any, row_sum, 1.0)) + row_max, jnp.inf)
+    out, lse = _normalise(weighted, row_max, row_sum)
 
     out = out.transpose(0, 3, 1, 2, 4).reshape(batch, s_q, h_q, head_dim_v).astype(q.dtype)
     lse = lse[..., 0].reshape(batch, h_q, s_q)  # (b, h_kv, g, s_q) -> (b, h_q, s_q)
     return out, lse
+
+
+def _masked_softmax_parts(scores):
+    """scores (..., T) with -inf where masked -> unnormalised probs, row max (finite, 0 for an empty row) and row
+    sum (0 for an empty row), both (..., 1)."""
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    probs = jnp.exp(scores - row_max)
+    return probs, row_max, jnp.sum(probs, axis=-1, keepdims=True)
+
+
+def _normalise(weighted, row_max, row_sum):
+    """probs @ V and the row statistics -> out (0 for a query that saw no key) and lse (..., 1) (+inf for it)."""
+    seen_any = row_sum > 0
+    safe_sum = jnp.where(seen_any, row_sum, 1.0)
+    out = jnp.where(seen_any, weighted / safe_sum, 0.0)
+    return out, jnp.where(seen_any, jnp.log(safe_sum) + row_max, jnp.inf)
 
 
 def apply_attention_sink(out, lse, attn_sink):
@@ -84,3 +102,80 @@ def apply_attention_sink(out, lse, attn_sink):
     factor = jnp.where(sink_is_inf, 0.0, jax.nn.sigmoid(lse - jnp.where(sink_is_inf, 0.0, sink)))
     factor = factor.transpose(0, 2, 1)[..., None]  # (b, s_q, h_q, 1)
     return (out.astype(jnp.float32) * factor).astype(out.dtype)
+
+
+def _index_ok(indices, num_tokens: int, topk_length=None):
+    """Which entries of indices (n, ..., topk) name a key: inside [0, num_tokens) and, with topk_length (n,),
+    before the row's topk_length."""
+    ok = indices >= 0
+    if num_tokens <= jnp.iinfo(jnp.int32).max:  # a larger cache holds every non-negative int32 index
+        ok &= indices < num_tokens
+    if topk_length is not None:
+        rank = jnp.arange(indices.shape[-1], dtype=jnp.int32)
+        ok &= rank < topk_length.reshape(topk_length.shape + (1,) * (indices.ndim - 1))
+    return ok
+
+
+def gather_sparse_keys(k_cache, indices, topk_length=None):
+    """k_cache (num_pages, page_size, h_kv, d), or packed FP8 tokens (..., 656); indices (b, s_q, topk) int32;
+    topk_length (b,) int32 or None -> keys (b, s_q, topk, h_kv, 576 or d) float32, zero where ignored, and
+    valid (b, s_q, topk)."""
+    num_pages, page_size, h_kv, width = k_cache.shape
+    tokens = k_cache.reshape(num_pages * page_size, h_kv, width)
+    valid = _index_ok(indices, tokens.shape[0], topk_length)
+    rows = tokens[jnp.where(valid, indices, 0)]  # (b, s_q, topk, h_kv, width)
+    rows = dequantize_kv_cache(rows, jnp.float32) if is_packed_fp8(k_cache) else rows.astype(jnp.float32)
+    # Ignored entries read token 0, which may hold NaN; zeroed so that 0 * NaN cannot reach P @ V.
+    return jnp.where(valid[..., None, None], rows, 0.0), valid
+
+
+def _sparse_attention(q, keys, valid, head_dim_v: int, softmax_scale: float):
+    """q (n, h_q, d); keys (n, h_kv, T, d) float32, zero where not valid; valid (n, h_kv, T) -> out (n, h_q,
+    head_dim_v) float32, lse (n, h_q), max_logits (n, h_q) (-inf for a query that saw no key)."""
+    n, h_q, head_dim = q.shape
+    h_kv = keys.shape[1]
+    queries = q.astype(jnp.float32).reshape(n, h_kv, h_q // h_kv, head_dim)
+    scores = jnp.einsum("nkgd,nktd->nkgt", queries, keys, precision=_HIGHEST) * softmax_scale
+    scores = jnp.where(valid[:, :, None, :], scores, -jnp.inf)
+    probs, row_max, row_sum = _masked_softmax_parts(scores)
+    weighted = jnp.einsum("nkgt,nktv->nkgv", probs, keys[..., :head_dim_v], precision=_HIGHEST)
+    out, lse = _normalise(weighted, row_max, row_sum)
+    return (out.reshape(n, h_q, head_dim_v), lse.reshape(n, h_q), jnp.max(scores, axis=-1).reshape(n, h_q))
+
+
+def sparse_decode_reference(q, k_cache, indices, *, head_dim_v: int, softmax_scale: float, topk_length=None,
+                            extra_k_cache=None, extra_indices=None, extra_topk_length=None):
+    """DeepSeek-V3.2 sparse decode: query token s of sequence i attends to the keys indices[i, s, :] names (and
+    extra_indices[i, s, :] in extra_k_cache, whose page size may differ), shared by all KV heads.
+
+    q (b, s_q, h_q, d); k_cache (num_pages, page_size, h_kv, d) or packed FP8 (..., 656) with d = 576.
+    Returns out (b, s_q, h_q, head_dim_v) in q.dtype and lse (b, h_q, s_q) float32, as the dense decode does.
+    """
+    batch, s_q, h_q, head_dim = q.shape
+    keys, valid = gather_sparse_keys(k_cache, indices, topk_length)
+    if extra_k_cache is not None:
+        extra_keys, extra_valid = gather_sparse_keys(extra_k_cache, extra_indices, extra_topk_length)
+        keys = jnp.concatenate([keys, extra_keys], axis=2)
+        valid = jnp.concatenate([valid, extra_valid], axis=2)
+    n, num_keys, h_kv = batch * s_q, keys.shape[2], keys.shape[3]
+    keys = keys.reshape(n, num_keys, h_kv, head_dim).transpose(0, 2, 1, 3)  # (n, h_kv, T, d)
+    valid = jnp.broadcast_to(valid.reshape(n, 1, num_keys), (n, h_kv, num_keys))
+    out, lse, _ = _sparse_attention(q.reshape(n, h_q, head_dim), keys, valid, head_dim_v, softmax_scale)
+    out = out.reshape(batch, s_q, h_q, head_dim_v).astype(q.dtype)
+    return out, lse.reshape(batch, s_q, h_q).transpose(0, 2, 1)
+
+
+def sparse_prefill_reference(q, kv, indices, *, head_dim_v: int, softmax_scale: float, topk_length=None):
+    """DeepSeek-V3.2 sparse prefill (FlashMLA's flash_mla_sparse_fwd): query token s reads, for KV head k, the
+    tokens indices[s, k, :] of kv; query head h reads KV head h // (h_q // h_kv).
+
+    q (s_q, h_q, d); kv (s_kv, h_kv, d); indices (s_q, h_kv, topk) int32; topk_length (s_q,) int32 or None.
+    Returns out (s_q, h_q, head_dim_v) in q.dtype, max_logits (s_q, h_q) float32 (the largest scaled score,
+    -inf for a query that saw no key) and lse (s_q, h_q) float32 (+inf for it).
+    """
+    s_kv, h_kv = kv.shape[:2]
+    valid = _index_ok(indices, s_kv, topk_length)
+    rows = kv[jnp.where(valid, indices, 0), jnp.arange(h_kv)[None, :, None]]  # (s_q, h_kv, topk, d)
+    keys = jnp.where(valid[..., None], rows.astype(jnp.float32), 0.0)
+    out, lse, max_logits = _sparse_attention(q, keys, valid, head_dim_v, softmax_scale)
+    return out.astype(q.dtype), max_logits, lse

@@ -203,6 +203,20 @@ def gathered(x):
     return jax.sharding.reshard(x, sharding.update(spec=P()))
 
 
+def under_auto_axes(f, q, *args, out_specs):
+    """f(q, *args) for plain-jnp computations such as sparse attention, whose gathers XLA partitions by itself over
+    Auto mesh axes but which Explicit axes would make ambiguous: there it runs with the axes switched to Auto,
+    and its results come back split as out_specs(q's spec, padded with None to q's rank) says. Elsewhere f
+    runs as it is."""
+    q_sharding = explicit_sharding(q)
+    if q_sharding is None:
+        return f(q, *args)
+    spec = tuple(q_sharding.spec) + (None,) * (q.ndim - len(q_sharding.spec))
+    out_sharding = jax.tree.map(lambda s: q_sharding.update(spec=s), out_specs(spec),
+                                is_leaf=lambda x: isinstance(x, P))
+    return jax.sharding.auto_axes(f, out_sharding=out_sharding)(q, *args)
+
+
 def split_like_heads(per_head, lse):
     """A (h_q,) array split as lse's head axis (lse is (b, h_q, s_q)) under Explicit axes, so that an elementwise
     epilogue pairs each head with its own; as it is elsewhere. Replicated in, it is a local slice, no collective."""

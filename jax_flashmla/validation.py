@@ -8,6 +8,8 @@ import numpy as np
 
 from .constants import (MAX_GRID_YZ, MAX_PAGES_PER_SEQ, MAX_QUERY_ROWS, MAX_SCHEDULE_PARTS, MAX_SCHEDULED_BATCH,
                         METADATA_ROW_INTS, PAGE_SIZE, SUPPORTED_HEAD_DIM_V, SUPPORTED_HEAD_DIMS)
+from .fp8_cache import FP8_TOKEN_BYTES, is_packed_fp8
+from .fp8_cache import HEAD_DIM as FP8_HEAD_DIM
 from .scheduler import max_scheduled_blocks
 
 ATTENTION_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)  # float32 runs the reference on every platform
@@ -76,22 +78,30 @@ def check_metadata_args(num_q_tokens_per_head_k, num_heads_k, num_sms=None, num_
                          f"got {num_sms!r}")
 
 
-def check_unsupported_features(**arguments):
-    """FlashMLA's FP8 cache and sparse-attention arguments, accepted by name so its calls port unchanged, but
-    refused unless they keep their defaults (False or None): those kernels do not exist here yet."""
-    for name, value in arguments.items():
-        if value is None:
-            continue
-        if name == "is_fp8_kvcache":
-            if not isinstance(value, (bool, np.bool_, int, np.integer)):
-                raise TypeError(f"is_fp8_kvcache must be a Python bool known at trace time, got {_short(value)}")
-            if not value:
-                continue  # any false Python or NumPy value (or None), as FlashMLA's dense path takes
-            what, default = "the FP8 KV cache", "False"
-        else:
-            what, default = "sparse attention", "None"
-        raise NotImplementedError(f"{name}={_short(value)}: {what} is not supported yet by jax_flashmla; leave "
-                                  f"{name} at its default ({default})")
+def check_fp8_flag(is_fp8_kvcache) -> bool:
+    """FlashMLA's is_fp8_kvcache: a Python or NumPy bool or int (or None, false), known at trace time."""
+    if is_fp8_kvcache is None:
+        return False
+    if not isinstance(is_fp8_kvcache, (bool, np.bool_, int, np.integer)):
+        raise TypeError(f"is_fp8_kvcache must be a Python bool known at trace time, got {_short(is_fp8_kvcache)}")
+    return bool(is_fp8_kvcache)
+
+
+def check_topk(topk):
+    if not _is_int(topk) or topk < 1:
+        raise ValueError(f"topk must be None (dense attention) or a positive Python int, got {topk!r}")
+
+
+def check_dense_call(is_fp8_kvcache: bool, **sparse_only):
+    """A call without indices is dense: the sparse-only arguments must be None, and the cache not FP8."""
+    for name, value in sparse_only.items():
+        if value is not None:
+            raise ValueError(f"{name}={_short(value)} is an argument of sparse attention: pass indices= as well, "
+                             f"or leave {name} None")
+    if is_fp8_kvcache:
+        raise NotImplementedError("is_fp8_kvcache=True without indices: the FP8 KV cache (DeepSeek-V3.2's layout, "
+                                  "jax_flashmla.quantize_kv_cache) is read by sparse attention (indices=) only; "
+                                  "dense decode of an FP8 cache is not supported yet")
 
 
 def _short(value) -> str:
@@ -144,15 +154,25 @@ def clamp_layer(layer, num_layers: int):
     return jnp.clip(jnp.asarray(layer, jnp.int32), 0, num_layers - 1)
 
 
-def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_metadata, num_splits, layer=None):
-    _require_rank("q", q, 4, "(batch, s_q, h_q, head_dim)")
-    batch, s_q, h_q, head_dim = q.shape
+def _check_query(q, layout="(batch, s_q, h_q, head_dim)"):
+    _require_rank("q", q, len(layout.split(",")), layout)
     if q.dtype not in ATTENTION_DTYPES:
         raise TypeError(f"q must be bfloat16 or float16 (float32 runs the reference only), got {_describe(q)}")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"q's head dim must be one of {SUPPORTED_HEAD_DIMS}, got {_describe(q)}")
-    if batch == 0 or s_q == 0 or h_q == 0:
-        raise ValueError(f"q must have non-empty batch, s_q and h_q, got {_describe(q)}")
+    if 0 in q.shape:
+        raise ValueError(f"q must have non-empty axes {layout}, got {_describe(q)}")
+
+
+def _check_head_dim_v(head_dim_v, head_dim: int):
+    if not _is_int(head_dim_v) or head_dim_v > head_dim or head_dim_v != SUPPORTED_HEAD_DIM_V:
+        raise ValueError(f"head_dim_v must be {SUPPORTED_HEAD_DIM_V} (and at most q's head dim {head_dim}), "
+                         f"got {head_dim_v!r}")
+
+
+def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_metadata, num_splits, layer=None):
+    _check_query(q)
+    batch, s_q, h_q, head_dim = q.shape
 
     if k_cache.ndim != 5:
         _require_rank("k_cache", k_cache, 4, f"(num_pages, {PAGE_SIZE}, h_kv, head_dim) or rank 5 (num_layers, "
@@ -160,7 +180,9 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_m
     check_layer(k_cache, layer)
     num_pages, page_size, h_kv, k_dim = k_cache.shape[-4:]
     if k_cache.dtype != q.dtype:
-        raise TypeError(f"k_cache must have q's dtype {np.dtype(q.dtype).name}, got {_describe(k_cache)}")
+        hint = (" (it holds packed FP8 tokens, which only sparse attention reads: pass indices= and "
+                "is_fp8_kvcache=True)" if is_packed_fp8(k_cache) else "")
+        raise TypeError(f"k_cache must have q's dtype {np.dtype(q.dtype).name}{hint}, got {_describe(k_cache)}")
     if page_size != PAGE_SIZE:
         raise ValueError(f"k_cache pages must hold {PAGE_SIZE} tokens (axis {k_cache.ndim - 3}), got "
                          f"{_describe(k_cache)}")
@@ -175,9 +197,7 @@ def check_decode_args(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_m
         raise ValueError(f"k_cache's h_kv must be at most {MAX_GRID_YZ} and s_q * h_q / h_kv at most {MAX_QUERY_ROWS} "
                          f"(CUDA grid limits), got q with {_describe(q)} and h_kv {h_kv}")
 
-    if not isinstance(head_dim_v, (int, np.integer)) or head_dim_v > head_dim or head_dim_v != SUPPORTED_HEAD_DIM_V:
-        raise ValueError(f"head_dim_v must be {SUPPORTED_HEAD_DIM_V} (and at most q's head dim {head_dim}), "
-                         f"got {head_dim_v!r}")
+    _check_head_dim_v(head_dim_v, head_dim)
 
     _require_rank("block_table", block_table, 2, "(batch, max_pages_per_seq)")
     _require_int32("block_table", block_table)
@@ -215,3 +235,87 @@ def check_softmax_scale(softmax_scale):
         raise TypeError(f"softmax_scale must be a Python float known at trace time, got {type(softmax_scale).__name__}")
     if not np.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale must be finite and positive, got {softmax_scale!r}")
+
+
+def _check_sparse_cache(name, cache, q, is_fp8_kvcache: bool):
+    """A cache sparse attention gathers from: (num_pages, page_size, h_kv, d) of q's dtype, or packed FP8."""
+    num_pages, page_size, h_kv, width = cache.shape[-4:]
+    head_dim = q.shape[-1]
+    if is_fp8_kvcache:
+        if not is_packed_fp8(cache):
+            raise TypeError(f"{name} must hold packed FP8 tokens with is_fp8_kvcache=True: float8_e4m3fn or uint8, "
+                            f"{FP8_TOKEN_BYTES} bytes a token (jax_flashmla.quantize_kv_cache packs them), got "
+                            f"{_describe(cache)}")
+        if head_dim != FP8_HEAD_DIM:
+            raise ValueError(f"q's head dim must be {FP8_HEAD_DIM} with an FP8 cache, got {_describe(q)}")
+    else:
+        if cache.dtype != q.dtype:
+            hint = " (it holds packed FP8 tokens: pass is_fp8_kvcache=True)" if is_packed_fp8(cache) else ""
+            raise TypeError(f"{name} must have q's dtype {np.dtype(q.dtype).name}{hint}, got {_describe(cache)}")
+        if width != head_dim:
+            raise ValueError(f"{name}'s head dim must equal q's ({head_dim}), got {_describe(cache)}")
+    if 0 in (num_pages, page_size, h_kv) or cache.shape[0] == 0:
+        raise ValueError(f"{name} must have at least one page, token slot and KV head, got {_describe(cache)}")
+    if q.shape[2] % h_kv:
+        raise ValueError(f"q's h_q ({q.shape[2]}) must be a multiple of {name}'s h_kv ({h_kv})")
+
+
+def _check_indices(name, indices, leading: tuple, layout: str):
+    _require_rank(name, indices, len(leading) + 1, layout)
+    _require_int32(name, indices)
+    if indices.shape[:-1] != leading or indices.shape[-1] == 0:
+        raise ValueError(f"{name} must have shape {layout} = ({', '.join(map(str, leading))}, topk >= 1), got "
+                         f"{_describe(indices)}")
+
+
+def _check_topk_length(name, topk_length, rows: int, what: str):
+    if topk_length is None:
+        return
+    _require_rank(name, topk_length, 1, f"({what},)")
+    _require_int32(name, topk_length)
+    if topk_length.shape[0] != rows:
+        raise ValueError(f"{name} must have shape ({rows},) (one count per {what}), got {_describe(topk_length)}")
+
+
+def check_sparse_decode_args(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length,
+                             head_dim_v, is_fp8_kvcache: bool, causal: bool, layer=None):
+    _check_query(q)
+    batch, s_q, _, head_dim = q.shape
+    if causal:
+        raise ValueError("causal must be False with sparse attention (indices=): the indices choose each query's keys")
+    _check_head_dim_v(head_dim_v, head_dim)
+    if k_cache.ndim != 5:
+        _require_rank("k_cache", k_cache, 4, "(num_pages, page_size, h_kv, head_dim) or rank 5 (num_layers, "
+                      "num_pages, page_size, h_kv, head_dim) with layer=")
+    check_layer(k_cache, layer)
+    _check_sparse_cache("k_cache", k_cache, q, is_fp8_kvcache)
+    _check_indices("indices", indices, (batch, s_q), "(batch, s_q, topk)")
+    _check_topk_length("topk_length", topk_length, batch, "sequence")
+    if (extra_k_cache is None) != (extra_indices is None):
+        raise ValueError("extra_k_cache and extra_indices_in_kvcache go together: pass both or neither")
+    if extra_k_cache is None:
+        if extra_topk_length is not None:
+            raise ValueError("extra_topk_length counts entries of extra_indices_in_kvcache: pass that (and "
+                             "extra_k_cache) as well, or leave extra_topk_length None")
+        return
+    _require_rank("extra_k_cache", extra_k_cache, 4, "(num_pages, page_size, h_kv, head_dim)")
+    _check_sparse_cache("extra_k_cache", extra_k_cache, q, is_fp8_kvcache)
+    if extra_k_cache.shape[2] != k_cache.shape[-2]:
+        raise ValueError(f"extra_k_cache must have k_cache's h_kv ({k_cache.shape[-2]}), got {_describe(extra_k_cache)}")
+    _check_indices("extra_indices_in_kvcache", extra_indices, (batch, s_q), "(batch, s_q, extra_topk)")
+    _check_topk_length("extra_topk_length", extra_topk_length, batch, "sequence")
+
+
+def check_sparse_prefill_args(q, kv, indices, head_dim_v, topk_length):
+    _check_query(q, "(s_q, h_q, head_dim)")
+    s_q, h_q, head_dim = q.shape
+    _check_head_dim_v(head_dim_v, head_dim)
+    _require_rank("kv", kv, 3, "(s_kv, h_kv, head_dim)")
+    if kv.dtype != q.dtype:
+        raise TypeError(f"kv must have q's dtype {np.dtype(q.dtype).name}, got {_describe(kv)}")
+    if kv.shape[2] != head_dim or 0 in kv.shape:
+        raise ValueError(f"kv must have shape (s_kv >= 1, h_kv >= 1, {head_dim}) (q's head dim), got {_describe(kv)}")
+    if h_q % kv.shape[1]:
+        raise ValueError(f"q's h_q ({h_q}) must be a multiple of kv's h_kv ({kv.shape[1]})")
+    _check_indices("indices", indices, (s_q, kv.shape[1]), "(s_q, h_kv, topk)")
+    _check_topk_length("topk_length", topk_length, s_q, "query token")

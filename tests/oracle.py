@@ -30,13 +30,64 @@ def decode_oracle(q, k_cache, block_table, cache_seqlens, head_dim_v, softmax_sc
                 continue
             for h in range(h_q):
                 keys = np.stack([k_cache[pg, slot, h // group] for pg, slot in tokens])
-                scores = keys @ q[i, s, h] * softmax_scale
-                top = scores.max()
-                weights = np.exp(scores - top)
-                sink_weight = 0.0 if attn_sink is None else np.exp(np.float64(attn_sink[h]) - top)
-                out[i, s, h] = weights @ keys[:, :head_dim_v] / (weights.sum() + sink_weight)
-                lse[i, h, s] = np.log(weights.sum()) + top
+                out[i, s, h], lse[i, h, s], _ = attend(q[i, s, h], keys, head_dim_v, softmax_scale,
+                                                       None if attn_sink is None else attn_sink[h])
     return out, lse
+
+
+def attend(query, keys, head_dim_v, softmax_scale, sink=None):
+    """One query row over its keys (n >= 1, d), float64 -> (out (head_dim_v,), lse, max score); the sink, a
+    logit whose value vector is zero, takes a share of the softmax and is left out of lse."""
+    scores = keys @ query * softmax_scale
+    top = scores.max()
+    weights = np.exp(scores - top)
+    sink_weight = 0.0 if sink is None else np.exp(np.float64(sink) - top)
+    return weights @ keys[:, :head_dim_v] / (weights.sum() + sink_weight), np.log(weights.sum()) + top, top
+
+
+def sparse_decode_oracle(q, scopes, head_dim_v, softmax_scale, attn_sink=None):
+    """Sparse decode from its semantics (reference.py's docstring). scopes: (k_cache float (num_pages, page_size,
+    h_kv, d), indices (b, s_q, topk), topk_length (b,) or None) for the cache and the extra cache; each query
+    attends to the keys all scopes name, in order."""
+    q = np.asarray(q, np.float64)
+    batch, s_q, h_q, _ = q.shape
+    out = np.zeros((batch, s_q, h_q, head_dim_v))
+    lse = np.full((batch, h_q, s_q), np.inf)
+    for i in range(batch):
+        for s in range(s_q):
+            tokens = []
+            for k_cache, indices, topk_length in scopes:
+                flat = np.asarray(k_cache, np.float64).reshape(-1, *np.shape(k_cache)[2:])
+                limit = indices.shape[-1] if topk_length is None else min(max(int(topk_length[i]), 0), indices.shape[-1])
+                tokens += [flat[t] for t in np.asarray(indices)[i, s, :limit] if 0 <= t < len(flat)]
+            if not tokens:
+                continue
+            keys = np.stack(tokens)  # (n, h_kv, d)
+            group = h_q // keys.shape[1]
+            for h in range(h_q):
+                out[i, s, h], lse[i, h, s], _ = attend(q[i, s, h], keys[:, h // group], head_dim_v, softmax_scale,
+                                                       None if attn_sink is None else attn_sink[h])
+    return out, lse
+
+
+def sparse_prefill_oracle(q, kv, indices, head_dim_v, softmax_scale, topk_length=None, attn_sink=None):
+    """flash_mla_sparse_fwd from its semantics: q (s_q, h_q, d), kv (s_kv, h_kv, d), indices (s_q, h_kv, topk)
+    -> out, max_logits (-inf where no key), lse (+inf where no key)."""
+    q, kv, indices = np.asarray(q, np.float64), np.asarray(kv, np.float64), np.asarray(indices)
+    s_q, h_q, _ = q.shape
+    s_kv, h_kv, _ = kv.shape
+    out = np.zeros((s_q, h_q, head_dim_v))
+    max_logits = np.full((s_q, h_q), -np.inf)
+    lse = np.full((s_q, h_q), np.inf)
+    for s in range(s_q):
+        limit = indices.shape[-1] if topk_length is None else min(max(int(topk_length[s]), 0), indices.shape[-1])
+        for h in range(h_q):
+            kv_head = h // (h_q // h_kv)
+            tokens = [kv[t, kv_head] for t in indices[s, kv_head, :limit] if 0 <= t < s_kv]
+            if tokens:
+                out[s, h], lse[s, h], max_logits[s, h] = attend(q[s, h], np.stack(tokens), head_dim_v, softmax_scale,
+                                                                None if attn_sink is None else attn_sink[h])
+    return out, max_logits, lse
 
 
 def problem_oracle(p, causal, softmax_scale=576**-0.5, attn_sink=None):

@@ -146,3 +146,29 @@ def test_create_and_write_refuse_bad_shapes():
         cache.write(jnp.ones((5,)))
     with pytest.raises(TypeError, match="kv must be a floating-point array"):
         cache.write(jnp.ones((2, 1, 1, 8), jnp.int32))
+
+
+@pytest.mark.parametrize("storage", [jnp.float8_e4m3fn, jnp.uint8])
+def test_fp8_cache_packs_what_it_writes(storage, rng_seed):
+    """An FP8 pool holds each written token as quantize_kv_cache packs it (float8 or, built by hand, uint8
+    storage), in the slot a bf16 pool would use; slots nobody wrote stay zero."""
+    rng = np.random.default_rng(rng_seed)
+    table = jnp.asarray([[2, 0], [1, 3]], jnp.int32)
+    cache = jfm.PagedKVCache.create(batch_size=2, max_seq_len=128, num_layers=2, head_dim=576,
+                                    dtype=jnp.float8_e4m3fn, block_table=table, num_pages=4)
+    assert cache.is_fp8 and cache.head_dim == 576 and cache.pages.shape == (2, 4, 64, 1, 656)
+    if storage == jnp.uint8:
+        cache = dataclasses.replace(cache, pages=jnp.zeros(cache.pages.shape, jnp.uint8))
+        assert cache.is_fp8
+    tokens = jnp.asarray(rng.standard_normal((2, 70, 1, 576)), jnp.bfloat16)
+    cache = cache.write(tokens, layer=1, num_new=jnp.asarray([70, 3]))
+    packed = np.asarray(jfm.quantize_kv_cache(tokens)).view(np.uint8)
+    pool = np.asarray(cache.pages).view(np.uint8)
+    for i, count in enumerate((70, 3)):
+        for t in range(count):
+            np.testing.assert_array_equal(pool[1, int(table[i, t // 64]), t % 64], packed[i, t])
+    assert not pool[0].any() and not pool[1, 3].any() and not pool[1, 1, 3:].any()
+    with pytest.raises(ValueError, match=r"an FP8 cache packs 576-dim tokens .* got head_dim=512"):
+        jfm.PagedKVCache.create(batch_size=1, max_seq_len=64, head_dim=512, dtype=jnp.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"kv must have shape \(2, s_new, 1, 576\)"):
+        cache.write(jnp.zeros((2, 1, 1, 656)))

@@ -196,6 +196,68 @@ def test_absorbed_decode_equals_plain_prefill(s_q):
             np.testing.assert_allclose(outs[t][i], expect, rtol=2e-4, atol=2e-5)
 
 
+def _prompted_cache(module, dtype, lengths=(9, 70), capacity=128, seed=3):
+    """A cache of `dtype` holding random prompts of `lengths`, and the next two tokens of each sequence."""
+    config = module.config
+    rng = np.random.default_rng(seed)
+    x_prompt = jnp.asarray(rng.standard_normal((len(lengths), max(lengths), config.hidden_size)), jnp.float32)
+    x_new = jnp.asarray(rng.standard_normal((len(lengths), 2, config.hidden_size)), jnp.float32)
+    cache = PagedKVCache.create(batch_size=len(lengths), max_seq_len=capacity, head_dim=576, dtype=dtype)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    _, cache = PREFILL(module, x_prompt, lengths, cache)
+    return cache.advance(lengths), x_new
+
+
+def test_sparse_decode_over_all_positions_equals_dense():
+    """topk_positions naming every slot of the cache (its query's later positions are dropped, keeping causal) is
+    the dense decode; s_q = 2, so the first new token must not see the second."""
+    module = random_module(small_config(q_lora_rank=32), seed=2)
+    cache, x_new = _prompted_cache(module, jnp.float32)
+    dense, dense_cache = DECODE(module, x_new, cache)
+    every = jnp.broadcast_to(jnp.arange(-3, cache.capacity + 5, dtype=jnp.int32), (2, 2, cache.capacity + 8))
+    sparse, sparse_cache = DECODE(module, x_new, cache, topk_positions=every)
+    np.testing.assert_allclose(np.asarray(sparse), np.asarray(dense), rtol=2e-4, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(sparse_cache.pages), np.asarray(dense_cache.pages))
+
+
+def test_sparse_decode_reads_only_the_chosen_positions():
+    module = random_module(small_config(q_lora_rank=32), seed=4)
+    cache, x_new = _prompted_cache(module, jnp.float32)
+    rng = np.random.default_rng(5)
+    chosen = np.stack([rng.choice(n + 2, size=(2, 6)) for n in (9, 70)]).astype(np.int32)  # (b, s_q, 6)
+    chosen[:, 1, 0] = np.array([10, 71])  # the second new token itself
+    out, _ = DECODE(module, x_new, cache, topk_positions=jnp.asarray(chosen))
+    # NaN in every slot nobody chose (the new tokens' slots are written by the decode before it reads).
+    keep = np.zeros(cache.pages.shape[:3], bool)
+    table = np.asarray(cache.block_table)
+    for i in range(2):
+        for t in set(chosen[i].ravel()):
+            keep[0, table[i, t // 64], t % 64] = True
+    poisoned = jnp.where(jnp.asarray(keep)[..., None, None], cache.pages, jnp.nan)
+    again, _ = DECODE(module, x_new, dataclasses.replace(cache, pages=poisoned), topk_positions=jnp.asarray(chosen))
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(out))
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_fp8_cache_decodes_through_sparse_attention():
+    """The V3.2 setting: an FP8 cache (prefill packs the entries) read by sparse decode in bf16; close to the float32
+    cache's dense decode up to FP8 and bf16 rounding. Dense decode of an FP8 cache is refused with the way out."""
+    module = random_module(dataclasses.replace(small_config(q_lora_rank=32), dtype=jnp.bfloat16), seed=6)
+    reference = random_module(small_config(q_lora_rank=32), seed=6)
+    nnx.update(module, nnx.state(reference))
+    fp8_cache, x_new = _prompted_cache(module, jnp.float8_e4m3fn)
+    assert fp8_cache.is_fp8 and fp8_cache.pages.shape[-1] == 656
+    f32_cache, _ = _prompted_cache(reference, jnp.float32)
+    want, _ = DECODE(reference, x_new, f32_cache)
+    every = jnp.broadcast_to(jnp.arange(fp8_cache.capacity, dtype=jnp.int32), (2, 2, fp8_cache.capacity))
+    got, new_cache = DECODE(module, x_new.astype(jnp.bfloat16), fp8_cache, topk_positions=every)
+    assert got.dtype == jnp.bfloat16 and new_cache.is_fp8
+    err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)))
+    assert 0 < err < 0.08 * float(jnp.max(jnp.abs(want))), err
+    with pytest.raises(ValueError, match="an FP8 cache is read by sparse attention only: pass topk_positions="):
+        module.decode(x_new.astype(jnp.bfloat16), fp8_cache)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Against HF transformers' DeepseekV3Attention
 # --------------------------------------------------------------------------------------------------------

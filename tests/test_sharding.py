@@ -272,6 +272,38 @@ def test_attention_sink_split_on_another_axis(rng_seed):
     assert got[0].sharding.is_equivalent_to(NamedSharding(mesh, P("data", None, "model", None)), 4)
 
 
+@eight_devices
+@pytest.mark.parametrize("axis_types", [AxisType.Auto, AxisType.Explicit])
+def test_sparse_attention_partitions_through_xla(axis_types, rng_seed):
+    """Sparse decode and prefill are plain jnp: over Auto axes XLA partitions them, over Explicit axes they run
+    with the axes switched to Auto. Either way they equal the single-device call, come back split as q's batch
+    (tokens) and heads, and move no data while the cache is replicated."""
+    rng = np.random.default_rng(rng_seed)
+    q = jnp.asarray(rng.normal(size=(8, 2, 8, 576)) / 10, jnp.float32)
+    k_cache = jnp.asarray(rng.normal(size=(6, 64, 1, 576)) / 10, jnp.float32)
+    indices = jnp.asarray(rng.integers(-1, 6 * 64 + 9, size=(8, 2, 48)), jnp.int32)
+    topk_length = jnp.asarray(rng.integers(0, 60, size=8), jnp.int32)
+    sink = jnp.asarray(rng.normal(size=8), jnp.float32)
+    sparse_decode = lambda q, k, i, t, s: jfm.flash_mla_with_kvcache(q, k, None, None, 512, indices=i, topk_length=t,
+                                                                     attn_sink=s)
+    prefill = lambda q, kv, i, t, s: jfm.flash_mla_sparse_fwd(q, kv, i, 0.05, attn_sink=s, topk_length=t)
+    prefill_args = (q[:, 0], k_cache.reshape(-1, 1, 576), indices[:, :1], topk_length)
+    want = sparse_decode(q, k_cache, indices, topk_length, sink), prefill(*prefill_args, sink)
+    mesh = make_mesh((4, 2), axis_types)
+    with jax.set_mesh(mesh):
+        got_decode = run_without_collectives(sparse_decode, *put(
+            mesh, (q, P("data", None, "model")), (k_cache, P()), (indices, P("data")), (topk_length, P("data")),
+            (sink, P("model"))))
+        got_prefill = run_without_collectives(prefill, *put(
+            mesh, (prefill_args[0], P("data", "model")), (prefill_args[1], P()), (prefill_args[2], P("data")),
+            (topk_length, P("data")), (sink, P("model"))))
+    assert_same((got_decode, got_prefill), want)
+    assert got_decode[0].sharding.is_equivalent_to(NamedSharding(mesh, P("data", None, "model", None)), 4)
+    assert got_decode[1].sharding.is_equivalent_to(NamedSharding(mesh, P("data", "model", None)), 3)
+    for result in got_prefill:
+        assert result.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "model")), result.ndim)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Unsupported layouts
 

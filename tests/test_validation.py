@@ -154,21 +154,6 @@ def test_flashmla_call_forms_port_unchanged(rng_seed):
 LENGTHS = jnp.zeros(2, jnp.int32)
 
 
-@pytest.mark.parametrize("feature", [
-    dict(is_fp8_kvcache=True), dict(is_fp8_kvcache=1), dict(indices=S((2, 1, 64), jnp.int32)),
-    dict(extra_k_cache=S((8, 64, 1, 576), jnp.bfloat16)), dict(extra_indices_in_kvcache=S((2, 1, 64), jnp.int32)),
-    dict(topk_length=S((2,), jnp.int32)), dict(extra_topk_length=S((2,), jnp.int32))])
-def test_fp8_and_sparse_arguments_are_refused_by_name(feature):
-    (name, value), = feature.items()
-    with pytest.raises(NotImplementedError, match=rf"^{name}=.*not supported yet.*leave {name} at its default"):
-        jax.eval_shape(lambda q, k, t, l: jfm.flash_mla_with_kvcache(q, k, t, l, 512, **feature), *GOOD.values())
-    if name == "is_fp8_kvcache":  # get_mla_metadata takes it too, and topk
-        with pytest.raises(NotImplementedError, match="the FP8 KV cache is not supported yet"):
-            jfm.get_mla_metadata(LENGTHS, 16, 1, 16, value)
-        with pytest.raises(NotImplementedError, match=r"^topk=64: sparse attention is not supported yet"):
-            jfm.get_mla_metadata(LENGTHS, 16, 1, 16, False, 64)
-
-
 def test_flashmla_argument_checks():
     for num_heads_q, words in ((3, "num_heads_q must be None or a positive multiple of num_heads_k (2)"),
                                (0, "num_heads_q must be None"), (8.0, "num_heads_q must be None"),
