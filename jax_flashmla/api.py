@@ -170,6 +170,14 @@ def _optional_array(x):
     return None if x is None else jnp.asarray(x)
 
 
+def _sparse_compute_dtype(q_dtype, is_fp8_kvcache: bool):
+    """The products' operand dtype: q's (a 16-bit q with a 16-bit cache of its dtype runs on tensor cores), except
+    that FP8 tokens unpack exactly into bfloat16 only (float16's range may not hold a tile's values)."""
+    if is_fp8_kvcache and q_dtype != jnp.bfloat16:
+        return jnp.float32
+    return q_dtype
+
+
 def _sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length, *,
                    head_dim_v, softmax_scale, causal, is_fp8_kvcache, attn_sink, layer):
     """flash_mla_with_kvcache with indices: sparse decode in XLA (reference.sparse_decode_reference)."""
@@ -184,7 +192,8 @@ def _sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indice
         k_cache = jax.lax.dynamic_index_in_dim(k_cache, validation.clamp_layer(layer, k_cache.shape[0]),
                                                keepdims=False)
     decode = functools.partial(sparse_decode_reference, head_dim_v=int(head_dim_v), softmax_scale=float(
-        q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale))
+        q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale),
+        compute_dtype=_sparse_compute_dtype(q.dtype, is_fp8_kvcache))
     # out and lse split as q's batch and heads, under Explicit mesh axes too.
     out, lse = sharding.under_auto_axes(
         lambda q, k, i, t, ek, ei, et: decode(q, k, i, topk_length=t, extra_k_cache=ek, extra_indices=ei,
@@ -220,7 +229,8 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale: float, d_v: int = 512, attn_s
     validation.check_sparse_prefill_args(q, kv, indices, d_v, topk_length)
     if attn_sink is not None:
         attn_sink = validation.check_attn_sink(attn_sink, q.shape[1])
-    prefill = functools.partial(sparse_prefill_reference, head_dim_v=int(d_v), softmax_scale=float(sm_scale))
+    prefill = functools.partial(sparse_prefill_reference, head_dim_v=int(d_v), softmax_scale=float(sm_scale),
+                                compute_dtype=q.dtype)
     # Results split as q's tokens and heads, under Explicit mesh axes too.
     out, max_logits, lse = sharding.under_auto_axes(
         lambda q, kv, i, t: prefill(q, kv, i, topk_length=t), q, kv, indices, topk_length,

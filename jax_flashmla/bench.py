@@ -48,6 +48,12 @@ max(FLOPs / peak FLOP/s, bytes / peak bytes/s) over kernel_ms, with the datashee
 (KNOWN_GPUS, matched by its device kind: H100 SXM or PCIe, H800, H200, H20), those of an H100 SXM for any other
 device, or --peak-tflops / --peak-gbps.
 
+With --sparse-topk K the rows time DeepSeek-V3.2's sparse decode instead (flash_mla_with_kvcache with indices=):
+each query token attends to K distinct positions of its sequence drawn at random, through the block table, from
+the same pool (--fp8: packed in the FP8 layout first). It has no CUDA kernel yet and runs in XLA, so these rows
+are not kernel numbers (kernels_used false) and have no baseline; their counts are FLOPs = b s_q h_q K (2 d + 2 dv)
+and bytes = b s_q (h_q (d + dv) * 2 + K * token bytes), 656 bytes a token in FP8, else d * 2.
+
 Without a GPU (or without the built kernels) the decode runs the pure-JAX reference; the output says so, and
 those numbers are not kernel numbers. Writes results.csv, results.json and, with matplotlib, roofline.png.
 """
@@ -76,6 +82,7 @@ from . import __version__, kernels_available, why_kernels_unavailable
 from .api import flash_mla_with_kvcache, get_mla_metadata
 from .constants import PAGE_SIZE
 from .device_timing import profile_calls_ms
+from .fp8_cache import FP8_TOKEN_BYTES, quantize_kv_cache
 from .reference import visible_keys
 
 HEAD_DIM = 576
@@ -149,6 +156,8 @@ class RowConfig:
     h_kv: int
     causal: bool
     dtype: str
+    sparse_topk: int | None = None  # sparse decode with this many indices a query token (--sparse-topk)
+    fp8: bool = False  # with sparse_topk: the cache packed in DeepSeek-V3.2's FP8 layout
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -183,6 +192,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--page-order", choices=PAGE_ORDERS, default="scattered",
                    help="where each sequence's pages lie in the pool: scattered by a random permutation "
                    "(default), or contiguous, in order")
+    g.add_argument("--sparse-topk", type=int, default=None,
+                   help="time DeepSeek-V3.2 sparse decode instead: each query token attends to this many distinct "
+                   "positions of its sequence, drawn at random (-1 past a shorter sequence's end). It runs in XLA "
+                   "(no CUDA kernel yet), so the rows have no plain-XLA baseline and are not kernel numbers")
+    g.add_argument("--fp8", action="store_true",
+                   help="with --sparse-topk: the cache in DeepSeek-V3.2's FP8 layout (656 bytes a token)")
     g.add_argument("--layers", type=int, default=1,
                    help="layers in the KV pool (default 1: FlashMLA's one-layer k_cache); with N > 1 the decode "
                    "reads the last layer of the stack in place, and e2e_sliced_ms times slicing it out instead")
@@ -211,7 +226,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.pairs = list(QUICK_PAIRS)
     else:
         args.pairs = list(itertools.product(args.s_q or FULL_S_Q, args.h_q or FULL_H_Q))
-    args.causal = args.causal or ("off" if args.quick else "both")
+    args.causal = args.causal or ("off" if args.quick or args.sparse_topk else "both")
 
     for name in ("batch", "h_kv", "warmup", "repeats", "layers"):
         if getattr(args, name) < 1:
@@ -228,6 +243,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--s-q values must be at most 2 x the smallest --seqlen (lengths are clipped to [s_q, 2 s_k])")
     if any(h_q % args.h_kv for _, h_q in args.pairs):
         p.error(f"--h-q values must be multiples of --h-kv {args.h_kv}")
+    if args.sparse_topk is not None and args.sparse_topk < 1:
+        p.error(f"--sparse-topk must be >= 1, got {args.sparse_topk}")
+    if args.sparse_topk and args.causal != "off":
+        p.error("--causal applies to the dense decode only: sparse attention takes no causal mask")
+    if args.fp8 and not args.sparse_topk:
+        p.error("--fp8 needs --sparse-topk: only sparse attention reads an FP8 cache")
     if any(peak is not None and not peak > 0 for peak in (args.peak_tflops, args.peak_gbps)):
         p.error("--peak-tflops and --peak-gbps must be > 0")
     return args
@@ -257,7 +278,8 @@ def build_grid(args: argparse.Namespace) -> list[RowConfig]:
     for s_k in args.seqlen:
         for s_q, h_q in args.pairs:
             for causal in (modes if s_q > 1 else (False,)):
-                rows.append(RowConfig(args.batch, s_k, s_q, h_q, args.h_kv, causal, args.dtype))
+                rows.append(RowConfig(args.batch, s_k, s_q, h_q, args.h_kv, causal, args.dtype, args.sparse_topk,
+                                      args.fp8))
     return rows
 
 
@@ -301,6 +323,21 @@ def make_inputs(key, lengths: np.ndarray, config: RowConfig, layers: int = 1, pa
                                        dtype=DTYPES[config.dtype], layers=layers,
                                        scattered=page_order == "scattered")
     return q, k_cache, table, jnp.asarray(lengths, jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("s_q", "topk"))
+def sparse_indices(key, block_table, cache_seqlens, *, s_q: int, topk: int):
+    """(b, s_q, topk) int32 indices of sparse decode (page * 64 + slot): for each query token, topk distinct
+    positions of its sequence drawn at random, as an indexer's top-k picks would be, through the block table;
+    -1 past the end of a sequence shorter than topk."""
+    batch, max_pages = block_table.shape
+    num_tokens = max_pages * PAGE_SIZE
+    scores = jax.random.uniform(key, (batch, s_q, num_tokens))
+    scores = jnp.where(jnp.arange(num_tokens) < cache_seqlens[:, None, None], scores, -1.0)
+    scores, positions = jax.lax.top_k(scores, min(topk, num_tokens))
+    pages = jnp.take_along_axis(block_table, positions.reshape(batch, -1) // PAGE_SIZE, axis=1)
+    indices = jnp.where(scores >= 0, pages.reshape(positions.shape) * PAGE_SIZE + positions % PAGE_SIZE, -1)
+    return jnp.pad(indices, ((0, 0), (0, 0), (0, topk - indices.shape[-1])), constant_values=-1).astype(jnp.int32)
 
 
 def xla_baseline_decode(q, k_cache, block_table, cache_seqlens, *, head_dim_v: int, causal: bool,
@@ -404,6 +441,15 @@ def flops_and_bytes(batch, s_q, h_q, h_kv, mean_len, head_dim=HEAD_DIM, head_dim
     return flops, nbytes
 
 
+def sparse_flops_and_bytes(batch, s_q, h_q, topk, token_bytes, head_dim=HEAD_DIM, head_dim_v=HEAD_DIM_V,
+                           itemsize=2):
+    """Sparse decode's counts: every query token reads its own topk tokens (token_bytes each: 656 in FP8, else
+    576 * itemsize), the heads sharing them; q and out as in the dense count."""
+    flops = batch * s_q * h_q * topk * (2 * head_dim + 2 * head_dim_v)
+    nbytes = batch * s_q * (h_q * (head_dim + head_dim_v) * itemsize + topk * token_bytes)
+    return flops, nbytes
+
+
 def roofline_pct(flops, nbytes, ms, peak_tflops, peak_gbps):
     """Time floor over measured time, in %: 100 means the call ran at the roof."""
     floor_s = max(flops / (peak_tflops * 1e12), nbytes / (peak_gbps * 1e9))
@@ -442,25 +488,34 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
     lengths = sample_lengths(config, args.fixed_lengths, args.seed)
     q, k_cache, table, seqlens = make_inputs(key, lengths, config, args.layers, args.page_order)
     layer = None if args.layers == 1 else args.layers - 1  # the stack's last layer: the largest pointer offset
-    q_rows = config.s_q * config.h_q // config.h_kv
-    metadata = jax.block_until_ready(get_mla_metadata(seqlens, q_rows, config.h_kv))
-    rest = (k_cache, table, seqlens, *metadata)
-
-    decode = functools.partial(_decode_with_metadata, causal=config.causal, layer=layer)
-    kernel_one = repeat_decode(decode, 1)
-    kernel_ms, kernel_loop_ms, kernel_timing, kernel_tail_ms = decode_ms(decode, kernel_one, (q, *rest), args.iters,
-                                                                         args.repeats, args.warmup)
-    e2e = jax.jit(functools.partial(_decode_end_to_end, causal=config.causal, layer=layer))
-    e2e_ms = call_ms(e2e, (q, k_cache, table, seqlens), args.iters, args.warmup)
-    e2e_sliced_ms = None
-    if layer is not None:
+    if config.sparse_topk:
+        indices = sparse_indices(jax.random.fold_in(key, 1), table, seqlens, s_q=config.s_q, topk=config.sparse_topk)
+        if config.fp8:
+            k_cache = jax.jit(quantize_kv_cache)(k_cache)
+        decode = functools.partial(_sparse_decode, fp8=config.fp8, layer=layer)
+        timed_args = e2e_args = (q, k_cache, indices)
+        e2e = jax.jit(decode)
+        sliced = jax.jit(lambda q, pools, indices: _sparse_decode(q, pools[layer], indices, fp8=config.fp8))
+    else:
+        q_rows = config.s_q * config.h_q // config.h_kv
+        metadata = jax.block_until_ready(get_mla_metadata(seqlens, q_rows, config.h_kv))
+        decode = functools.partial(_decode_with_metadata, causal=config.causal, layer=layer)
+        timed_args, e2e_args = (q, k_cache, table, seqlens, *metadata), (q, k_cache, table, seqlens)
+        e2e = jax.jit(functools.partial(_decode_end_to_end, causal=config.causal, layer=layer))
         sliced = jax.jit(lambda q, pools, table, seqlens: _decode_end_to_end(q, pools[layer], table, seqlens,
                                                                              causal=config.causal))
-        e2e_sliced_ms = call_ms(sliced, (q, k_cache, table, seqlens), args.iters, args.warmup)
+
+    kernel_one = repeat_decode(decode, 1)
+    kernel_ms, kernel_loop_ms, kernel_timing, kernel_tail_ms = decode_ms(decode, kernel_one, timed_args, args.iters,
+                                                                         args.repeats, args.warmup)
+    e2e_ms = call_ms(e2e, e2e_args, args.iters, args.warmup)
+    e2e_sliced_ms = None if layer is None else call_ms(sliced, e2e_args, args.iters, args.warmup)
 
     baseline_ms = baseline_loop_ms = baseline_timing = diff = None
     note = "skipped (--no-baseline)" if args.no_baseline else ""
-    if not args.no_baseline:
+    if config.sparse_topk:
+        note = "none: the sparse decode itself runs in XLA"
+    elif not args.no_baseline:
         baseline = functools.partial(_baseline_decode, causal=config.causal, layer=layer)
         baseline_one = repeat_decode(baseline, 1)
         args_b = (q, k_cache, table, seqlens)
@@ -469,7 +524,7 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
                                                                           args.baseline_iters, args.repeats,
                                                                           args.warmup)
             # The two decodes must agree, or the comparison times something wrong.
-            ours, theirs = kernel_one(q, *rest)[-1], baseline_one(*args_b)[-1]
+            ours, theirs = kernel_one(*timed_args)[-1], baseline_one(*args_b)[-1]
             diff = float(jnp.max(jnp.abs(ours.astype(jnp.float32) - theirs.astype(jnp.float32))))
         except jax.errors.JaxRuntimeError as err:
             if not _out_of_memory(err):
@@ -478,14 +533,21 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
 
     itemsize = np.dtype(DTYPES[config.dtype]).itemsize
     mean_len = float(lengths.mean())
-    flops, nbytes = flops_and_bytes(config.batch, config.s_q, config.h_q, config.h_kv, mean_len, itemsize=itemsize)
+    if config.sparse_topk:
+        token_bytes = FP8_TOKEN_BYTES if config.fp8 else HEAD_DIM * itemsize
+        flops, nbytes = sparse_flops_and_bytes(config.batch, config.s_q, config.h_q, config.sparse_topk, token_bytes,
+                                               itemsize=itemsize)
+    else:
+        flops, nbytes = flops_and_bytes(config.batch, config.s_q, config.h_q, config.h_kv, mean_len,
+                                        itemsize=itemsize)
     tflops, baseline_tflops = (_per_second(flops / 1e12, ms) for ms in (kernel_ms, baseline_ms))
     return {
         **dataclasses.asdict(config),
+        **({"kernels_used": False} if config.sparse_topk else {}),  # XLA, whatever the GPU
         "head_dim": HEAD_DIM, "head_dim_v": HEAD_DIM_V, "page_size": PAGE_SIZE,
         "fixed_lengths": args.fixed_lengths, "seed": args.seed, "page_order": args.page_order,
         "mean_len": mean_len, "min_len": int(lengths.min()), "max_len": int(lengths.max()),
-        "layers": args.layers, "kv_cache_mb": k_cache.size * itemsize / args.layers / 1e6,  # the layer read
+        "layers": args.layers, "kv_cache_mb": k_cache.nbytes / args.layers / 1e6,  # the layer read
         "iters": args.iters, "repeats": args.repeats, "warmup": args.warmup, "baseline_iters": args.baseline_iters,
         "reportable": args.iters >= MIN_REPORTED_ITERS,
         "kernel_ms": kernel_ms, "kernel_timing": kernel_timing, "kernel_tail_ms": kernel_tail_ms,
@@ -500,6 +562,11 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
         "speedup": None if baseline_ms is None or kernel_ms <= 0 else baseline_ms / kernel_ms,
         "baseline_max_abs_diff": diff, "baseline_note": note,
     }  # fmt: skip
+
+
+def _sparse_decode(q, k_cache, indices, *, fp8, layer=None):
+    return flash_mla_with_kvcache(q, k_cache, None, None, HEAD_DIM_V, is_fp8_kvcache=fp8, indices=indices,
+                                  layer=layer)
 
 
 def _decode_with_metadata(q, k_cache, table, seqlens, tile_metadata, num_splits, *, causal, layer):
@@ -548,7 +615,10 @@ class Progress:
 
 
 def _config_label(r: dict) -> str:
-    return f"b={r['batch']} s_k={r['s_k']} s_q={r['s_q']} h_q={r['h_q']} h_kv={r['h_kv']} causal={int(r['causal'])}"
+    label = f"b={r['batch']} s_k={r['s_k']} s_q={r['s_q']} h_q={r['h_q']} h_kv={r['h_kv']} causal={int(r['causal'])}"
+    if r["sparse_topk"]:
+        label += f" sparse topk={r['sparse_topk']}{' fp8' if r['fp8'] else ''}"
+    return label
 
 
 def _fmt(value, spec: str) -> str:
@@ -557,7 +627,8 @@ def _fmt(value, spec: str) -> str:
 
 TABLE_COLUMNS = [  # (header, record key, format)
     ("b", "batch", "d"), ("s_k", "s_k", "d"), ("s_q", "s_q", "d"), ("h_q", "h_q", "d"), ("h_kv", "h_kv", "d"),
-    ("causal", "causal", "d"), ("kernel ms", "kernel_ms", ".4f"), ("loop ms", "loop_ms", ".4f"),
+    ("causal", "causal", "d"), ("topk", "sparse_topk", "d"), ("fp8", "fp8", "d"), ("kernel ms", "kernel_ms", ".4f"),
+    ("loop ms", "loop_ms", ".4f"),
     ("e2e ms", "e2e_ms", ".4f"),
     ("sliced e2e ms", "e2e_sliced_ms", ".4f"),
     ("TFLOPS", "tflops", ".3g"), ("GB/s", "gbps", ".1f"), ("% roof", "roofline_pct", ".3g"),
@@ -565,11 +636,12 @@ TABLE_COLUMNS = [  # (header, record key, format)
 ]  # fmt: skip
 
 
-OPTIONAL_COLUMNS = {"e2e_sliced_ms"}  # shown only when some row has the measurement (--layers > 1)
+# Shown only where some row has a value: the sliced call's time (--layers > 1), the sparse rows' settings.
+OPTIONAL_COLUMNS = {"e2e_sliced_ms", "sparse_topk", "fp8"}
 
 
 def format_table(records: list[dict]) -> str:
-    columns = [c for c in TABLE_COLUMNS if c[1] not in OPTIONAL_COLUMNS or any(r[c[1]] is not None for r in records)]
+    columns = [c for c in TABLE_COLUMNS if c[1] not in OPTIONAL_COLUMNS or any(r[c[1]] for r in records)]
     cells = [[h for h, _, _ in columns]]
     cells += [[_fmt(r[key], spec) for _, key, spec in columns] for r in records]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
@@ -603,8 +675,9 @@ def plot_roofline(records: list[dict], path: Path) -> bool:
     ax.plot(x, np.minimum(peak_tflops, x * peak_gbps / 1e3), "k-", lw=1.5,
             label=f"roofline ({peak_gbps:g} GB/s, {peak_tflops:g} TFLOP/s)")
     ax.axvline(ridge, color="grey", ls=":", lw=1)
-    for key, marker, label in (("tflops", "o", "jax_flashmla" if records[0]["kernels_used"] else
-                                "jax_flashmla (pure-JAX reference)"), ("baseline_tflops", "x", "plain XLA")):
+    ours = ("jax_flashmla sparse decode (XLA)" if records[0]["sparse_topk"] else
+            "jax_flashmla" if records[0]["kernels_used"] else "jax_flashmla (pure-JAX reference)")
+    for key, marker, label in (("tflops", "o", ours), ("baseline_tflops", "x", "plain XLA")):
         points = [(r["arithmetic_intensity"], r[key]) for r in records if r[key] is not None and r[key] > 0]
         if points:
             ax.scatter(*zip(*points), marker=marker, label=label)
@@ -619,7 +692,10 @@ def plot_roofline(records: list[dict], path: Path) -> bool:
     return True
 
 
-def backend_note(env: dict) -> str:
+def backend_note(env: dict, sparse: bool = False) -> str:
+    if sparse:
+        return (f"NOTE: sparse decode runs in XLA on {env['platform']} (no CUDA kernel yet). These are NOT kernel "
+                "numbers.")
     if env["kernels_used"]:
         return f"decode: jax_flashmla CUDA kernels on {env['device_kind']}"
     why = why_kernels_unavailable() if env["platform"] == "gpu" else f"no GPU, platform {env['platform']}"
@@ -632,7 +708,8 @@ def main(argv=None) -> int:
     env = environment()
     rows = build_grid(args)
     peaks_note = resolve_peaks(args, env["device_kind"])
-    print(f"jax {env['jax_version']}, jax_flashmla {env['jax_flashmla_version']}; {backend_note(env)}")
+    sparse = bool(args.sparse_topk)
+    print(f"jax {env['jax_version']}, jax_flashmla {env['jax_flashmla_version']}; {backend_note(env, sparse)}")
     if env["decode_kernel_env"]:
         print(f"JAX_FLASHMLA_DECODE_KERNEL={env['decode_kernel_env']}: that kernel where it applies")
     if env["combine_env"]:
@@ -669,8 +746,8 @@ def main(argv=None) -> int:
     else:
         print("roofline.png skipped: matplotlib is not installed")
     print(f"wrote {', '.join(str(args.out / name) for name in written)}")
-    if not env["kernels_used"]:
-        print(backend_note(env))
+    if sparse or not env["kernels_used"]:
+        print(backend_note(env, sparse))
     return 0
 
 

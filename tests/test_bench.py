@@ -175,7 +175,39 @@ def test_baseline_and_inputs_match_the_reference(causal):
     np.testing.assert_allclose(lse, ref_lse, atol=2e-2)
 
 
+def test_sparse_rows_time_the_xla_sparse_decode(tmp_path, capsys):
+    assert bench.main([*TINY, "--s-q", "1,2", "--h-q", "16", "--sparse-topk", "64", "--fp8", "--out",
+                       str(tmp_path)]) == 0
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["s_q"], r["sparse_topk"], r["fp8"], r["causal"]) for r in records] == [(1, 64, True, False),
+                                                                                       (2, 64, True, False)]
+    for r in records:
+        assert FIELDS <= set(r) and r["kernels_used"] is False and r["e2e_ms"] > 0
+        assert r["baseline_ms"] is None and r["speedup"] is None and "runs in XLA" in r["baseline_note"]
+        flops, nbytes = bench.sparse_flops_and_bytes(2, r["s_q"], 16, 64, 656)
+        assert (r["flops"], r["bytes"]) == (flops, nbytes)
+        assert r["kv_cache_mb"] * 1e6 == pytest.approx(sum(-(-np.asarray([r["min_len"], r["max_len"]]) // 64)) * 64 * 656)
+    out = capsys.readouterr().out
+    assert "sparse decode runs in XLA" in out and "NOT kernel numbers" in out and " topk " in out
+
+
+def test_sparse_indices_are_distinct_positions_of_each_sequence():
+    lengths = jnp.asarray([130, 5, 0], jnp.int32)
+    table = jnp.asarray([[4, 0, 2], [1, 7, 7], [3, 3, 3]], jnp.int32)
+    indices = np.asarray(bench.sparse_indices(jax.random.key(0), table, lengths, s_q=2, topk=8))
+    assert indices.shape == (3, 2, 8) and indices.dtype == np.int32
+    positions = {4 * 64 + t: t for t in range(64)} | {t: 64 + t for t in range(64)} | {128 + t: 128 + t for t in range(2)}
+    for s in range(2):
+        row = indices[0, s]
+        assert len(set(row)) == 8 and all(positions.get(int(i), 999) < 130 for i in row)  # page 2 holds 128, 129
+        assert sorted(indices[1, s][:5]) == [64, 65, 66, 67, 68] and (indices[1, s][5:] == -1).all()
+    assert (indices[2] == -1).all()  # an empty sequence
+    wide = np.asarray(bench.sparse_indices(jax.random.key(1), table, lengths, s_q=1, topk=300))
+    assert wide.shape == (3, 1, 300) and (wide[0, 0, 130:] == -1).all() and len(set(wide[0, 0, :130])) == 130
+
+
 @pytest.mark.parametrize("flags", [
+    ["--sparse-topk", "0"], ["--fp8"], ["--sparse-topk", "64", "--causal", "on"],
     ["--iters", "1"], ["--baseline-iters", "1"], ["--layers", "0"], ["--causal", "maybe"], ["--dtype", "float32"], ["--batch", "0"], ["--seqlen", "12x"],
     ["--h-q", "16", "--h-kv", "3"], ["--s-q", "9", "--seqlen", "4"], ["--peak-gbps", "0"], ["--bogus"],
 ])  # fmt: skip
