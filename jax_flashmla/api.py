@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 from . import sharding, validation
 from .constants import DEFAULT_NUM_SMS
 from .primitives import bind_schedule, device_num_sms
-from .reference import apply_attention_sink, sparse_decode_reference, sparse_prefill_reference
+from .reference import apply_attention_sink
+from .sparse_xla import compute_dtype, sparse_decode, sparse_prefill
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,6 +52,9 @@ def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int | None = N
     is_fp8_kvcache = validation.check_fp8_flag(is_fp8_kvcache)
     if topk is not None:
         validation.check_topk(topk)
+        if cache_seqlens is not None:  # checked as the dense form checks them, though sparse reads none of them
+            validation.check_seqlens(jnp.asarray(validation.host_ints_as_int32("cache_seqlens", cache_seqlens)))
+            validation.check_metadata_args(num_q_tokens_per_head_k, num_heads_k, num_sms, num_heads_q)
         return None, None
     validation.check_dense_call(is_fp8_kvcache)
     given = {"cache_seqlens": cache_seqlens, "num_q_tokens_per_head_k": num_q_tokens_per_head_k,
@@ -62,7 +66,7 @@ def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int | None = N
         raise TypeError(f"get_mla_metadata needs cache_seqlens, num_q_tokens_per_head_k and num_heads_k together "
                         f"(or no argument at all, to schedule inside flash_mla_with_kvcache); missing "
                         f"{', '.join(missing)}")
-    cache_seqlens = jnp.asarray(cache_seqlens)
+    cache_seqlens = jnp.asarray(validation.host_ints_as_int32("cache_seqlens", cache_seqlens))
     validation.check_seqlens(cache_seqlens)
     validation.check_metadata_args(num_q_tokens_per_head_k, num_heads_k, num_sms, num_heads_q)
     # The schedule covers the whole batch: under Explicit mesh axes the lengths are gathered first.
@@ -138,6 +142,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     for name, value in (("block_table", block_table), ("cache_seqlens", cache_seqlens)):
         if value is None:
             raise TypeError(f"{name} is required (only sparse attention, with indices=, leaves it out)")
+    block_table, cache_seqlens = (validation.host_ints_as_int32(name, x) for name, x in
+                                  (("block_table", block_table), ("cache_seqlens", cache_seqlens)))
     q, k_cache, block_table, cache_seqlens = map(jnp.asarray, (q, k_cache, block_table, cache_seqlens))
     if num_splits is None:
         # FlashMLA's newest interface passes its scheduling object with num_splits=None and schedules on the first
@@ -166,24 +172,20 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     return out, lse
 
 
-def _optional_array(x):
-    return None if x is None else jnp.asarray(x)
-
-
-def _sparse_compute_dtype(q_dtype, is_fp8_kvcache: bool):
-    """The products' operand dtype: q's (a 16-bit q with a 16-bit cache of its dtype runs on tensor cores), except
-    that FP8 tokens unpack exactly into bfloat16 only (float16's range may not hold a tile's values)."""
-    if is_fp8_kvcache and q_dtype != jnp.bfloat16:
-        return jnp.float32
-    return q_dtype
+def _optional_array(x, name=None):
+    """x as a jax array, None as None; a named integer argument goes through host_ints_as_int32 first."""
+    if x is None:
+        return None
+    return jnp.asarray(x if name is None else validation.host_ints_as_int32(name, x))
 
 
 def _sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indices, extra_topk_length, *,
                    head_dim_v, softmax_scale, causal, is_fp8_kvcache, attn_sink, layer):
-    """flash_mla_with_kvcache with indices: sparse decode in XLA (reference.sparse_decode_reference)."""
-    q, k_cache, indices = map(jnp.asarray, (q, k_cache, indices))
-    topk_length, extra_k_cache, extra_indices, extra_topk_length = map(
-        _optional_array, (topk_length, extra_k_cache, extra_indices, extra_topk_length))
+    """flash_mla_with_kvcache with indices: sparse decode in XLA (sparse_xla.py)."""
+    q, k_cache, extra_k_cache = jnp.asarray(q), jnp.asarray(k_cache), _optional_array(extra_k_cache)
+    indices, topk_length, extra_indices, extra_topk_length = (_optional_array(x, name) for name, x in (
+        ("indices", indices), ("topk_length", topk_length), ("extra_indices_in_kvcache", extra_indices),
+        ("extra_topk_length", extra_topk_length)))
     validation.check_sparse_decode_args(q, k_cache, indices, topk_length, extra_k_cache, extra_indices,
                                         extra_topk_length, head_dim_v, is_fp8_kvcache, bool(causal), layer)
     if attn_sink is not None:
@@ -191,9 +193,8 @@ def _sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indice
     if k_cache.ndim == 5:
         k_cache = jax.lax.dynamic_index_in_dim(k_cache, validation.clamp_layer(layer, k_cache.shape[0]),
                                                keepdims=False)
-    decode = functools.partial(sparse_decode_reference, head_dim_v=int(head_dim_v), softmax_scale=float(
-        q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale),
-        compute_dtype=_sparse_compute_dtype(q.dtype, is_fp8_kvcache))
+    decode = functools.partial(sparse_decode, head_dim_v=int(head_dim_v), softmax_scale=float(
+        q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale), dtype=compute_dtype(q.dtype, is_fp8_kvcache))
     # out and lse split as q's batch and heads, under Explicit mesh axes too.
     out, lse = sharding.under_auto_axes(
         lambda q, k, i, t, ek, ei, et: decode(q, k, i, topk_length=t, extra_k_cache=ek, extra_indices=ei,
@@ -207,7 +208,8 @@ def _sparse_decode(q, k_cache, indices, topk_length, extra_k_cache, extra_indice
 
 def flash_mla_sparse_fwd(q, kv, indices, sm_scale: float, d_v: int = 512, attn_sink=None, topk_length=None):
     """DeepSeek-V3.2 sparse prefill, FlashMLA's flash_mla_sparse_fwd: each query token attends to the tokens its
-    indices name. It runs in XLA on every platform (reference.sparse_prefill_reference): no CUDA kernel yet.
+    indices name. It runs in XLA on every platform (sparse_xla.py; reference.sparse_prefill_reference specifies
+    it): no CUDA kernel yet.
 
     Args:
       q: (s_q, h_q, d) bfloat16 or float16 (float32 too); d is 576 or 512.
@@ -224,13 +226,12 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale: float, d_v: int = 512, attn_s
       query that saw no key); lse (s_q, h_q) float32, natural log (+inf for such a query, whose out is 0).
     """
     validation.check_softmax_scale(sm_scale)
-    q, kv, indices = map(jnp.asarray, (q, kv, indices))
-    topk_length = _optional_array(topk_length)
+    q, kv = jnp.asarray(q), jnp.asarray(kv)
+    indices, topk_length = _optional_array(indices, "indices"), _optional_array(topk_length, "topk_length")
     validation.check_sparse_prefill_args(q, kv, indices, d_v, topk_length)
     if attn_sink is not None:
         attn_sink = validation.check_attn_sink(attn_sink, q.shape[1])
-    prefill = functools.partial(sparse_prefill_reference, head_dim_v=int(d_v), softmax_scale=float(sm_scale),
-                                compute_dtype=q.dtype)
+    prefill = functools.partial(sparse_prefill, head_dim_v=int(d_v), softmax_scale=float(sm_scale))
     # Results split as q's tokens and heads, under Explicit mesh axes too.
     out, max_logits, lse = sharding.under_auto_axes(
         lambda q, kv, i, t: prefill(q, kv, i, topk_length=t), q, kv, indices, topk_length,

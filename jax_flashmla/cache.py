@@ -32,6 +32,16 @@ from .fp8_cache import FP8_TOKEN_BYTES, HEAD_DIM as FP8_HEAD_DIM, is_packed_fp8,
 from .sharding import scatter_tokens
 
 
+def positions_as_int32(positions, limit: int):
+    """Integer token positions of any width as int32, without wrapping: a position past `limit` (at most 2**30)
+    becomes `limit`, a negative one stays negative, so each stays out of range if it was."""
+    if positions.dtype.itemsize < 4:
+        return positions.astype(jnp.int32)  # exact: int8/16 and uint8/16 fit
+    if jnp.issubdtype(positions.dtype, jnp.unsignedinteger):
+        return jnp.minimum(positions, limit).astype(jnp.int32)
+    return jnp.clip(positions, -1, limit).astype(jnp.int32)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
@@ -48,6 +58,9 @@ class PagedKVCache:
             raise ValueError("batch_size, max_seq_len, num_layers and num_heads_k must be positive, got "
                              f"{batch_size}, {max_seq_len}, {num_layers}, {num_heads_k}")
         width = head_dim
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"dtype must be a floating-point type (bfloat16, float16, float32, or float8_e4m3fn for "
+                            f"packed FP8 tokens), got {np.dtype(dtype).name}")
         if np.dtype(dtype) == np.dtype(jnp.float8_e4m3fn):
             if head_dim != FP8_HEAD_DIM:
                 raise ValueError(f"an FP8 cache packs {FP8_HEAD_DIM}-dim tokens (512 latent + 64 rope dims), got "
@@ -105,8 +118,9 @@ class PagedKVCache:
         if not jnp.issubdtype(positions.dtype, jnp.integer) or positions.ndim < 2 or positions.shape[0] != batch:
             raise TypeError(f"positions must be integers of shape ({batch}, ..., topk), got shape "
                             f"{tuple(positions.shape)} and dtype {np.dtype(positions.dtype).name}")
+        positions = positions_as_int32(positions, self.capacity)
         ok = (positions >= 0) & (positions < self.capacity)
-        positions = jnp.where(ok, positions, 0).astype(jnp.int32)
+        positions = jnp.where(ok, positions, 0)
         rows = positions.reshape(batch, -1)
         page = jnp.take_along_axis(self.block_table, rows // PAGE_SIZE, axis=1).reshape(positions.shape)
         ok &= (page >= 0) & (page < min(self.pages.shape[1], 2**31 // PAGE_SIZE))  # page * 64 + slot fits int32

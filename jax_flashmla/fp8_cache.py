@@ -6,7 +6,8 @@ Each token of a latent KV cache (..., 576) becomes 656 bytes, held as float8_e4m
   bytes [528, 656) the 64 rope dims as bfloat16, not quantised.
 A tile's scale is 2 ** ceil(log2(max(amax / 448, 1e-4))), amax its largest magnitude: a power of two, so the
 largest magnitude quantises to at most 448 (float8_e4m3fn's largest finite value) and unpacking is exact in
-bfloat16. A NaN or infinity in a tile makes that tile's scale, and so its values, non-finite.
+bfloat16. A NaN or infinity in a tile makes that tile's scale non-finite, and every value of the tile unpacks to
+NaN.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ def _tile_scales(nope):
     # ceil(log2(needed)) from the exponent itself: log2 rounded in float32 could be off by one at powers of two.
     mantissa, exponent = jnp.frexp(needed)  # needed = mantissa * 2**exponent, mantissa in [0.5, 1)
     exponent = jnp.where(mantissa == 0.5, exponent - 1, exponent)
-    return jnp.ldexp(jnp.ones_like(needed), exponent)
+    # frexp gives exponent 0 for inf and NaN: such a tile keeps its non-finite scale (every value then unpacks
+    # to NaN), as 2 ** ceil(log2(.)) would give.
+    return jnp.where(jnp.isfinite(needed), jnp.ldexp(jnp.ones_like(needed), exponent), needed)
 
 
 def quantize_kv_cache(k_cache):

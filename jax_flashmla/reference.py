@@ -19,8 +19,6 @@ name instead of whole sequences:
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -84,8 +82,9 @@ def _masked_softmax_parts(scores):
 
 
 def _normalise(weighted, row_max, row_sum):
-    """probs @ V and the row statistics -> out (0 for a query that saw no key) and lse (..., 1) (+inf for it)."""
-    seen_any = row_sum > 0
+    """probs @ V and the row statistics -> out (0 for a query that saw no key) and lse (..., 1) (+inf for it).
+    A NaN key makes row_sum NaN, which must read as seen (NaN out), not as no key at all."""
+    seen_any = row_sum != 0
     safe_sum = jnp.where(seen_any, row_sum, 1.0)
     out = jnp.where(seen_any, weighted / safe_sum, 0.0)
     return out, jnp.where(seen_any, jnp.log(safe_sum) + row_max, jnp.inf)
@@ -106,7 +105,7 @@ def apply_attention_sink(out, lse, attn_sink):
     return (out.astype(jnp.float32) * factor).astype(out.dtype)
 
 
-def _index_ok(indices, num_tokens: int, topk_length=None):
+def sparse_index_ok(indices, num_tokens: int, topk_length=None):
     """Which entries of indices (n, ..., topk) name a key: inside [0, num_tokens) and, with topk_length (n,),
     before the row's topk_length."""
     ok = indices >= 0
@@ -124,7 +123,7 @@ def gather_sparse_keys(k_cache, indices, topk_length=None, dtype=jnp.float32):
     valid (b, s_q, topk)."""
     num_pages, page_size, h_kv, width = k_cache.shape
     tokens = k_cache.reshape(num_pages * page_size, h_kv, width)
-    valid = _index_ok(indices, tokens.shape[0], topk_length)
+    valid = sparse_index_ok(indices, tokens.shape[0], topk_length)
     rows = tokens[jnp.where(valid, indices, 0)]  # (b, s_q, topk, h_kv, width)
     rows = dequantize_kv_cache(rows, dtype) if is_packed_fp8(k_cache) else rows.astype(dtype)
     # Ignored entries read token 0, which may hold NaN; zeroed so that 0 * NaN cannot reach P @ V.
@@ -132,39 +131,32 @@ def gather_sparse_keys(k_cache, indices, topk_length=None, dtype=jnp.float32):
 
 
 def _sparse_attention(q, keys, valid, head_dim_v: int, softmax_scale: float):
-    """q (n, h_q, d); keys (n, h_kv, T, d), zero where not valid; valid (n, h_kv, T) -> out (n, h_q, head_dim_v)
-    float32, lse (n, h_q), max_logits (n, h_q) (-inf for a query that saw no key).
-
-    The products take their operands in keys' dtype and sum in float32: float32 keys are the specification;
-    16-bit keys round q to their dtype, and P once before P @ V, as the kernels do."""
+    """q (n, h_q, d); keys (n, h_kv, T, d) float32, zero where not valid; valid (n, h_kv, T) -> out (n, h_q,
+    head_dim_v) float32, lse (n, h_q), max_logits (n, h_q) (-inf for a query that saw no key)."""
     n, h_q, head_dim = q.shape
     h_kv = keys.shape[1]
-    precision = _HIGHEST if keys.dtype == jnp.float32 else None
-    product = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
-    queries = q.astype(keys.dtype).reshape(n, h_kv, h_q // h_kv, head_dim)
-    scores = product("nkgd,nktd->nkgt", queries, keys) * softmax_scale
+    queries = q.astype(jnp.float32).reshape(n, h_kv, h_q // h_kv, head_dim)
+    scores = jnp.einsum("nkgd,nktd->nkgt", queries, keys, precision=_HIGHEST) * softmax_scale
     scores = jnp.where(valid[:, :, None, :], scores, -jnp.inf)
     probs, row_max, row_sum = _masked_softmax_parts(scores)
-    weighted = product("nkgt,nktv->nkgv", probs.astype(keys.dtype), keys[..., :head_dim_v])
+    weighted = jnp.einsum("nkgt,nktv->nkgv", probs, keys[..., :head_dim_v], precision=_HIGHEST)
     out, lse = _normalise(weighted, row_max, row_sum)
     return (out.reshape(n, h_q, head_dim_v), lse.reshape(n, h_q), jnp.max(scores, axis=-1).reshape(n, h_q))
 
 
 def sparse_decode_reference(q, k_cache, indices, *, head_dim_v: int, softmax_scale: float, topk_length=None,
-                            extra_k_cache=None, extra_indices=None, extra_topk_length=None,
-                            compute_dtype=jnp.float32):
+                            extra_k_cache=None, extra_indices=None, extra_topk_length=None):
     """DeepSeek-V3.2 sparse decode: query token s of sequence i attends to the keys indices[i, s, :] names (and
     extra_indices[i, s, :] in extra_k_cache, whose page size may differ), shared by all KV heads.
 
     q (b, s_q, h_q, d); k_cache (num_pages, page_size, h_kv, d) or packed FP8 (..., 656) with d = 576.
-    compute_dtype: the products' operand dtype (float32 sums either way). float32 is the specification; the
-    public API runs a 16-bit one on 16-bit inputs (tensor cores on a GPU).
     Returns out (b, s_q, h_q, head_dim_v) in q.dtype and lse (b, h_q, s_q) float32, as the dense decode does.
+    (The public API runs sparse_xla.py, the same math over chunks of keys.)
     """
     batch, s_q, h_q, head_dim = q.shape
-    keys, valid = gather_sparse_keys(k_cache, indices, topk_length, compute_dtype)
+    keys, valid = gather_sparse_keys(k_cache, indices, topk_length)
     if extra_k_cache is not None:
-        extra_keys, extra_valid = gather_sparse_keys(extra_k_cache, extra_indices, extra_topk_length, compute_dtype)
+        extra_keys, extra_valid = gather_sparse_keys(extra_k_cache, extra_indices, extra_topk_length)
         keys = jnp.concatenate([keys, extra_keys], axis=2)
         valid = jnp.concatenate([valid, extra_valid], axis=2)
     n, num_keys, h_kv = batch * s_q, keys.shape[2], keys.shape[3]
@@ -175,19 +167,23 @@ def sparse_decode_reference(q, k_cache, indices, *, head_dim_v: int, softmax_sca
     return out, lse.reshape(batch, s_q, h_q).transpose(0, 2, 1)
 
 
-def sparse_prefill_reference(q, kv, indices, *, head_dim_v: int, softmax_scale: float, topk_length=None,
-                             compute_dtype=jnp.float32):
+def gather_prefill_keys(kv, indices, topk_length=None, dtype=jnp.float32):
+    """kv (s_kv, h_kv, d); indices (s_q, h_kv, topk) int32; topk_length (s_q,) or None -> keys (s_q, h_kv, topk, d)
+    in dtype, zero where ignored, and valid (s_q, h_kv, topk)."""
+    s_kv, h_kv = kv.shape[:2]
+    valid = sparse_index_ok(indices, s_kv, topk_length)
+    rows = kv[jnp.where(valid, indices, 0), jnp.arange(h_kv)[None, :, None]]
+    return jnp.where(valid[..., None], rows.astype(dtype), jnp.zeros((), dtype)), valid
+
+
+def sparse_prefill_reference(q, kv, indices, *, head_dim_v: int, softmax_scale: float, topk_length=None):
     """DeepSeek-V3.2 sparse prefill (FlashMLA's flash_mla_sparse_fwd): query token s reads, for KV head k, the
     tokens indices[s, k, :] of kv; query head h reads KV head h // (h_q // h_kv).
 
-    q (s_q, h_q, d); kv (s_kv, h_kv, d); indices (s_q, h_kv, topk) int32; topk_length (s_q,) int32 or None;
-    compute_dtype as in sparse_decode_reference.
+    q (s_q, h_q, d); kv (s_kv, h_kv, d); indices (s_q, h_kv, topk) int32; topk_length (s_q,) int32 or None.
     Returns out (s_q, h_q, head_dim_v) in q.dtype, max_logits (s_q, h_q) float32 (the largest scaled score,
     -inf for a query that saw no key) and lse (s_q, h_q) float32 (+inf for it).
     """
-    s_kv, h_kv = kv.shape[:2]
-    valid = _index_ok(indices, s_kv, topk_length)
-    rows = kv[jnp.where(valid, indices, 0), jnp.arange(h_kv)[None, :, None]]  # (s_q, h_kv, topk, d)
-    keys = jnp.where(valid[..., None], rows.astype(compute_dtype), jnp.zeros((), compute_dtype))
+    keys, valid = gather_prefill_keys(kv, indices, topk_length)
     out, lse, max_logits = _sparse_attention(q, keys, valid, head_dim_v, softmax_scale)
     return out.astype(q.dtype), max_logits, lse

@@ -29,6 +29,19 @@ def _require_int32(name, x):
         raise TypeError(f"{name} must be int32, got {_describe(x)}")
 
 
+def host_ints_as_int32(name, x):
+    """A NumPy integer array wider than int32 (np.arange gives int64) converts when its values fit int32; values
+    outside int32 are refused here, where jnp.asarray (with x64 off) would wrap them, turning a huge page id or
+    token index into a valid-looking one. Anything else passes as it is."""
+    if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.integer) or x.dtype == np.int32:
+        return x
+    info = np.iinfo(np.int32)
+    if x.size and (x.min() < info.min or x.max() > info.max):
+        raise ValueError(f"{name} must be int32, got a NumPy {_describe(x)} with values in [{x.min()}, {x.max()}], "
+                         f"outside int32's range")
+    return x.astype(np.int32)
+
+
 def check_seqlens(cache_seqlens, batch: int | None = None):
     _require_rank("cache_seqlens", cache_seqlens, 1, "(batch,)")
     _require_int32("cache_seqlens", cache_seqlens)

@@ -168,6 +168,8 @@ def test_fp8_cache_packs_what_it_writes(storage, rng_seed):
         for t in range(count):
             np.testing.assert_array_equal(pool[1, int(table[i, t // 64]), t % 64], packed[i, t])
     assert not pool[0].any() and not pool[1, 3].any() and not pool[1, 1, 3:].any()
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point type .* got uint8"):
+        jfm.PagedKVCache.create(batch_size=1, max_seq_len=64, dtype=jnp.uint8)
     with pytest.raises(ValueError, match=r"an FP8 cache packs 576-dim tokens .* got head_dim=512"):
         jfm.PagedKVCache.create(batch_size=1, max_seq_len=64, head_dim=512, dtype=jnp.float8_e4m3fn)
     with pytest.raises(ValueError, match=r"kv must have shape \(2, s_new, 1, 576\)"):

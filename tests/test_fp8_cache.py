@@ -80,6 +80,19 @@ def test_unpacking_is_exact_and_round_trips(rng_seed):
     np.testing.assert_array_equal(np.asarray(again, np.float64), want)
 
 
+def test_a_non_finite_value_makes_its_whole_tile_nan(rng_seed):
+    """As with FlashMLA's 2 ** ceil(log2(amax / 448)): the tile's scale is inf or NaN, every value of the tile
+    unpacks to NaN, the other tiles and the rope dims are untouched."""
+    rng = np.random.default_rng(rng_seed)
+    x = rng.standard_normal((3, 576)).astype(np.float32)
+    x[0, 5], x[1, 200], x[2, 400] = np.inf, np.nan, -np.inf
+    got = np.asarray(jfm.dequantize_kv_cache(jfm.quantize_kv_cache(x), jnp.float32))
+    for token, tile in ((0, 0), (1, 1), (2, 3)):
+        assert np.isnan(got[token, tile * 128:(tile + 1) * 128]).all()
+        others = np.delete(got[token], np.s_[tile * 128:(tile + 1) * 128])
+        assert np.isfinite(others).all()
+
+
 def test_packing_refuses_other_shapes():
     with pytest.raises(ValueError, match=r"floating-point tokens of 576 dims .* got shape \(2, 512\)"):
         jfm.quantize_kv_cache(jnp.zeros((2, 512)))

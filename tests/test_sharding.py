@@ -297,7 +297,9 @@ def test_sparse_attention_partitions_through_xla(axis_types, rng_seed):
         got_prefill = run_without_collectives(prefill, *put(
             mesh, (prefill_args[0], P("data", "model")), (prefill_args[1], P()), (prefill_args[2], P("data")),
             (topk_length, P("data")), (sink, P("model"))))
-    assert_same((got_decode, got_prefill), want)
+        # Only the indices placed: q and the cache come unplaced (under Explicit axes the mesh is the indices').
+        got_unplaced_q = jax.jit(sparse_decode)(q, k_cache, *put(mesh, (indices, P("data"))), topk_length, sink)
+    assert_same((got_decode, got_prefill, got_unplaced_q), (*want, want[0]))
     assert got_decode[0].sharding.is_equivalent_to(NamedSharding(mesh, P("data", None, "model", None)), 4)
     assert got_decode[1].sharding.is_equivalent_to(NamedSharding(mesh, P("data", "model", None)), 3)
     for result in got_prefill:

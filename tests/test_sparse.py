@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import jax_flashmla as jfm
+from jax_flashmla import reference, sparse_xla
 
 from oracle import sparse_decode_oracle, sparse_prefill_oracle
 from tolerances import assert_lse_close, assert_out_close
@@ -25,6 +26,7 @@ def hostile_indices(rng, shape, num_tokens, readable):
     indices[(junk >= 0.1) & (junk < 0.15)] = rng.integers(-(2**31), -1, size=shape)[(junk >= 0.1) & (junk < 0.15)]
     indices[(junk >= 0.15) & (junk < 0.2)] = num_tokens + rng.integers(0, 1000, size=shape)[(junk >= 0.15) & (junk < 0.2)]
     indices[..., -1] = 2**31 - 1
+    indices[..., -2] = num_tokens  # one past the last token: a gather would clamp it onto the last one
     return indices.astype(np.int32)
 
 
@@ -82,6 +84,44 @@ def test_sparse_decode_matches_float64_oracle(dtype, h_kv, rng_seed):
     assert np.all(np.asarray(out[1], np.float32) == 0) and np.all(np.isposinf(np.asarray(lse[1])))
 
 
+@pytest.mark.parametrize("keys_per_step", [7, 16, 1000])
+def test_chunked_xla_path_equals_the_specification(keys_per_step, rng_seed):
+    """sparse_xla (what the API runs) over chunks that do not divide topk, against reference.py's one-piece
+    float32 specification, and both against the float64 oracle; 16-bit products against the oracle too."""
+    rng = np.random.default_rng([rng_seed, keys_per_step])
+    q, scopes = decode_problem(rng, h_kv=2, dtype=jnp.float32)
+    (cache, indices, lengths), (extra, extra_indices, extra_lengths) = scopes
+    kwargs = dict(head_dim_v=512, softmax_scale=0.07, topk_length=lengths, extra_k_cache=jnp.asarray(extra),
+                  extra_indices=extra_indices, extra_topk_length=extra_lengths)
+    spec = jax.jit(functools.partial(reference.sparse_decode_reference, **kwargs))(q, jnp.asarray(cache), indices)
+    chunked = jax.jit(functools.partial(sparse_xla.sparse_decode, dtype=jnp.float32, keys_per_step=keys_per_step,
+                                        **kwargs))(q, jnp.asarray(cache), indices)
+    want_out, want_lse = sparse_decode_oracle(q, [(np.nan_to_num(c, nan=1e30), i, t) for c, i, t in scopes], 512, 0.07)
+    for got in (spec, chunked):
+        assert_out_close(got[0], want_out, jnp.float32)
+        assert_lse_close(got[1], want_lse)
+    np.testing.assert_allclose(np.asarray(chunked[0]), np.asarray(spec[0]), rtol=1e-5, atol=1e-7)
+    half = functools.partial(sparse_xla.sparse_decode, dtype=jnp.bfloat16, keys_per_step=keys_per_step,
+                             **{**kwargs, "extra_k_cache": jnp.asarray(extra, jnp.bfloat16)})
+    out, lse = jax.jit(half)(jnp.asarray(q, jnp.bfloat16), jnp.asarray(cache, jnp.bfloat16), indices)
+    assert_out_close(out, want_out, jnp.bfloat16)
+    assert_lse_close(lse, want_lse)
+    # The prefill, per KV head, likewise.
+    kv = cache.reshape(-1, 2, 576)
+    prefill_q = q[0].reshape(4, 4, 576)  # 4 query tokens, 4 heads over 2 KV heads
+    prefill_indices = hostile_indices(rng, (4, 2, 30), kv.shape[0], np.flatnonzero(~np.isnan(kv[:, 0, 0])))
+    prefill_args = dict(head_dim_v=512, softmax_scale=0.07, topk_length=np.array([30, 0, 9, 17], np.int32))
+    spec = reference.sparse_prefill_reference(prefill_q, jnp.asarray(kv), prefill_indices, **prefill_args)
+    chunked = sparse_xla.sparse_prefill(prefill_q, jnp.asarray(kv), prefill_indices, keys_per_step=keys_per_step,
+                                        **prefill_args)
+    want = sparse_prefill_oracle(prefill_q, np.nan_to_num(kv, nan=1e30), prefill_indices, 512, 0.07,
+                                 prefill_args["topk_length"])
+    for got in (spec, chunked):
+        assert_out_close(got[0], want[0], jnp.float32)
+        assert_lse_close(got[2], want[2])
+        np.testing.assert_array_equal(np.isneginf(np.asarray(got[1])), np.isneginf(want[1]))
+
+
 def test_sparse_decode_attention_sink(rng_seed):
     rng = np.random.default_rng(rng_seed)
     q, scopes = decode_problem(rng)
@@ -99,7 +139,7 @@ def test_sparse_decode_fp8_cache(rng_seed):
     float8 storage."""
     rng = np.random.default_rng(rng_seed)
     q, scopes = decode_problem(rng)
-    scopes = [(np.nan_to_num(c, nan=0.0), i, t) for c, i, t in scopes]  # a NaN would poison its tile's scale
+    scopes = [(np.nan_to_num(c, nan=0.0), i, t) for c, i, t in scopes]  # a NaN would make its whole tile NaN
     got = jax.jit(lambda q, s: call_decode(q, s, jnp.bfloat16, fp8=True))(q, scopes)
     unpacked = [(np.asarray(jfm.dequantize_kv_cache(jfm.quantize_kv_cache(c)), np.float32), i, t) for c, i, t in scopes]
     want = call_decode(q, unpacked, jnp.bfloat16)
@@ -115,6 +155,28 @@ def test_sparse_decode_fp8_cache(rng_seed):
     want = call_decode(q, unpacked[:1], jnp.bfloat16)
     for g, w in zip(from_bytes, want):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+def test_nan_in_a_token_read_makes_that_query_nan(rng_seed):
+    """A NaN in a token a valid index names propagates to that query's out and lse (it is not mistaken for a query
+    that saw no key), in the decode and the prefill; the other queries are untouched."""
+    rng = np.random.default_rng(rng_seed)
+    q, scopes = decode_problem(rng, extra=False, dtype=jnp.float32)
+    (cache, indices, topk_length), = scopes
+    cache = np.nan_to_num(cache, nan=0.0)
+    indices = indices.copy()
+    indices[0, 1, 0] = 7  # sequence 0 reads all its entries; query token 1 now reads token 7
+    indices[0, 0] = -1
+    indices[0, 0, 3] = 9  # query token 0 reads token 9 only
+    cache.reshape(-1, 576)[7, 100] = np.nan
+    args = (jnp.asarray(q), jnp.asarray(cache), None, None, 512)
+    out, lse = jfm.flash_mla_with_kvcache(*args, indices=indices, topk_length=topk_length)
+    assert np.isnan(np.asarray(out[0, 1])).all() and np.isnan(np.asarray(lse[0, :, 1])).all()
+    assert np.isfinite(np.asarray(out[0, 0])).all() and np.isfinite(np.asarray(lse[0, :, 0])).all()
+    kv = jnp.asarray(cache.reshape(-1, 1, 576))
+    out, max_logits, lse = jfm.flash_mla_sparse_fwd(jnp.asarray(q[0]), kv, indices[0][:, None, :], 0.05)
+    assert np.isnan(np.asarray(out[1])).all() and np.isnan(np.asarray(lse[1])).all()
+    assert np.isnan(np.asarray(max_logits[1])).all() and np.isfinite(np.asarray(out[0])).all()
 
 
 def test_sparse_decode_reads_a_stacked_pool_in_place_of_a_layer(rng_seed):
@@ -223,6 +285,35 @@ def test_cache_sparse_indices_follow_the_block_table(rng_seed):
         np.testing.assert_array_equal(pool[indices[i, s, k]], np.asarray(tokens, np.float32)[i, positions[i, s, k], 0])
     with pytest.raises(TypeError, match=r"positions must be integers of shape \(2, \.\.\., topk\)"):
         cache.sparse_indices(jnp.zeros((3, 1, 4), jnp.int32))
+    # Any integer width, without wrapping: 2**32 + 5 must not read position 5.
+    for dtype in (np.int16, np.uint8, np.uint32):
+        narrow = np.asarray(positions)[..., :5].clip(0, np.iinfo(dtype).max).astype(dtype)
+        np.testing.assert_array_equal(cache.sparse_indices(narrow), cache.sparse_indices(narrow.astype(np.int32)))
+    assert (np.asarray(cache.sparse_indices(jnp.full((2, 1, 1), 2**32 - 1, jnp.uint32))) == -1).all()
+
+
+def test_wide_numpy_indices_convert_only_when_they_fit_int32(rng_seed):
+    """NumPy int64 (np.arange's type) is taken when its values fit int32; a value past int32, which jnp.asarray
+    would wrap into a valid-looking index or page id, is refused by name."""
+    rng = np.random.default_rng(rng_seed)
+    q, scopes = decode_problem(rng, extra=False)
+    (cache, indices, topk_length), = scopes
+    args = (jnp.asarray(q, jnp.bfloat16), jnp.asarray(np.nan_to_num(cache, nan=0.0), jnp.bfloat16), None, None, 512)
+    want = jfm.flash_mla_with_kvcache(*args, indices=indices, topk_length=topk_length)
+    got = jfm.flash_mla_with_kvcache(*args, indices=indices.astype(np.int64), topk_length=topk_length.astype(np.int64))
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    wrapped = indices.astype(np.int64)
+    wrapped[0, 0, 0] = 2**32 + 5
+    with pytest.raises(ValueError, match=r"indices must be int32, got a NumPy shape \(3, 2, 40\) and dtype int64 with "
+                                         r"values in \[.*, 4294967301\], outside int32's range"):
+        jfm.flash_mla_with_kvcache(*args, indices=wrapped)
+    with pytest.raises(ValueError, match=r"topk_length must be int32, got a NumPy"):
+        jfm.flash_mla_with_kvcache(*args, indices=indices, topk_length=np.array([0, 1, 2**33]))
+    with pytest.raises(ValueError, match=r"block_table must be int32, got a NumPy"):
+        jfm.flash_mla_with_kvcache(*args[:2], np.array([[0], [1], [2**32]]), np.zeros(3, np.int32), 512)
+    with pytest.raises(ValueError, match=r"^indices must be int32, got a NumPy"):
+        jfm.flash_mla_sparse_fwd(args[0][0], args[1].reshape(-1, 1, 576), wrapped[0][:, None, :], 0.05)
 
 
 S = jax.ShapeDtypeStruct
@@ -282,6 +373,8 @@ def test_dense_calls_refuse_sparse_only_arguments():
     for topk in (0, 2.0, True):
         with pytest.raises(ValueError, match=r"topk must be None \(dense attention\) or a positive Python int"):
             jfm.get_mla_metadata(jnp.zeros(2, jnp.int32), 16, 1, 16, False, topk)
+    with pytest.raises(ValueError, match=r"num_heads_k must be a positive Python int"):  # checked, though not read
+        jfm.get_mla_metadata(jnp.zeros(2, jnp.int32), 16, 0, 16, True, 64)
 
 
 @pytest.mark.parametrize("overrides,error,words", [
