@@ -1,7 +1,8 @@
 """Sparse attention as XLA runs it, on every platform (there is no CUDA kernel for it yet).
 
 The math is reference.py's, taken over the keys KEYS_PER_STEP at a time in a lax.scan with an online softmax
-(running max, running sum, rescaled accumulator), so its memory grows with one chunk of keys, not with topk: in
+(running max, running sum, rescaled accumulator), so its memory grows with one chunk of keys, not with topk (under
+autodiff each step is recomputed, so a gradient keeps the carries of the steps, not their keys and scores): in
 one piece, a V3.2 prefill chunk of 4096 query tokens with topk 2048 and 128 heads would gather 4096 * 2048 tokens
 and score 4096 * 128 * 2048 logits. The scan runs over the keys' axis, which no mesh splits, so the query axes stay
 partitioned as they come.
@@ -55,8 +56,9 @@ def _attend(queries, sources, *, head_dim_v: int, softmax_scale: float, keys_per
         scores = product("nkgd,nkcd->nkgc", queries, keys) * softmax_scale
         scores = jnp.where(valid[:, :, None, :], scores, -jnp.inf)
         new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1))  # NaN (a NaN key) carries through
-        # The old sums are rescaled to the new max; none yet (max -inf) rescales to 0, never to exp(+-inf).
-        rescale = jnp.where(row_max == -jnp.inf, 0.0, jnp.exp(row_max - new_max))
+        # The old sums are rescaled to the new max. An unchanged max rescales by 1, never by exp(inf - inf) (a max
+        # of -inf before any key, whose sums are 0, or of +inf after an infinite score); a NaN stays NaN.
+        rescale = jnp.where(row_max == new_max, 1.0, jnp.exp(row_max - new_max))
         probs = jnp.exp(scores - jnp.where(jnp.isfinite(new_max), new_max, 0.0)[..., None])
         row_sum = row_sum * rescale + jnp.sum(probs, axis=-1)
         acc = acc * rescale[..., None] + product("nkgc,nkcv->nkgv", probs.astype(dtype), keys[..., :head_dim_v])
@@ -65,7 +67,9 @@ def _attend(queries, sources, *, head_dim_v: int, softmax_scale: float, keys_per
     carry = (jnp.full((n, h_kv, group), -jnp.inf, jnp.float32), jnp.zeros((n, h_kv, group), jnp.float32),
              jnp.zeros((n, h_kv, group, head_dim_v), jnp.float32))
     for indices, gather in sources:
-        carry, _ = jax.lax.scan(functools.partial(step, gather), carry, _chunked(indices, keys_per_step))
+        # Rematerialised under autodiff, so that a gradient keeps each step's carry, not its keys and scores.
+        carry, _ = jax.lax.scan(jax.checkpoint(functools.partial(step, gather)), carry,
+                                _chunked(indices, keys_per_step))
     row_max, row_sum, acc = carry
     seen = row_sum != 0  # NaN counts as seen: a NaN key gives a NaN query, not an empty one
     safe_sum = jnp.where(seen, row_sum, 1.0)

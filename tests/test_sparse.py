@@ -122,6 +122,24 @@ def test_chunked_xla_path_equals_the_specification(keys_per_step, rng_seed):
         np.testing.assert_array_equal(np.isneginf(np.asarray(got[1])), np.isneginf(want[1]))
 
 
+@pytest.mark.parametrize("keys_per_step", [1, 2, 64])
+def test_an_infinite_score_gives_what_the_specification_gives_at_any_chunk_size(keys_per_step, rng_seed):
+    """A key with +inf where q is positive scores +inf: out NaN and lse +inf in the specification, whichever chunk
+    the key falls in (a rescale of exp(inf - inf) would make lse NaN)."""
+    rng = np.random.default_rng(rng_seed)
+    q = jnp.asarray(np.abs(rng.standard_normal((1, 1, 2, 576))), jnp.float32)
+    cache = rng.standard_normal((1, 64, 1, 576)).astype(np.float32)
+    cache[0, 3, 0, 0] = np.inf
+    indices = np.array([[[3, 5, 9, 11]]], np.int32)  # the infinite key first: later chunks meet a max of +inf
+    kwargs = dict(head_dim_v=512, softmax_scale=0.05)
+    spec = reference.sparse_decode_reference(q, jnp.asarray(cache), indices, **kwargs)
+    chunked = sparse_xla.sparse_decode(q, jnp.asarray(cache), indices, dtype=jnp.float32,
+                                       keys_per_step=keys_per_step, **kwargs)
+    assert np.isnan(np.asarray(spec[0])).all() and np.isposinf(np.asarray(spec[1])).all()
+    for g, w in zip(chunked, spec):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_sparse_decode_attention_sink(rng_seed):
     rng = np.random.default_rng(rng_seed)
     q, scopes = decode_problem(rng)
