@@ -412,3 +412,16 @@ def test_sparse_prefill_refuses_bad_arguments_by_name(overrides, error, words):
                                                           topk_length=a["topk_length"]), args)
     with pytest.raises(ValueError, match="softmax_scale must be finite and positive"):
         jfm.flash_mla_sparse_fwd(jnp.zeros((4, 8, 576)), jnp.zeros((100, 1, 576)), jnp.zeros((4, 1, 3), jnp.int32), -1.0)
+
+
+def test_sparse_decode_exports_without_custom_calls(rng_seed):
+    """Sparse attention is plain XLA: jax.export for cuda needs no disabled checks, and the artifact runs here."""
+    rng = np.random.default_rng(rng_seed)
+    decode = jax.jit(lambda q, k, i: jfm.flash_mla_with_kvcache(q, k, None, None, 512, is_fp8_kvcache=True, indices=i))
+    args = (jnp.asarray(rng.standard_normal((2, 1, 16, 576)), jnp.bfloat16),
+            jfm.quantize_kv_cache(rng.standard_normal((4, 64, 1, 576)).astype(np.float32)),
+            jnp.asarray(rng.integers(-1, 300, (2, 1, 32)), jnp.int32))
+    exported = jax.export.export(decode, platforms=("cpu", "cuda"))(*args)
+    assert "custom_call @jax_flashmla" not in exported.mlir_module()
+    for got, want in zip(exported.call(*args), decode(*args)):
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
