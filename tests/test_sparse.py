@@ -425,3 +425,23 @@ def test_sparse_decode_exports_without_custom_calls(rng_seed):
     assert "custom_call @jax_flashmla" not in exported.mlir_module()
     for got, want in zip(exported.call(*args), decode(*args)):
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.gpu
+def test_sparse_decode_at_deepseek_v32_sizes(rng_seed):
+    """DeepSeek-V3.2's shape on the GPU's XLA: h_q 128, topk 2048 (four chunks of keys), an FP8 cache, bf16 products
+    on tensor cores, against the float64 oracle over the unpacked cache."""
+    rng = np.random.default_rng(rng_seed)
+    batch, s_q, h_q, topk, num_pages = 3, 2, 128, 2048, 80
+    q = jnp.asarray(np.clip(rng.standard_normal((batch, s_q, h_q, 576)) / 10, -1, 1), jnp.bfloat16)
+    packed = jfm.quantize_kv_cache(rng.standard_normal((num_pages, 64, 1, 576)).astype(np.float32) / 10)
+    indices = rng.integers(-1, num_pages * 64, size=(batch, s_q, topk)).astype(np.int32)
+    topk_length = np.array([topk, 1500, 0], np.int32)
+    out, lse = jax.jit(lambda q, k, i, t: jfm.flash_mla_with_kvcache(q, k, None, None, 512, is_fp8_kvcache=True,
+                                                                      indices=i, topk_length=t))(
+        q, packed, indices, topk_length)
+    unpacked = np.asarray(jfm.dequantize_kv_cache(packed), np.float32)
+    want_out, want_lse = sparse_decode_oracle(np.asarray(q, np.float32), [(unpacked, indices, topk_length)], 512,
+                                              576**-0.5)
+    assert_out_close(out, want_out, jnp.bfloat16)
+    assert_lse_close(lse, want_lse)
