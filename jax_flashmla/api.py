@@ -50,10 +50,11 @@ def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int | None = N
       with no argument or with topk.
     """
     is_fp8_kvcache = validation.check_fp8_flag(is_fp8_kvcache)
+    cache_seqlens = _optional_array(cache_seqlens, "cache_seqlens")
     if topk is not None:
         validation.check_topk(topk)
         if cache_seqlens is not None:  # checked as the dense form checks them, though sparse reads none of them
-            validation.check_seqlens(jnp.asarray(validation.host_ints_as_int32("cache_seqlens", cache_seqlens)))
+            validation.check_seqlens(cache_seqlens)
             validation.check_metadata_args(num_q_tokens_per_head_k, num_heads_k, num_sms, num_heads_q)
         return None, None
     validation.check_dense_call(is_fp8_kvcache)
@@ -66,7 +67,6 @@ def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int | None = N
         raise TypeError(f"get_mla_metadata needs cache_seqlens, num_q_tokens_per_head_k and num_heads_k together "
                         f"(or no argument at all, to schedule inside flash_mla_with_kvcache); missing "
                         f"{', '.join(missing)}")
-    cache_seqlens = jnp.asarray(validation.host_ints_as_int32("cache_seqlens", cache_seqlens))
     validation.check_seqlens(cache_seqlens)
     validation.check_metadata_args(num_q_tokens_per_head_k, num_heads_k, num_sms, num_heads_q)
     # The schedule covers the whole batch: under Explicit mesh axes the lengths are gathered first.
@@ -142,9 +142,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     for name, value in (("block_table", block_table), ("cache_seqlens", cache_seqlens)):
         if value is None:
             raise TypeError(f"{name} is required (only sparse attention, with indices=, leaves it out)")
-    block_table, cache_seqlens = (validation.host_ints_as_int32(name, x) for name, x in
+    q, k_cache = jnp.asarray(q), jnp.asarray(k_cache)
+    block_table, cache_seqlens = (_optional_array(x, name) for name, x in
                                   (("block_table", block_table), ("cache_seqlens", cache_seqlens)))
-    q, k_cache, block_table, cache_seqlens = map(jnp.asarray, (q, k_cache, block_table, cache_seqlens))
     if num_splits is None:
         # FlashMLA's newest interface passes its scheduling object with num_splits=None and schedules on the first
         # call: metadata without num_splits is scheduled here too (the given metadata is not read).

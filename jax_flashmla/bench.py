@@ -80,6 +80,7 @@ import numpy as np
 
 from . import __version__, kernels_available, why_kernels_unavailable
 from .api import flash_mla_with_kvcache, get_mla_metadata
+from .cache import indices_in_kvcache
 from .constants import PAGE_SIZE
 from .device_timing import profile_calls_ms
 from .fp8_cache import FP8_TOKEN_BYTES, quantize_kv_cache
@@ -325,19 +326,18 @@ def make_inputs(key, lengths: np.ndarray, config: RowConfig, layers: int = 1, pa
     return q, k_cache, table, jnp.asarray(lengths, jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("s_q", "topk"))
-def sparse_indices(key, block_table, cache_seqlens, *, s_q: int, topk: int):
-    """(b, s_q, topk) int32 indices of sparse decode (page * 64 + slot): for each query token, topk distinct
-    positions of its sequence drawn at random, as an indexer's top-k picks would be, through the block table;
-    -1 past the end of a sequence shorter than topk."""
+@functools.partial(jax.jit, static_argnames=("s_q", "topk", "num_pages"))
+def sparse_indices(key, block_table, cache_seqlens, *, s_q: int, topk: int, num_pages: int):
+    """(b, s_q, topk) int32 indices of sparse decode (page * 64 + slot) into a pool of num_pages: for each query
+    token, topk distinct positions of its sequence drawn at random, as an indexer's top-k picks would be, through
+    the block table; -1 past the end of a sequence shorter than topk."""
     batch, max_pages = block_table.shape
     num_tokens = max_pages * PAGE_SIZE
     scores = jax.random.uniform(key, (batch, s_q, num_tokens))
     scores = jnp.where(jnp.arange(num_tokens) < cache_seqlens[:, None, None], scores, -1.0)
     scores, positions = jax.lax.top_k(scores, min(topk, num_tokens))
-    pages = jnp.take_along_axis(block_table, positions.reshape(batch, -1) // PAGE_SIZE, axis=1)
-    indices = jnp.where(scores >= 0, pages.reshape(positions.shape) * PAGE_SIZE + positions % PAGE_SIZE, -1)
-    return jnp.pad(indices, ((0, 0), (0, 0), (0, topk - indices.shape[-1])), constant_values=-1).astype(jnp.int32)
+    indices = indices_in_kvcache(block_table, jnp.where(scores >= 0, positions, -1), num_pages)
+    return jnp.pad(indices, ((0, 0), (0, 0), (0, topk - indices.shape[-1])), constant_values=-1)
 
 
 def xla_baseline_decode(q, k_cache, block_table, cache_seqlens, *, head_dim_v: int, causal: bool,
@@ -489,7 +489,8 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
     q, k_cache, table, seqlens = make_inputs(key, lengths, config, args.layers, args.page_order)
     layer = None if args.layers == 1 else args.layers - 1  # the stack's last layer: the largest pointer offset
     if config.sparse_topk:
-        indices = sparse_indices(jax.random.fold_in(key, 1), table, seqlens, s_q=config.s_q, topk=config.sparse_topk)
+        indices = sparse_indices(jax.random.fold_in(key, 1), table, seqlens, s_q=config.s_q, topk=config.sparse_topk,
+                                 num_pages=k_cache.shape[-4])
         if config.fp8:
             k_cache = jax.jit(quantize_kv_cache)(k_cache)
         decode = functools.partial(_sparse_decode, fp8=config.fp8, layer=layer)

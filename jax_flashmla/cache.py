@@ -32,14 +32,29 @@ from .fp8_cache import FP8_TOKEN_BYTES, HEAD_DIM as FP8_HEAD_DIM, is_packed_fp8,
 from .sharding import scatter_tokens
 
 
-def positions_as_int32(positions, limit: int):
-    """Integer token positions of any width as int32, without wrapping: a position past `limit` (at most 2**30)
-    becomes `limit`, a negative one stays negative, so each stays out of range if it was."""
-    if positions.dtype.itemsize < 4:
-        return positions.astype(jnp.int32)  # exact: int8/16 and uint8/16 fit
-    if jnp.issubdtype(positions.dtype, jnp.unsignedinteger):
-        return jnp.minimum(positions, limit).astype(jnp.int32)
-    return jnp.clip(positions, -1, limit).astype(jnp.int32)
+def ints_as_int32(values, low: int, high: int):
+    """Integers of any width as int32 without wrapping. Those that could wrap (unsigned of 4 bytes or more, signed
+    of 8) are clipped into [low, high] first, both within int32; narrower ones convert exactly (jnp.minimum of a
+    uint8 array and 2**30 would itself wrap the bound to 0)."""
+    if values.dtype.itemsize < 4:
+        return values.astype(jnp.int32)
+    if jnp.issubdtype(values.dtype, jnp.unsignedinteger):
+        return jnp.minimum(values, high).astype(jnp.int32)
+    if values.dtype.itemsize > 4:
+        return jnp.clip(values, low, high).astype(jnp.int32)
+    return values.astype(jnp.int32)
+
+
+def indices_in_kvcache(block_table, positions, num_pages: int):
+    """int32 token positions (b, ..., topk) of each sequence -> the indices sparse attention takes (FlashMLA's
+    indices_in_kvcache): page * 64 + slot through block_table (b, max_pages). -1 where the position lies outside
+    [0, 64 * max_pages) or its page id outside [0, num_pages), so that no index can wrap around in int32."""
+    batch, max_pages = block_table.shape
+    ok = (positions >= 0) & (positions < max_pages * PAGE_SIZE)
+    positions = jnp.where(ok, positions, 0)
+    page = jnp.take_along_axis(block_table, positions.reshape(batch, -1) // PAGE_SIZE, axis=1).reshape(positions.shape)
+    ok &= (page >= 0) & (page < min(num_pages, 2**31 // PAGE_SIZE))  # page * 64 + slot fits int32
+    return jnp.where(ok, page * PAGE_SIZE + positions % PAGE_SIZE, -1).astype(jnp.int32)
 
 
 @jax.tree_util.register_dataclass
@@ -118,13 +133,7 @@ class PagedKVCache:
         if not jnp.issubdtype(positions.dtype, jnp.integer) or positions.ndim < 2 or positions.shape[0] != batch:
             raise TypeError(f"positions must be integers of shape ({batch}, ..., topk), got shape "
                             f"{tuple(positions.shape)} and dtype {np.dtype(positions.dtype).name}")
-        positions = positions_as_int32(positions, self.capacity)
-        ok = (positions >= 0) & (positions < self.capacity)
-        positions = jnp.where(ok, positions, 0)
-        rows = positions.reshape(batch, -1)
-        page = jnp.take_along_axis(self.block_table, rows // PAGE_SIZE, axis=1).reshape(positions.shape)
-        ok &= (page >= 0) & (page < min(self.pages.shape[1], 2**31 // PAGE_SIZE))  # page * 64 + slot fits int32
-        return jnp.where(ok, page * PAGE_SIZE + positions % PAGE_SIZE, -1).astype(jnp.int32)
+        return indices_in_kvcache(self.block_table, ints_as_int32(positions, -1, self.capacity), self.pages.shape[1])
 
     def write(self, kv, *, layer=0, num_new=None) -> "PagedKVCache":
         """Store kv (b, s_new, h_kv, d) at positions seqlens[i] + j of `layer`'s pool (seqlens clipped to
@@ -188,8 +197,4 @@ class PagedKVCache:
             raise TypeError(f"num_new must be an int or a ({batch},) integer array, got shape {tuple(counts.shape)} "
                             f"and dtype {np.dtype(counts.dtype).name}")
         # Into int32 without wrapping (a uint32 2**32 - 1 must not turn into -1); +-2**30 bounds any capacity.
-        if jnp.issubdtype(counts.dtype, jnp.unsignedinteger):
-            counts = jnp.minimum(counts, 2**30)
-        elif counts.dtype.itemsize > 4:
-            counts = jnp.clip(counts, -(2**30), 2**30)
-        return jnp.broadcast_to(counts.astype(jnp.int32), (batch,))
+        return jnp.broadcast_to(ints_as_int32(counts, -(2**30), 2**30), (batch,))

@@ -38,7 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .api import flash_mla_with_kvcache
-from .cache import PagedKVCache, positions_as_int32
+from .cache import PagedKVCache, ints_as_int32
 from .constants import SUPPORTED_HEAD_DIM_V
 from .rope import YarnScaling, apply_rope, mla_softmax_scale, rope_attention_factor, rope_inv_freq
 
@@ -77,7 +77,7 @@ def _causal_positions(topk_positions, cache: PagedKVCache, s_q: int):
             or not jnp.issubdtype(topk_positions.dtype, jnp.integer)):
         raise TypeError(f"topk_positions must be integers of shape ({batch}, {s_q}, topk), got shape "
                         f"{tuple(topk_positions.shape)} and dtype {topk_positions.dtype}")
-    topk_positions = positions_as_int32(topk_positions, cache.capacity)
+    topk_positions = ints_as_int32(topk_positions, -1, cache.capacity)
     own = jnp.clip(cache.seqlens, 0, cache.capacity)[:, None] + jnp.arange(s_q, dtype=jnp.int32)  # (b, s_q)
     return jnp.where(topk_positions <= own[:, :, None], topk_positions, -1)
 

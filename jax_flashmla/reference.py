@@ -65,7 +65,7 @@ def mla_decode_reference(q, k_cache, block_table, cache_seqlens, *, head_dim_v: 
     scores = jnp.einsum("bskgd,btkd->bkgst", queries, keys, precision=_HIGHEST) * softmax_scale
     probs, row_max, row_sum = _masked_softmax_parts(jnp.where(mask[:, None, None, :, :], scores, -jnp.inf))
     weighted = jnp.einsum("bkgst,btkv->bkgsv", probs, keys[..., :head_dim_v], precision=_HIGHEST)
-    out, lse = _normalise(weighted, row_max, row_sum)
+    out, lse = normalise_rows(weighted, row_max, row_sum)
 
     out = out.transpose(0, 3, 1, 2, 4).reshape(batch, s_q, h_q, head_dim_v).astype(q.dtype)
     lse = lse[..., 0].reshape(batch, h_q, s_q)  # (b, h_kv, g, s_q) -> (b, h_q, s_q)
@@ -81,7 +81,7 @@ def _masked_softmax_parts(scores):
     return probs, row_max, jnp.sum(probs, axis=-1, keepdims=True)
 
 
-def _normalise(weighted, row_max, row_sum):
+def normalise_rows(weighted, row_max, row_sum):
     """probs @ V and the row statistics -> out (0 for a query that saw no key) and lse (..., 1) (+inf for it).
     A NaN key makes row_sum NaN, which must read as seen (NaN out), not as no key at all."""
     seen_any = row_sum != 0
@@ -140,7 +140,7 @@ def _sparse_attention(q, keys, valid, head_dim_v: int, softmax_scale: float):
     scores = jnp.where(valid[:, :, None, :], scores, -jnp.inf)
     probs, row_max, row_sum = _masked_softmax_parts(scores)
     weighted = jnp.einsum("nkgt,nktv->nkgv", probs, keys[..., :head_dim_v], precision=_HIGHEST)
-    out, lse = _normalise(weighted, row_max, row_sum)
+    out, lse = normalise_rows(weighted, row_max, row_sum)
     return (out.reshape(n, h_q, head_dim_v), lse.reshape(n, h_q), jnp.max(scores, axis=-1).reshape(n, h_q))
 
 

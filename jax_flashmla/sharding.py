@@ -208,11 +208,12 @@ def under_auto_axes(f, q, *args, out_specs):
     Auto mesh axes but which Explicit axes would make ambiguous: where any argument is on Explicit axes it runs
     with them switched to Auto, and its results come back split as out_specs(q's spec, padded with None to q's
     rank) says. Elsewhere f runs as it is."""
-    found = [s for s in map(explicit_sharding, jax.tree.leaves((q, args))) if s is not None]
+    shardings = [explicit_sharding(x) for x in jax.tree.leaves((q, args))]  # q's first
+    found = [s for s in shardings if s is not None]
     if not found:
         return f(q, *args)
     # q may be unplaced (replicated) while another argument carries the Explicit mesh.
-    q_spec = tuple(explicit_sharding(q).spec) if explicit_sharding(q) is not None else ()
+    q_spec = () if shardings[0] is None else tuple(shardings[0].spec)
     spec = q_spec + (None,) * (q.ndim - len(q_spec))
     out_sharding = jax.tree.map(lambda s: found[0].update(spec=s), out_specs(spec), is_leaf=lambda x: isinstance(x, P))
     return jax.sharding.auto_axes(f, out_sharding=out_sharding)(q, *args)

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .reference import gather_prefill_keys, gather_sparse_keys, sparse_index_ok
+from .reference import gather_prefill_keys, gather_sparse_keys, normalise_rows, sparse_index_ok
 
 KEYS_PER_STEP = 512  # keys a scan step gathers per query token: 512 * 576 * 2 bytes = 576 KiB a token
 
@@ -71,11 +71,8 @@ def _attend(queries, sources, *, head_dim_v: int, softmax_scale: float, keys_per
         carry, _ = jax.lax.scan(jax.checkpoint(functools.partial(step, gather)), carry,
                                 _chunked(indices, keys_per_step))
     row_max, row_sum, acc = carry
-    seen = row_sum != 0  # NaN counts as seen: a NaN key gives a NaN query, not an empty one
-    safe_sum = jnp.where(seen, row_sum, 1.0)
-    out = jnp.where(seen[..., None], acc / safe_sum[..., None], 0.0)
-    lse = jnp.where(seen, jnp.log(safe_sum) + jnp.where(jnp.isfinite(row_max), row_max, 0.0), jnp.inf)
-    return out, lse, row_max
+    out, lse = normalise_rows(acc, jnp.where(jnp.isfinite(row_max), row_max, 0.0)[..., None], row_sum[..., None])
+    return out, lse[..., 0], row_max
 
 
 def _masked(indices, num_tokens: int, topk_length):

@@ -194,7 +194,7 @@ def test_sparse_rows_time_the_xla_sparse_decode(tmp_path, capsys):
 def test_sparse_indices_are_distinct_positions_of_each_sequence():
     lengths = jnp.asarray([130, 5, 0], jnp.int32)
     table = jnp.asarray([[4, 0, 2], [1, 7, 7], [3, 3, 3]], jnp.int32)
-    indices = np.asarray(bench.sparse_indices(jax.random.key(0), table, lengths, s_q=2, topk=8))
+    indices = np.asarray(bench.sparse_indices(jax.random.key(0), table, lengths, s_q=2, topk=8, num_pages=8))
     assert indices.shape == (3, 2, 8) and indices.dtype == np.int32
     positions = {4 * 64 + t: t for t in range(64)} | {t: 64 + t for t in range(64)} | {128 + t: 128 + t for t in range(2)}
     for s in range(2):
@@ -202,7 +202,7 @@ def test_sparse_indices_are_distinct_positions_of_each_sequence():
         assert len(set(row)) == 8 and all(positions.get(int(i), 999) < 130 for i in row)  # page 2 holds 128, 129
         assert sorted(indices[1, s][:5]) == [64, 65, 66, 67, 68] and (indices[1, s][5:] == -1).all()
     assert (indices[2] == -1).all()  # an empty sequence
-    wide = np.asarray(bench.sparse_indices(jax.random.key(1), table, lengths, s_q=1, topk=300))
+    wide = np.asarray(bench.sparse_indices(jax.random.key(1), table, lengths, s_q=1, topk=300, num_pages=8))
     assert wide.shape == (3, 1, 300) and (wide[0, 0, 130:] == -1).all() and len(set(wide[0, 0, :130])) == 130
 
 

@@ -118,6 +118,8 @@ def test_append_advances_by_what_it_stored():
     np.testing.assert_array_equal(cache.append(kv, num_new=huge).seqlens, [3, 1])
     assert np.count_nonzero(np.asarray(cache.append(kv, num_new=huge).pages)) == 4 * 4
     np.testing.assert_array_equal(cache.advance(-5).seqlens, [0, 0])
+    for narrow in (jnp.uint8, jnp.uint16, jnp.int8):  # exact: a bound of 2**30 in their own type would wrap to 0
+        np.testing.assert_array_equal(cache.advance(jnp.array([3, 7], narrow)).seqlens, [3, 7], err_msg=str(narrow))
     np.testing.assert_array_equal(cache.advance(10).advance(2**31 - 1).seqlens, [128, 128])
     np.testing.assert_array_equal(cache.advance(100).advance(jnp.array([-30, -200])).seqlens, [70, 0])
     # A length the decode reads as 0 (negative) is where writes start too: append stores slots 0.. and advances by as many.
