@@ -63,20 +63,28 @@ class PagedKVCache:
     pages: jax.Array  # (num_layers, num_pages, 64, h_kv, d), or (..., 656) packed FP8 tokens
     block_table: jax.Array  # (b, max_pages_per_seq) int32
     seqlens: jax.Array  # (b,) int32, tokens stored per sequence
+    # DeepSeek-V3.2's lightning-indexer keys, one per token, in the same pages and slots as the latent entries:
+    # (num_layers, num_pages, 64, 1, index_head_dim), or None for a cache without them.
+    index_pages: jax.Array | None = None
 
     @classmethod
     def create(cls, *, batch_size: int, max_seq_len: int, num_layers: int = 1, num_heads_k: int = 1,
-               head_dim: int = 576, dtype=jnp.bfloat16, block_table=None, num_pages: int | None = None):
+               head_dim: int = 576, dtype=jnp.bfloat16, block_table=None, num_pages: int | None = None,
+               index_head_dim: int | None = None, index_dtype=None):
         """An empty cache with room for max_seq_len tokens per sequence. dtype=jnp.float8_e4m3fn keeps the tokens
-        packed in DeepSeek-V3.2's FP8 layout (head_dim must then be 576)."""
+        packed in DeepSeek-V3.2's FP8 layout (head_dim must then be 576). index_head_dim: also keep a lightning-
+        indexer key per token (index_pages), in index_dtype (default: dtype, or bfloat16 beside an FP8 pool)."""
         if batch_size < 1 or max_seq_len < 1 or num_layers < 1 or num_heads_k < 1:
             raise ValueError("batch_size, max_seq_len, num_layers and num_heads_k must be positive, got "
                              f"{batch_size}, {max_seq_len}, {num_layers}, {num_heads_k}")
+        if index_head_dim is not None and (not isinstance(index_head_dim, int) or index_head_dim < 1):
+            raise ValueError(f"index_head_dim must be None or a positive int, got {index_head_dim!r}")
         width = head_dim
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"dtype must be a floating-point type (bfloat16, float16, float32, or float8_e4m3fn for "
                             f"packed FP8 tokens), got {np.dtype(dtype).name}")
-        if np.dtype(dtype) == np.dtype(jnp.float8_e4m3fn):
+        fp8 = np.dtype(dtype) == np.dtype(jnp.float8_e4m3fn)
+        if fp8:
             if head_dim != FP8_HEAD_DIM:
                 raise ValueError(f"an FP8 cache packs {FP8_HEAD_DIM}-dim tokens (512 latent + 64 rope dims), got "
                                  f"head_dim={head_dim}")
@@ -96,7 +104,15 @@ class PagedKVCache:
                 raise ValueError(f"block_table has {block_table.shape[1]} columns, fewer than the {max_pages} pages "
                                  f"max_seq_len={max_seq_len} needs")
         pages = jnp.zeros((num_layers, num_pages, PAGE_SIZE, num_heads_k, width), dtype)
-        return cls(pages=pages, block_table=block_table, seqlens=jnp.zeros((batch_size,), jnp.int32))
+        index_pages = None
+        if index_head_dim is not None:
+            if index_dtype is None:
+                index_dtype = jnp.bfloat16 if fp8 else dtype
+            if not jnp.issubdtype(index_dtype, jnp.floating) or np.dtype(index_dtype).itemsize < 2:
+                raise TypeError(f"index_dtype must be a 16- or 32-bit float type, got {np.dtype(index_dtype).name}")
+            index_pages = jnp.zeros((num_layers, num_pages, PAGE_SIZE, 1, index_head_dim), index_dtype)
+        return cls(pages=pages, block_table=block_table, seqlens=jnp.zeros((batch_size,), jnp.int32),
+                   index_pages=index_pages)
 
     @property
     def capacity(self) -> int:
@@ -146,7 +162,7 @@ class PagedKVCache:
         Tokens that fall past the capacity or on an invalid page id are dropped, never written elsewhere.
         """
         kv = jnp.asarray(kv)
-        num_pages, h_kv, head_dim = self.pages.shape[1], self.pages.shape[3], self.head_dim
+        h_kv, head_dim = self.pages.shape[3], self.head_dim
         batch = self.block_table.shape[0]
         if kv.ndim != 4 or kv.shape[0] != batch or kv.shape[2:] != (h_kv, head_dim):
             raise ValueError(f"kv must have shape ({batch}, s_new, {h_kv}, {head_dim}), got shape {tuple(kv.shape)}")
@@ -154,7 +170,50 @@ class PagedKVCache:
             raise TypeError(f"kv must be a floating-point array (it is cast to the pool's "
                             f"{np.dtype(self.pages.dtype).name}), got dtype {np.dtype(kv.dtype).name}")
         validation.check_layer(self.pages, layer, name="pages")
-        s_new = kv.shape[1]
+        page, slot = self._new_token_slots(kv.shape[1], num_new)
+        # The scatter partitions over a mesh like the decode (jax_flashmla/sharding.py).
+        if self.is_fp8:
+            kv = jax.lax.bitcast_convert_type(quantize_kv_cache(kv), self.pages.dtype)  # float8 or uint8 storage
+        pages = scatter_tokens(self.pages, kv.astype(self.pages.dtype), page, slot,
+                               validation.clamp_layer(layer, self.num_layers))
+        return dataclasses.replace(self, pages=pages)
+
+    def write_index_keys(self, keys, *, layer=0, num_new=None) -> "PagedKVCache":
+        """Store lightning-indexer keys (b, s_new, index_head_dim) where `write` stores the same tokens' latent
+        entries (same layer, num_new and drops); seqlens unchanged."""
+        if self.index_pages is None:
+            raise ValueError("this cache keeps no indexer keys: create it with index_head_dim=")
+        keys = jnp.asarray(keys)
+        batch, index_head_dim = self.block_table.shape[0], self.index_pages.shape[-1]
+        if keys.ndim != 3 or keys.shape[0] != batch or keys.shape[2] != index_head_dim:
+            raise ValueError(f"keys must have shape ({batch}, s_new, {index_head_dim}), got shape {tuple(keys.shape)}")
+        if not jnp.issubdtype(keys.dtype, jnp.floating):
+            raise TypeError(f"keys must be a floating-point array, got dtype {np.dtype(keys.dtype).name}")
+        validation.check_layer(self.pages, layer, name="pages")
+        page, slot = self._new_token_slots(keys.shape[1], num_new)
+        index_pages = scatter_tokens(self.index_pages, keys[:, :, None, :].astype(self.index_pages.dtype), page, slot,
+                                     validation.clamp_layer(layer, self.num_layers))
+        return dataclasses.replace(self, index_pages=index_pages)
+
+    def index_keys(self, layer=0) -> tuple[jax.Array, jax.Array]:
+        """Every position's indexer key of one layer through block_table: (b, capacity, index_head_dim), and
+        (b, capacity) bool, False where the position's page id is invalid (its key reads as zeros). Positions past
+        seqlens are not masked: their slots may not have been written."""
+        if self.index_pages is None:
+            raise ValueError("this cache keeps no indexer keys: create it with index_head_dim=")
+        validation.check_layer(self.pages, layer, name="pages")
+        pool = self.index_pages[validation.clamp_layer(layer, self.num_layers)][:, :, 0, :]  # (num_pages, 64, d)
+        num_pages = pool.shape[0]
+        valid = (self.block_table >= 0) & (self.block_table < num_pages)  # (b, max_pages)
+        keys = pool[jnp.where(valid, self.block_table, 0)]  # (b, max_pages, 64, d)
+        keys = jnp.where(valid[:, :, None, None], keys, jnp.zeros((), keys.dtype))
+        batch = self.block_table.shape[0]
+        return keys.reshape(batch, self.capacity, -1), jnp.repeat(valid, PAGE_SIZE, axis=1)
+
+    def _new_token_slots(self, s_new: int, num_new) -> tuple[jax.Array, jax.Array]:
+        """(page, slot) (b, s_new) int32 where the next s_new tokens of each row go; dropped tokens (past the
+        capacity or num_new, or on an invalid page id) get page num_pages, which the scatter's mode="drop" discards."""
+        num_pages = self.pages.shape[1]
         # From the length the decode sees (clipped to [0, capacity]), so that append's advance matches what it stored.
         start = jnp.clip(self.seqlens, 0, self.capacity)
         positions = start[:, None] + jnp.arange(s_new, dtype=jnp.int32)[None, :]  # (b, s_new)
@@ -164,14 +223,7 @@ class PagedKVCache:
         page_slot = jnp.clip(positions // PAGE_SIZE, 0, self.block_table.shape[1] - 1)
         page = jnp.take_along_axis(self.block_table, page_slot, axis=1)
         keep &= (page >= 0) & (page < num_pages)
-        # Dropped tokens get an out-of-range page id, which mode="drop" discards.
-        page = jnp.where(keep, page, num_pages)
-        # The scatter partitions over a mesh like the decode (jax_flashmla/sharding.py).
-        if self.is_fp8:
-            kv = jax.lax.bitcast_convert_type(quantize_kv_cache(kv), self.pages.dtype)  # float8 or uint8 storage
-        pages = scatter_tokens(self.pages, kv.astype(self.pages.dtype), page, positions % PAGE_SIZE,
-                               validation.clamp_layer(layer, self.num_layers))
-        return dataclasses.replace(self, pages=pages)
+        return jnp.where(keep, page, num_pages), positions % PAGE_SIZE
 
     def advance(self, num_new) -> "PagedKVCache":
         """seqlens += num_new (an int, or a (b,) integer array), kept within [0, capacity]: a negative count

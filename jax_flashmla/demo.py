@@ -46,6 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--intermediate", type=int, default=512, help="MLP size (default 512)")
     m.add_argument("--vocab", type=int, default=512, help="vocabulary size (default 512)")
     m.add_argument("--q-lora-rank", type=int, default=128, help="q LoRA rank, 0 for a full q projection (default 128)")
+    m.add_argument(
+        "--index-topk", type=int, default=0,
+        help="DeepSeek-V3.2's sparse attention: a lightning indexer picks this many tokens per query (default 0: "
+        "dense attention, DeepSeek-V3); needs --q-lora-rank > 0",
+    )
     m.add_argument("--seed", type=int, default=0, help="seed for weights, prompts and sampling (default 0)")
     r = p.add_argument_group("run")
     r.add_argument("--batch", type=int, default=4, help="number of prompts (default 4)")
@@ -92,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.q_lora_rank < 0:
         p.error(f"--q-lora-rank must be >= 0, got {args.q_lora_rank}")
+    if args.index_topk < 0 or (args.index_topk and not args.q_lora_rank):
+        p.error(f"--index-topk must be >= 0 and needs --q-lora-rank > 0, got {args.index_topk} and "
+                f"{args.q_lora_rank}")
     if not 1 <= args.top_k <= args.vocab:
         p.error(f"--top-k must be in [1, --vocab={args.vocab}], got {args.top_k}")
     if not args.temperature > 0:
@@ -152,6 +160,7 @@ def main(argv=None) -> int:
         num_heads=args.heads,
         q_lora_rank=args.q_lora_rank or None,
         dtype=dtype,
+        index_topk=args.index_topk or None,
     )
     device = jax.devices()[0]
     backend = "CUDA kernels" if (device.platform == "gpu" and kernels_available()) else "pure-JAX reference"
@@ -172,6 +181,9 @@ def main(argv=None) -> int:
         f"q_lora_rank {config.q_lora_rank}, kv_lora_rank {config.kv_lora_rank}, vocab {config.vocab_size}, "
         f"{params / 1e6:.2f}M params, {args.dtype} (built in {time.perf_counter() - start:.1f} s)"
     )
+    if config.index_topk:
+        print(f"sparse attention (DeepSeek-V3.2): a lightning indexer ({config.index_n_heads} heads of "
+              f"{config.index_head_dim}) picks {config.index_topk} tokens per query; decode runs in XLA")
 
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in args.lengths]

@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .api import flash_mla_with_kvcache
 from .cache import PagedKVCache, ints_as_int32
 from .constants import SUPPORTED_HEAD_DIM_V
+from .indexer import LightningIndexer
 from .rope import YarnScaling, apply_rope, mla_softmax_scale, rope_attention_factor, rope_inv_freq
 
 # FlashMLA's decode kernel reads latent entries of exactly these sizes (constants.py mirrors the kernel).
@@ -82,6 +83,25 @@ def _causal_positions(topk_positions, cache: PagedKVCache, s_q: int):
     return jnp.where(topk_positions <= own[:, :, None], topk_positions, -1)
 
 
+def _index_key_dtype(cache: PagedKVCache, index_head_dim: int):
+    """The dtype the cache keeps indexer keys in; a clear error where it keeps none or keys of another size."""
+    if cache.index_pages is None:
+        raise ValueError("MLAConfig.index_topk needs a cache that keeps indexer keys: PagedKVCache.create(..., "
+                         f"index_head_dim={index_head_dim})")
+    if cache.index_pages.shape[-1] != index_head_dim:
+        raise ValueError(f"the cache keeps {cache.index_pages.shape[-1]}-dim indexer keys, the config's "
+                         f"index_head_dim is {index_head_dim}")
+    return cache.index_pages.dtype
+
+
+def _positions_mask(positions, n_keys: int):
+    """Chosen key positions (b, s, topk) int32, -1 for none -> (b, s, n_keys) bool, True at each chosen one."""
+    b, s, _ = positions.shape
+    rows = jnp.arange(b)[:, None, None], jnp.arange(s)[None, :, None]
+    return jnp.zeros((b, s, n_keys), bool).at[(*rows, jnp.where(positions >= 0, positions, n_keys))].set(
+        True, mode="drop")
+
+
 @dataclasses.dataclass(frozen=True)
 class MLAConfig:
     """Sizes of one MLA layer; the defaults are DeepSeek-V3's."""
@@ -99,6 +119,11 @@ class MLAConfig:
     rms_norm_eps: float = 1e-6
     dtype: Any = jnp.float32  # compute dtype of activations
     param_dtype: Any = jnp.float32
+    # DeepSeek-V3.2's lightning indexer (indexer.py): each query attends to the index_topk tokens it scores
+    # highest. None: dense attention, no indexer (DeepSeek-V3).
+    index_topk: int | None = None
+    index_n_heads: int = 64
+    index_head_dim: int = 128
 
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
@@ -113,6 +138,17 @@ class MLAConfig:
             raise ValueError(f"MLAConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if not self.rope_theta > 1:  # theta ** (-2i/d) must fall with i; YaRN divides by log(theta)
             raise ValueError(f"MLAConfig.rope_theta must be > 1, got {self.rope_theta!r}")
+        if self.index_topk is not None:
+            if not isinstance(self.index_topk, int) or self.index_topk <= 0:
+                raise ValueError(f"MLAConfig.index_topk must be None or a positive int, got {self.index_topk!r}")
+            if self.q_lora_rank is None:
+                raise ValueError("MLAConfig.index_topk needs q_lora_rank: the indexer's queries come from the query "
+                                 "latent")
+            if not isinstance(self.index_n_heads, int) or self.index_n_heads <= 0:
+                raise ValueError(f"MLAConfig.index_n_heads must be a positive int, got {self.index_n_heads!r}")
+            if not isinstance(self.index_head_dim, int) or self.index_head_dim < self.qk_rope_head_dim:
+                raise ValueError(f"MLAConfig.index_head_dim must be an int of at least qk_rope_head_dim "
+                                 f"({self.qk_rope_head_dim}), got {self.index_head_dim!r}")
 
     @property
     def qk_head_dim(self) -> int:
@@ -183,6 +219,11 @@ class MultiHeadLatentAttention(nnx.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, eps=c.rms_norm_eps, param_dtype=c.param_dtype)
         self.kv_b_proj = linear(c.kv_lora_rank, c.num_heads * (c.qk_nope_head_dim + c.v_head_dim))
         self.o_proj = linear(c.num_heads * c.v_head_dim, c.hidden_size)
+        if c.index_topk is not None:
+            self.indexer = LightningIndexer(
+                hidden_size=c.hidden_size, q_lora_rank=c.q_lora_rank, n_heads=c.index_n_heads,
+                head_dim=c.index_head_dim, rope_head_dim=c.qk_rope_head_dim, rope_theta=c.rope_theta, yarn=c.yarn,
+                dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
 
     # --- shared pieces ---------------------------------------------------------------------------------
 
@@ -193,15 +234,17 @@ class MultiHeadLatentAttention(nnx.Module):
         return apply_rope(x, positions, inv_freq, rope_attention_factor(c.yarn), c.rope_interleave)
 
     def _queries(self, x, positions):
-        """x (b, s, hidden) -> q_nope (b, s, h, nope), roped q_pe (b, s, h, rope)."""
+        """x (b, s, hidden) -> q_nope (b, s, h, nope), roped q_pe (b, s, h, rope), and the low-rank query
+        latent q_lora (b, s, q_lora_rank) the indexer reads (None without q_lora_rank)."""
         c = self.config
         if c.q_lora_rank is None:
-            q = self.q_proj(x)
+            q, q_lora = self.q_proj(x), None
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_lora = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(q_lora)
         q = q.reshape(*x.shape[:2], c.num_heads, c.qk_head_dim)
         q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
-        return q_nope, self._rope(q_pe, positions)
+        return q_nope, self._rope(q_pe, positions), q_lora
 
     def _latents(self, x, positions):
         """x (b, s, hidden) -> normalised c_kv (b, s, kv_lora_rank), roped k_pe (b, s, rope)."""
@@ -242,6 +285,8 @@ class MultiHeadLatentAttention(nnx.Module):
         x (b, s, hidden): right-padded prompts; lengths (b,) int32 true lengths (default: all s), clipped to
         [0, s]. An empty prompt (0) writes nothing; its rows are padding like any row past a length.
         Tokens sit at positions 0..s-1: the sequences must be empty in `cache` (seqlens 0).
+        With an indexer (MLAConfig.index_topk) each query attends only to the index_topk visible keys its indexer
+        scores highest, and the indexer keys are written beside the latent entries.
         Writes each valid token's latent entry into layer `layer` of `cache` at positions seqlens + j
         but does not advance seqlens (all layers share them: the caller advances once, by `lengths`).
         Returns (out (b, s, hidden) -- rows past a prompt's length are padding, cache or None).
@@ -249,7 +294,7 @@ class MultiHeadLatentAttention(nnx.Module):
         c = self.config
         b, s, _ = x.shape
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        q_nope, q_pe = self._queries(x, positions)
+        q_nope, q_pe, q_lora = self._queries(x, positions)
         c_kv, k_pe = self._latents(x, positions)
 
         w_uk, w_uv = self._up_projections()
@@ -266,13 +311,21 @@ class MultiHeadLatentAttention(nnx.Module):
             # Key 0 stays visible to an empty prompt's (padding) rows too: no row without a key, so no NaN.
             visible = visible[None] & (key_pos[None, None, :] < jnp.maximum(lengths, 1)[:, None, None])  # (b, q, k)
         else:
-            visible = visible[None]
+            visible = jnp.broadcast_to(visible[None], (b, s, s))
+        if c.index_topk is not None:  # DeepSeek-V3.2: each query keeps the index_topk keys its indexer scores highest
+            index_keys = self.indexer.keys(x, positions)
+            if cache is not None:  # what decode would read back: the keys in the cache's dtype
+                index_keys = index_keys.astype(_index_key_dtype(cache, c.index_head_dim))
+            chosen = self.indexer.select(x, q_lora, positions, index_keys, visible, c.index_topk)
+            visible &= _positions_mask(chosen, s)
         scores = jnp.where(visible[:, None], scores, -jnp.inf)  # key 0 is always visible: no empty rows
         probs = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
         out = self._output(jnp.einsum("bhqk,bkhv->bqhv", probs, v))
 
         if cache is not None:
             cache = cache.write(self._cache_entries(c_kv, k_pe, _entry_dtype(cache)), layer=layer, num_new=lengths)
+            if c.index_topk is not None:
+                cache = cache.write_index_keys(index_keys, layer=layer, num_new=lengths)
         return out, cache
 
     # --- decode ------------------------------------------------------------------------------------------
@@ -301,19 +354,27 @@ class MultiHeadLatentAttention(nnx.Module):
           attends to (its indexer's top-k picks; repeats count twice), instead of the whole sequence. Positions
           a query may not see (past its own, so causal still holds; negative; past the capacity) are dropped.
           It runs in XLA (no CUDA kernel yet), and is the only way to read an FP8 cache.
+          With an indexer (MLAConfig.index_topk) the step's indexer keys are written beside the latent entries
+          (the cache must keep them: PagedKVCache.create(index_head_dim=)), and unless topk_positions is given,
+          the indexer picks them from every cached token each query may see.
         Returns (out (b, s_q, hidden), cache with this layer's entries written).
         """
         c = self.config
         c.check_paged_decode()
-        if cache.is_fp8 and topk_positions is None:
-            raise ValueError("an FP8 cache is read by sparse attention only: pass topk_positions= (dense decode of "
-                             "an FP8 cache is not supported yet)")
+        if cache.is_fp8 and topk_positions is None and c.index_topk is None:
+            raise ValueError("an FP8 cache is read by sparse attention only: pass topk_positions= or configure an "
+                             "indexer (MLAConfig.index_topk); dense decode of an FP8 cache is not supported yet")
         b, s_q, _ = x.shape
         positions = cache.seqlens[:, None] + jnp.arange(s_q, dtype=jnp.int32)
-        q_nope, q_pe = self._queries(x, positions)
+        q_nope, q_pe, q_lora = self._queries(x, positions)
         c_kv, k_pe = self._latents(x, positions)
         kv_dtype = _entry_dtype(cache)
         cache = cache.write(self._cache_entries(c_kv, k_pe, kv_dtype), layer=layer)
+        if c.index_topk is not None:
+            index_dtype = _index_key_dtype(cache, c.index_head_dim)
+            cache = cache.write_index_keys(self.indexer.keys(x, positions).astype(index_dtype), layer=layer)
+            if topk_positions is None:
+                topk_positions = self._indexer_topk(x, q_lora, positions, cache, layer)
 
         w_uk, w_uv = self._up_projections()
         q_latent = jnp.einsum("bshn,rhn->bshr", q_nope, w_uk)  # absorb W_UK into the query
@@ -340,3 +401,11 @@ class MultiHeadLatentAttention(nnx.Module):
                 layer=layer)
         o = jnp.einsum("bshr,rhv->bshv", out_latent.astype(c.dtype), w_uv)  # absorb W_UV into the output
         return self._output(o), cache
+
+    def _indexer_topk(self, x, q_lora, positions, cache: PagedKVCache, layer):
+        """The indexer's top-k positions (b, s_q, index_topk) over the cached tokens each query may see: its own
+        position and those before it, on valid pages (the keys of this step already written)."""
+        keys, on_valid_page = cache.index_keys(layer)  # (b, capacity, d), (b, capacity)
+        own = jnp.clip(cache.seqlens, 0, cache.capacity)[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)
+        visible = (jnp.arange(cache.capacity)[None, None, :] <= own[:, :, None]) & on_valid_page[:, None, :]
+        return self.indexer.select(x, q_lora, positions, keys, visible, self.config.index_topk)

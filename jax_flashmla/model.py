@@ -62,6 +62,9 @@ class DecoderConfig:
     rms_norm_eps: float = 1e-6
     dtype: Any = jnp.float32  # activations and, by default, the KV cache
     param_dtype: Any = jnp.float32
+    index_topk: int | None = None  # DeepSeek-V3.2's sparse attention through a lightning indexer (MLAConfig)
+    index_n_heads: int = 64
+    index_head_dim: int = 128
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers"):
@@ -84,6 +87,9 @@ class DecoderConfig:
             rms_norm_eps=self.rms_norm_eps,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            index_topk=self.index_topk,
+            index_n_heads=self.index_n_heads,
+            index_head_dim=self.index_head_dim,
         )
 
 
@@ -158,7 +164,8 @@ class DeepSeekDecoder(nnx.Module):
         return self.lm_head(self.norm(h)).astype(jnp.float32)
 
     def new_cache(self, batch_size: int, max_seq_len: int, dtype=None) -> PagedKVCache:
-        """An empty paged cache with one latent pool per layer (dtype defaults to the compute dtype)."""
+        """An empty paged cache with one latent pool per layer (dtype defaults to the compute dtype), and with an
+        indexer (index_topk), one pool of indexer keys per layer in the compute dtype."""
         c = self.config
         return PagedKVCache.create(
             batch_size=batch_size,
@@ -167,6 +174,8 @@ class DeepSeekDecoder(nnx.Module):
             num_heads_k=1,
             head_dim=c.kv_lora_rank + c.qk_rope_head_dim,
             dtype=c.dtype if dtype is None else dtype,
+            index_head_dim=None if c.index_topk is None else c.index_head_dim,
+            index_dtype=c.dtype,
         )
 
     def __call__(self, tokens: jax.Array, lengths: jax.Array | None = None) -> jax.Array:

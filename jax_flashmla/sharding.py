@@ -424,7 +424,8 @@ def shard_cache(cache, mesh, batch_axes="data"):
     axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
     shards = math.prod(mesh.shape[a] for a in axes)
     check_block_table(cache.block_table, cache.pages.shape[1], shards)
-    rows = NamedSharding(mesh, P(axes))
-    return dataclasses.replace(cache, pages=jax.device_put(cache.pages, NamedSharding(mesh, P(None, axes))),
+    rows, pools = NamedSharding(mesh, P(axes)), NamedSharding(mesh, P(None, axes))
+    index_pages = None if cache.index_pages is None else jax.device_put(cache.index_pages, pools)
+    return dataclasses.replace(cache, pages=jax.device_put(cache.pages, pools), index_pages=index_pages,
                                block_table=jax.device_put(cache.block_table, rows),
                                seqlens=jax.device_put(cache.seqlens, rows))

@@ -51,6 +51,17 @@ def test_demo_runs_end_to_end_as_a_module():
     assert out.rstrip().endswith("OK")
 
 
+def test_demo_runs_sparse_attention_through_an_indexer():
+    flags = [*SMALLEST, "--q-lora-rank", "16", "--index-topk", "8", "--no-progress"]  # prompts of 3 to 66 tokens
+    proc = run_demo(flags)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "a lightning indexer (64 heads of 128) picks 8 tokens per query" in out, out
+    diff = float(re.search(r"max \|diff\| = ([0-9.e+-]+)", out).group(1))
+    assert 0 <= diff < 1e-3
+    assert out.rstrip().endswith("OK")
+
+
 @pytest.mark.parametrize("mesh, devices, heads", [("data=2,model=1", 2, 1), ("data=2,model=2", 4, 2)])
 def test_demo_runs_on_a_mesh_of_cpu_devices(mesh, devices, heads):
     proc = run_demo([*SMALLEST, "--no-progress", "--mesh", mesh], cpu_devices=4)
@@ -99,7 +110,8 @@ def test_explicit_prompt_lengths_set_the_batch():
     "flags",
     [["--steps", "0"], ["--prompt-lengths", "3,x"], ["--prompt-lengths", "3,0"], ["--top-k", "0"],
      ["--vocab", "8", "--top-k", "9"], ["--min-prompt-len", "9", "--max-prompt-len", "3"], ["--dtype", "int8"],
-     ["--temperature", "0"], ["--q-lora-rank", "-1"]],
+     ["--temperature", "0"], ["--q-lora-rank", "-1"], ["--index-topk", "-1"],
+     ["--index-topk", "8", "--q-lora-rank", "0"]],
 )  # fmt: skip
 def test_bad_flags_exit_with_usage_error(flags, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -265,6 +265,20 @@ def test_sharded_generation_equals_unsharded_on_a_mesh(flag, unsharded_generatio
 
 
 @on_mesh_devices
+@pytest.mark.parametrize("flag", ["data=2,model=2", "data=4,model=1"])
+def test_sparse_generation_equals_unsharded_on_a_mesh(flag):
+    """DeepSeek-V3.2's indexer and sparse decode on a mesh (its keys' pool split like the latent pool): the same
+    tokens and logits as on one device."""
+    config = dataclasses.replace(MESH_CONFIG, index_topk=5, index_n_heads=4, index_head_dim=80)
+    want = generate(build_model(config, seed=1), MESH_PROMPTS, 4)
+    mesh = sharding.mesh_from_flag(flag)
+    got = generate(build_model(config, seed=1, mesh=mesh), MESH_PROMPTS, 4)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-5 * np.abs(want.logits).max(), rtol=0)
+    assert got.cache.index_pages.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "data")), 5)
+
+
+@on_mesh_devices
 def test_batch_must_divide_over_the_data_axis_on_a_mesh():
     model = build_model(MESH_CONFIG, seed=1, mesh=sharding.mesh_from_flag("data=2,model=1"))
     with pytest.raises(ValueError, match=r"the batch \(3\) must divide evenly over the mesh axis 'data' \(2 devices"):
