@@ -105,6 +105,8 @@ class PagedKVCache:
                                  f"max_seq_len={max_seq_len} needs")
         pages = jnp.zeros((num_layers, num_pages, PAGE_SIZE, num_heads_k, width), dtype)
         index_pages = None
+        if index_dtype is not None and index_head_dim is None:
+            raise ValueError("index_dtype is the dtype of the indexer keys: pass index_head_dim= too")
         if index_head_dim is not None:
             if index_dtype is None:
                 index_dtype = jnp.bfloat16 if fp8 else dtype
@@ -181,8 +183,7 @@ class PagedKVCache:
     def write_index_keys(self, keys, *, layer=0, num_new=None) -> "PagedKVCache":
         """Store lightning-indexer keys (b, s_new, index_head_dim) where `write` stores the same tokens' latent
         entries (same layer, num_new and drops); seqlens unchanged."""
-        if self.index_pages is None:
-            raise ValueError("this cache keeps no indexer keys: create it with index_head_dim=")
+        self.check_index_pages()
         keys = jnp.asarray(keys)
         batch, index_head_dim = self.block_table.shape[0], self.index_pages.shape[-1]
         if keys.ndim != 3 or keys.shape[0] != batch or keys.shape[2] != index_head_dim:
@@ -199,8 +200,7 @@ class PagedKVCache:
         """Every position's indexer key of one layer through block_table: (b, capacity, index_head_dim), and
         (b, capacity) bool, False where the position's page id is invalid (its key reads as zeros). Positions past
         seqlens are not masked: their slots may not have been written."""
-        if self.index_pages is None:
-            raise ValueError("this cache keeps no indexer keys: create it with index_head_dim=")
+        self.check_index_pages()
         validation.check_layer(self.pages, layer, name="pages")
         pool = self.index_pages[validation.clamp_layer(layer, self.num_layers)][:, :, 0, :]  # (num_pages, 64, d)
         num_pages = pool.shape[0]
@@ -209,6 +209,15 @@ class PagedKVCache:
         keys = jnp.where(valid[:, :, None, None], keys, jnp.zeros((), keys.dtype))
         batch = self.block_table.shape[0]
         return keys.reshape(batch, self.capacity, -1), jnp.repeat(valid, PAGE_SIZE, axis=1)
+
+    def check_index_pages(self) -> None:
+        """index_pages exists and matches pages token for token: the same layers, pages and slots, one key each."""
+        if self.index_pages is None:
+            raise ValueError("this cache keeps no indexer keys: create it with index_head_dim=")
+        want = (*self.pages.shape[:3], 1)
+        if self.index_pages.ndim != 5 or self.index_pages.shape[:4] != want:
+            raise ValueError(f"index_pages must have shape {want + ('index_head_dim',)} to match pages "
+                             f"{tuple(self.pages.shape)}, got {tuple(self.index_pages.shape)}")
 
     def _new_token_slots(self, s_new: int, num_new) -> tuple[jax.Array, jax.Array]:
         """(page, slot) (b, s_new) int32 where the next s_new tokens of each row go; dropped tokens (past the
@@ -234,12 +243,23 @@ class PagedKVCache:
         step = jnp.clip(self._token_counts(num_new), -base, self.capacity - base)
         return dataclasses.replace(self, seqlens=(base + step).astype(jnp.int32))
 
-    def append(self, kv, *, layer=0, num_new=None) -> "PagedKVCache":
+    def append(self, kv, *, layer=0, num_new=None, index_keys=None) -> "PagedKVCache":
         """write then advance by s_new, or by num_new clipped to [0, s_new]: a row never advances past the slots
-        written for it (tokens on an invalid page id are dropped but counted). The single-layer convenience."""
+        written for it (tokens on an invalid page id are dropped but counted). The single-layer convenience.
+        A cache with indexer keys needs the tokens' keys too (index_keys, as write_index_keys takes them): a
+        position counted without its key would be scored from a stale slot."""
+        if (index_keys is None) != (self.index_pages is None):
+            raise ValueError("index_keys= must be given exactly when the cache keeps indexer keys (index_pages is "
+                             f"{'None' if self.index_pages is None else 'set'})")
         s_new = jnp.shape(kv)[1] if jnp.ndim(kv) >= 2 else None
         count = s_new if num_new is None else jnp.clip(self._token_counts(num_new), 0, s_new)
-        return self.write(kv, layer=layer, num_new=num_new).advance(count)
+        cache = self.write(kv, layer=layer, num_new=num_new)
+        if index_keys is not None:
+            if jnp.shape(index_keys)[1:2] != (s_new,):
+                raise ValueError(f"index_keys must hold the same {s_new} tokens as kv, got shape "
+                                 f"{tuple(jnp.shape(index_keys))}")
+            cache = cache.write_index_keys(index_keys, layer=layer, num_new=num_new)
+        return cache.advance(count)
 
     def _token_counts(self, counts) -> jax.Array:
         """num_new, an int or a (b,) integer array of per-row token counts, as (b,) int32."""

@@ -67,7 +67,8 @@ class LayerNorm(nnx.Module):
 
 class LightningIndexer(nnx.Module):
     """The indexer of one DeepSeek-V3.2 attention layer. Parameter names follow DeepSeek's checkpoints
-    (wq_b, wk, k_norm, weights_proj; kernels are (in, out)). weights_proj runs in float32, as DeepSeek keeps it.
+    (wq_b, wk, k_norm, weights_proj; kernels are (in, out)). weights_proj is kept and run in float32, as DeepSeek
+    keeps it, whatever param_dtype.
 
     The MLA module owns it (MLAConfig.index_topk) and keeps its keys beside the latent cache
     (PagedKVCache.index_pages).
@@ -78,13 +79,13 @@ class LightningIndexer(nnx.Module):
         self.n_heads, self.head_dim, self.rope_head_dim = n_heads, head_dim, rope_head_dim
         self.rope_theta, self.yarn, self.dtype = rope_theta, yarn, dtype
 
-        def linear(d_in, d_out, dtype):
+        def linear(d_in, d_out, dtype, param_dtype):
             return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-        self.wq_b = linear(q_lora_rank, n_heads * head_dim, dtype)
-        self.wk = linear(hidden_size, head_dim, dtype)
+        self.wq_b = linear(q_lora_rank, n_heads * head_dim, dtype, param_dtype)
+        self.wk = linear(hidden_size, head_dim, dtype, param_dtype)
         self.k_norm = LayerNorm(head_dim, param_dtype=param_dtype)
-        self.weights_proj = linear(hidden_size, n_heads, jnp.float32)
+        self.weights_proj = linear(hidden_size, n_heads, jnp.float32, jnp.float32)
 
     def _rope(self, x, positions):
         """Half-split rope on the first rope_head_dim dims of x (b, s, heads, head_dim), the rest passed through."""

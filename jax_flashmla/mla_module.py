@@ -88,6 +88,7 @@ def _index_key_dtype(cache: PagedKVCache, index_head_dim: int):
     if cache.index_pages is None:
         raise ValueError("MLAConfig.index_topk needs a cache that keeps indexer keys: PagedKVCache.create(..., "
                          f"index_head_dim={index_head_dim})")
+    cache.check_index_pages()
     if cache.index_pages.shape[-1] != index_head_dim:
         raise ValueError(f"the cache keeps {cache.index_pages.shape[-1]}-dim indexer keys, the config's "
                          f"index_head_dim is {index_head_dim}")
@@ -139,7 +140,7 @@ class MLAConfig:
         if not self.rope_theta > 1:  # theta ** (-2i/d) must fall with i; YaRN divides by log(theta)
             raise ValueError(f"MLAConfig.rope_theta must be > 1, got {self.rope_theta!r}")
         if self.index_topk is not None:
-            if not isinstance(self.index_topk, int) or self.index_topk <= 0:
+            if not isinstance(self.index_topk, int) or isinstance(self.index_topk, bool) or self.index_topk <= 0:
                 raise ValueError(f"MLAConfig.index_topk must be None or a positive int, got {self.index_topk!r}")
             if self.q_lora_rank is None:
                 raise ValueError("MLAConfig.index_topk needs q_lora_rank: the indexer's queries come from the query "
@@ -286,7 +287,9 @@ class MultiHeadLatentAttention(nnx.Module):
         [0, s]. An empty prompt (0) writes nothing; its rows are padding like any row past a length.
         Tokens sit at positions 0..s-1: the sequences must be empty in `cache` (seqlens 0).
         With an indexer (MLAConfig.index_topk) each query attends only to the index_topk visible keys its indexer
-        scores highest, and the indexer keys are written beside the latent entries.
+        scores highest, and the indexer keys are written beside the latent entries. With a cache the indexer
+        scores the keys as decode reads them back, rounded to the cache's index dtype; without one, in the compute
+        dtype (so the picks can differ where the two dtypes differ).
         Writes each valid token's latent entry into layer `layer` of `cache` at positions seqlens + j
         but does not advance seqlens (all layers share them: the caller advances once, by `lengths`).
         Returns (out (b, s, hidden) -- rows past a prompt's length are padding, cache or None).

@@ -175,7 +175,7 @@ class DeepSeekDecoder(nnx.Module):
             head_dim=c.kv_lora_rank + c.qk_rope_head_dim,
             dtype=c.dtype if dtype is None else dtype,
             index_head_dim=None if c.index_topk is None else c.index_head_dim,
-            index_dtype=c.dtype,
+            index_dtype=None if c.index_topk is None else c.dtype,
         )
 
     def __call__(self, tokens: jax.Array, lengths: jax.Array | None = None) -> jax.Array:

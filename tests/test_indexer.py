@@ -86,6 +86,19 @@ def test_topk_is_best_first_pads_with_minus_one_and_breaks_ties_low():
     assert select_topk(scores, 9).dtype == jnp.int32
 
 
+def test_layer_norm_is_the_float32_formula_with_eps_1e_6_and_bias():
+    """Inputs of tiny variance, where an eps of another size shows."""
+    from jax_flashmla.indexer import LayerNorm
+
+    norm = LayerNorm(8)
+    norm.weight[...] = jnp.linspace(0.5, 1.5, 8)
+    norm.bias[...] = jnp.linspace(-0.2, 0.3, 8)
+    x = 1.0 + 1e-3 * np.random.default_rng(9).normal(size=(3, 8))
+    want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+    want = want * np.linspace(0.5, 1.5, 8) + np.linspace(-0.2, 0.3, 8)
+    np.testing.assert_allclose(norm(jnp.asarray(x, jnp.float32)), want, rtol=0, atol=2e-3)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Against HF transformers' DeepseekV32Indexer
 # --------------------------------------------------------------------------------------------------------
@@ -180,6 +193,29 @@ def test_index_keys_round_trip_through_a_scattered_block_table():
     assert not jnp.any(cache.index_keys(0)[0])  # the other layer untouched
 
 
+def test_append_writes_the_keys_with_the_entries_and_refuses_to_count_tokens_without_them():
+    cache = PagedKVCache.create(batch_size=1, max_seq_len=64, dtype=jnp.float32, index_head_dim=4)
+    with pytest.raises(ValueError, match="index_keys= must be given exactly when the cache keeps indexer keys"):
+        cache.append(jnp.ones((1, 3, 1, 576)))
+    with pytest.raises(ValueError, match="index_keys must hold the same 3 tokens as kv"):
+        cache.append(jnp.ones((1, 3, 1, 576)), index_keys=jnp.ones((1, 2, 4)))
+    cache = cache.append(jnp.ones((1, 3, 1, 576)), index_keys=jnp.full((1, 3, 4), 2.0), num_new=2)
+    assert int(cache.seqlens[0]) == 2
+    np.testing.assert_array_equal(cache.index_keys()[0][0, :3, 0], [2, 2, 0])
+    with pytest.raises(ValueError, match="index_keys= must be given exactly when the cache keeps indexer keys"):
+        PagedKVCache.create(batch_size=1, max_seq_len=64).append(jnp.ones((1, 1, 1, 576)), index_keys=jnp.ones((1, 1, 4)))
+
+
+def test_index_pages_that_do_not_match_the_pages_are_refused():
+    cache = PagedKVCache.create(batch_size=1, max_seq_len=64, num_layers=2, index_head_dim=4)
+    for shape in [(2, 2, 64, 1, 4), (1, 1, 64, 1, 4), (2, 1, 64, 2, 4), (2, 1, 64, 4)]:
+        bad = dataclasses.replace(cache, index_pages=jnp.zeros(shape, jnp.bfloat16))
+        with pytest.raises(ValueError, match=r"index_pages must have shape \(2, 1, 64, 1, 'index_head_dim'\)"):
+            bad.write_index_keys(jnp.ones((1, 3, 4)))
+        with pytest.raises(ValueError, match="index_pages must have shape"):
+            bad.index_keys()
+
+
 def test_index_pages_default_to_bfloat16_beside_an_fp8_pool_and_errors_name_the_problem():
     fp8 = PagedKVCache.create(batch_size=1, max_seq_len=64, dtype=jnp.float8_e4m3fn, index_head_dim=8)
     assert fp8.index_pages.dtype == jnp.bfloat16
@@ -193,6 +229,8 @@ def test_index_pages_default_to_bfloat16_beside_an_fp8_pool_and_errors_name_the_
         PagedKVCache.create(batch_size=1, max_seq_len=64, index_head_dim=8, index_dtype=jnp.int8)
     with pytest.raises(ValueError, match="index_head_dim must be None or a positive int"):
         PagedKVCache.create(batch_size=1, max_seq_len=64, index_head_dim=0)
+    with pytest.raises(ValueError, match="index_dtype is the dtype of the indexer keys: pass index_head_dim= too"):
+        PagedKVCache.create(batch_size=1, max_seq_len=64, index_dtype=jnp.float32)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -267,11 +305,48 @@ def test_decode_never_reads_the_slots_the_indexer_passes_over():
     np.testing.assert_array_equal(got, want)
 
 
+def test_weights_proj_stays_float32_under_16_bit_params():
+    module = indexed_module(dataclasses.replace(INDEXED, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16))
+    assert module.indexer.weights_proj.kernel[...].dtype == jnp.float32
+    assert module.indexer.wq_b.kernel[...].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("seqlens", [[150, 140], [-7, 0]])
+def test_decode_picks_only_what_each_query_may_see(seqlens):
+    """A page id that is invalid below seqlens (row 0's second page), and negative lengths (clipped to 0 as the
+    decode clips them): the picks lie at or before each query's own position, on valid pages, and fill topk
+    wherever enough such positions exist."""
+    module = indexed_module()
+    s_q = 2
+    table = jnp.asarray([[0, -1, 1], [2, 3, 4]], jnp.int32)
+    cache = _cache(INDEXED, 2, 192, block_table=table, num_pages=5)
+    rng = np.random.default_rng(8)  # random keys and entries everywhere, as if earlier steps had written them
+    cache = dataclasses.replace(cache, seqlens=jnp.asarray(seqlens, jnp.int32),
+                                pages=jnp.asarray(rng.normal(size=cache.pages.shape), jnp.float32),
+                                index_pages=jnp.asarray(rng.normal(size=cache.index_pages.shape), jnp.float32))
+    x = jax.random.normal(jax.random.key(6), (2, s_q, INDEXED.hidden_size))
+    positions = jnp.asarray(seqlens)[:, None] + jnp.arange(s_q)
+    _, cache_after = DECODE(module, x, cache)
+    _, _, q_lora = module._queries(x, positions)
+    picked = np.asarray(module._indexer_topk(x, q_lora, positions, cache_after, 0))
+    for i in range(2):
+        valid = np.repeat(np.asarray(table[i]) >= 0, 64)
+        for j in range(s_q):
+            own = max(seqlens[i], 0) + j
+            allowed = np.flatnonzero(valid[: own + 1])
+            got = picked[i, j][picked[i, j] >= 0]
+            assert set(got.tolist()) <= set(allowed.tolist()), (i, j, got)
+            assert len(got) == min(INDEXED.index_topk, len(allowed)) and len(set(got.tolist())) == len(got)
+    out, _ = DECODE(module, x, cache)
+    assert np.isfinite(np.asarray(out)).all()
+
+
 def test_indexer_config_and_cache_errors_name_the_problem():
     with pytest.raises(ValueError, match="index_topk needs q_lora_rank"):
         dataclasses.replace(INDEXED, q_lora_rank=None)
-    with pytest.raises(ValueError, match="index_topk must be None or a positive int"):
-        dataclasses.replace(INDEXED, index_topk=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="index_topk must be None or a positive int"):
+            dataclasses.replace(INDEXED, index_topk=bad)
     with pytest.raises(ValueError, match=r"index_head_dim must be an int of at least qk_rope_head_dim \(64\)"):
         dataclasses.replace(INDEXED, index_head_dim=32)
     module = indexed_module()
