@@ -78,6 +78,18 @@ def test_scores_match_a_float64_loop_and_mask_what_is_not_visible():
     assert np.all(got[~visible] == -np.inf)
 
 
+@pytest.mark.parametrize("keys_per_step", [1, 7, 16, 40, 1000])
+def test_scores_taken_a_few_keys_at_a_time_are_the_same(keys_per_step):
+    rng = np.random.default_rng(10)
+    q, weights, keys = rng.normal(size=(2, 3, 5, 24)), rng.normal(size=(2, 3, 5)), rng.normal(size=(2, 40, 24))
+    visible = jnp.asarray(rng.random((2, 3, 40)) < 0.7)
+    q, weights, keys = (jnp.asarray(a, jnp.float32) for a in (q, weights, keys))
+    want = index_scores(q, weights, keys, visible, keys_per_step=40)
+    got = index_scores(q, weights, keys, visible, keys_per_step=keys_per_step)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got == -jnp.inf, ~visible)
+
+
 def test_topk_is_best_first_pads_with_minus_one_and_breaks_ties_low():
     scores = jnp.asarray([[[0.5, 2.0, -jnp.inf, 2.0, 1.0, -jnp.inf]]])  # (1, 1, 6): two visible keys tie at 2.0
     np.testing.assert_array_equal(select_topk(scores, 3), [[[1, 3, 4]]])
