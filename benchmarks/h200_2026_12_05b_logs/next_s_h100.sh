@@ -14,8 +14,10 @@ for S in 4096 8192 16384 32768; do
   timeout 150 python3 -m jax_flashmla.bench --seqlen $S --repeats 3 --warmup 1 --baseline-iters 2 \
     --out /tmp/grid/b$S > /tmp/grid_b$S.txt 2>&1
   echo "s_k $S rc=$? t=$((SECONDS-t0))"; grep -E "^ *[0-9]+ +[0-9]+ " /tmp/grid_b$S.txt
-done
-cat /tmp/grid_b*.txt > $OUT/grid_tables.txt
-python3 -c "
+  cat /tmp/grid_b*.txt > $OUT/grid_tables.txt
+  python3 -c "
 import json,glob; r=[x for f in sorted(glob.glob('/tmp/grid/b*/results.json')) for x in json.load(open(f))]
 json.dump(r, open('$OUT/h100_grid.json','w'), indent=1); print(len(r), 'records')"
+done
+cat /tmp/grid_b*.txt > $OUT/grid_tables.txt
+
