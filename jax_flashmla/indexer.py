@@ -100,7 +100,7 @@ class LightningIndexer(nnx.Module):
     def __init__(self, *, hidden_size: int, q_lora_rank: int, n_heads: int, head_dim: int, rope_head_dim: int,
                  rope_theta: float, yarn, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.n_heads, self.head_dim, self.rope_head_dim = n_heads, head_dim, rope_head_dim
-        self.rope_theta, self.yarn, self.dtype = rope_theta, yarn, dtype
+        self.rope_theta, self.yarn = rope_theta, yarn
 
         def linear(d_in, d_out, dtype, param_dtype):
             return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
