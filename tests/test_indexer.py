@@ -42,9 +42,10 @@ def indexed_module(config=INDEXED, seed=0):
     key = jax.random.key(seed + 100)  # norm weights and bias away from 1 and 0, so the tests see them applied
     for norm in (module.kv_a_layernorm, module.q_a_layernorm, module.indexer.k_norm):
         key, k1, k2 = jax.random.split(key, 3)
-        norm.weight[...] = jax.random.uniform(k1, norm.weight[...].shape, minval=0.5, maxval=1.5)
+        weight = norm.weight[...]
+        norm.weight[...] = jax.random.uniform(k1, weight.shape, minval=0.5, maxval=1.5).astype(weight.dtype)
         if hasattr(norm, "bias"):
-            norm.bias[...] = 0.3 * jax.random.normal(k2, norm.bias[...].shape)
+            norm.bias[...] = (0.3 * jax.random.normal(k2, weight.shape)).astype(weight.dtype)
     return module
 
 
