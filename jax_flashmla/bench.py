@@ -53,6 +53,11 @@ each query token attends to K distinct positions of its sequence drawn at random
 the same pool (--fp8: packed in the FP8 layout first). It has no CUDA kernel yet and runs in XLA, so these rows
 are not kernel numbers (kernels_used false) and have no baseline; their counts are FLOPs = b s_q h_q K (2 d + 2 dv)
 and bytes = b s_q (h_q (d + dv) * 2 + K * token bytes), 656 bytes a token in FP8, else d * 2.
+With --indexer as well, DeepSeek-V3.2's lightning indexer picks those K positions instead (random index keys, one
+128-dim key a token in a pool paged like the latent one, and random index queries, 64 heads of 128: its sizes), and
+each row times the indexer (the keys read through the block table, the scores, the top-k) and the sparse decode
+together, one attention layer's step; the indexer adds FLOPs = b s_q 64 L 2 * 128 and bytes =
+b (L * 128 + s_q * 64 * 128) * 2 (L the mean length).
 
 Without a GPU (or without the built kernels) the decode runs the pure-JAX reference; the output says so, and
 those numbers are not kernel numbers. Writes results.csv, results.json and, with matplotlib, roofline.png.
@@ -80,14 +85,16 @@ import numpy as np
 
 from . import __version__, kernels_available, why_kernels_unavailable
 from .api import flash_mla_with_kvcache, get_mla_metadata
-from .cache import indices_in_kvcache
+from .cache import indices_in_kvcache, tokens_through_block_table
 from .constants import PAGE_SIZE
 from .device_timing import profile_calls_ms
 from .fp8_cache import FP8_TOKEN_BYTES, quantize_kv_cache
+from .indexer import index_scores, select_topk
 from .reference import visible_keys
 
 HEAD_DIM = 576
 HEAD_DIM_V = 512
+INDEX_HEADS, INDEX_HEAD_DIM = 64, 128  # DeepSeek-V3.2's lightning indexer (--indexer)
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
 PAGE_ORDERS = ("scattered", "contiguous")
 
@@ -159,6 +166,7 @@ class RowConfig:
     dtype: str
     sparse_topk: int | None = None  # sparse decode with this many indices a query token (--sparse-topk)
     fp8: bool = False  # with sparse_topk: the cache packed in DeepSeek-V3.2's FP8 layout
+    indexer: bool = False  # with sparse_topk: a lightning indexer picks the positions, timed with the decode
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,6 +207,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(no CUDA kernel yet), so the rows have no plain-XLA baseline and are not kernel numbers")
     g.add_argument("--fp8", action="store_true",
                    help="with --sparse-topk: the cache in DeepSeek-V3.2's FP8 layout (656 bytes a token)")
+    g.add_argument("--indexer", action="store_true",
+                   help="with --sparse-topk: DeepSeek-V3.2's lightning indexer (64 heads of 128) picks the positions "
+                   "from random index keys, and each row times the indexer and the sparse decode together")
     g.add_argument("--layers", type=int, default=1,
                    help="layers in the KV pool (default 1: FlashMLA's one-layer k_cache); with N > 1 the decode "
                    "reads the last layer of the stack in place, and e2e_sliced_ms times slicing it out instead")
@@ -250,6 +261,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--causal applies to the dense decode only: sparse attention takes no causal mask")
     if args.fp8 and not args.sparse_topk:
         p.error("--fp8 needs --sparse-topk: only sparse attention reads an FP8 cache")
+    if args.indexer and not args.sparse_topk:
+        p.error("--indexer needs --sparse-topk: the indexer picks the positions sparse attention reads")
     if any(peak is not None and not peak > 0 for peak in (args.peak_tflops, args.peak_gbps)):
         p.error("--peak-tflops and --peak-gbps must be > 0")
     return args
@@ -280,7 +293,7 @@ def build_grid(args: argparse.Namespace) -> list[RowConfig]:
         for s_q, h_q in args.pairs:
             for causal in (modes if s_q > 1 else (False,)):
                 rows.append(RowConfig(args.batch, s_k, s_q, h_q, args.h_kv, causal, args.dtype, args.sparse_topk,
-                                      args.fp8))
+                                      args.fp8, args.indexer))
     return rows
 
 
@@ -450,6 +463,14 @@ def sparse_flops_and_bytes(batch, s_q, h_q, topk, token_bytes, head_dim=HEAD_DIM
     return flops, nbytes
 
 
+def indexer_flops_and_bytes(batch, s_q, mean_len, heads=INDEX_HEADS, head_dim=INDEX_HEAD_DIM, itemsize=2):
+    """The lightning indexer's counts: each query token's heads score every key of its sequence (one head_dim key a
+    token, read once per sequence), relu and the weighted sum over heads not counted."""
+    flops = batch * s_q * heads * mean_len * 2 * head_dim
+    nbytes = batch * (mean_len * head_dim + s_q * heads * head_dim) * itemsize
+    return flops, nbytes
+
+
 def roofline_pct(flops, nbytes, ms, peak_tflops, peak_gbps):
     """Time floor over measured time, in %: 100 means the call ran at the roof."""
     floor_s = max(flops / (peak_tflops * 1e12), nbytes / (peak_gbps * 1e9))
@@ -488,7 +509,17 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
     lengths = sample_lengths(config, args.fixed_lengths, args.seed)
     q, k_cache, table, seqlens = make_inputs(key, lengths, config, args.layers, args.page_order)
     layer = None if args.layers == 1 else args.layers - 1  # the stack's last layer: the largest pointer offset
-    if config.sparse_topk:
+    if config.sparse_topk and config.indexer:
+        index_inputs = _index_inputs(jax.random.fold_in(key, 1), batch=table.shape[0], s_q=config.s_q,
+                                     num_pages=k_cache.shape[-4], dtype=DTYPES[config.dtype])
+        if config.fp8:
+            k_cache = jax.jit(quantize_kv_cache)(k_cache)
+        decode = functools.partial(_indexed_sparse_decode, topk=config.sparse_topk, fp8=config.fp8, layer=layer)
+        timed_args = e2e_args = (q, k_cache, table, seqlens, *index_inputs)
+        e2e = jax.jit(decode)
+        sliced = jax.jit(lambda q, pools, *rest: _indexed_sparse_decode(q, pools[layer], *rest, topk=config.sparse_topk,
+                                                                        fp8=config.fp8))
+    elif config.sparse_topk:
         indices = sparse_indices(jax.random.fold_in(key, 1), table, seqlens, s_q=config.s_q, topk=config.sparse_topk,
                                  num_pages=k_cache.shape[-4])
         if config.fp8:
@@ -538,6 +569,9 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
         token_bytes = FP8_TOKEN_BYTES if config.fp8 else HEAD_DIM * itemsize
         flops, nbytes = sparse_flops_and_bytes(config.batch, config.s_q, config.h_q, config.sparse_topk, token_bytes,
                                                itemsize=itemsize)
+        if config.indexer:
+            flops, nbytes = (a + b for a, b in zip((flops, nbytes), indexer_flops_and_bytes(
+                config.batch, config.s_q, mean_len, itemsize=itemsize)))
     else:
         flops, nbytes = flops_and_bytes(config.batch, config.s_q, config.h_q, config.h_kv, mean_len,
                                         itemsize=itemsize)
@@ -563,6 +597,28 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
         "speedup": None if baseline_ms is None or kernel_ms <= 0 else baseline_ms / kernel_ms,
         "baseline_max_abs_diff": diff, "baseline_note": note,
     }  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "s_q", "num_pages", "dtype"))
+def _index_inputs(key, *, batch, s_q, num_pages, dtype):
+    """Random indexer queries (b, s_q, 64, 128), head weights (b, s_q, 64) float32 and a key pool (num_pages, 64, 128)
+    paged like the latent pool: DeepSeek-V3.2's indexer sizes."""
+    kq, kw, kk = jax.random.split(key, 3)
+    index_q = (jax.random.normal(kq, (batch, s_q, INDEX_HEADS, INDEX_HEAD_DIM)) / 10).astype(dtype)
+    weights = jax.random.normal(kw, (batch, s_q, INDEX_HEADS), jnp.float32) * INDEX_HEADS**-0.5
+    index_pool = (jax.random.normal(kk, (num_pages, PAGE_SIZE, INDEX_HEAD_DIM)) / 10).astype(dtype)
+    return index_q, weights, index_pool
+
+
+def _indexed_sparse_decode(q, k_cache, table, seqlens, index_q, index_weights, index_pool, *, topk, fp8, layer=None):
+    """One V3.2 attention step: the indexer scores every key each query may see (the queries are each sequence's
+    last s_q tokens), keeps the top-k, and the sparse decode reads those."""
+    keys, on_valid_page = tokens_through_block_table(index_pool, table)
+    s_q = q.shape[1]
+    own = seqlens[:, None] - s_q + jnp.arange(s_q)  # (b, s_q) each query's position
+    visible = (jnp.arange(keys.shape[1]) <= own[:, :, None]) & on_valid_page[:, None, :]
+    positions = select_topk(index_scores(index_q, index_weights, keys, visible), topk)
+    return _sparse_decode(q, k_cache, indices_in_kvcache(table, positions, k_cache.shape[-4]), fp8=fp8, layer=layer)
 
 
 def _sparse_decode(q, k_cache, indices, *, fp8, layer=None):
@@ -618,7 +674,7 @@ class Progress:
 def _config_label(r: dict) -> str:
     label = f"b={r['batch']} s_k={r['s_k']} s_q={r['s_q']} h_q={r['h_q']} h_kv={r['h_kv']} causal={int(r['causal'])}"
     if r["sparse_topk"]:
-        label += f" sparse topk={r['sparse_topk']}{' fp8' if r['fp8'] else ''}"
+        label += f" sparse topk={r['sparse_topk']}{' fp8' if r['fp8'] else ''}{' indexer' if r['indexer'] else ''}"
     return label
 
 
@@ -628,7 +684,8 @@ def _fmt(value, spec: str) -> str:
 
 TABLE_COLUMNS = [  # (header, record key, format)
     ("b", "batch", "d"), ("s_k", "s_k", "d"), ("s_q", "s_q", "d"), ("h_q", "h_q", "d"), ("h_kv", "h_kv", "d"),
-    ("causal", "causal", "d"), ("topk", "sparse_topk", "d"), ("fp8", "fp8", "d"), ("kernel ms", "kernel_ms", ".4f"),
+    ("causal", "causal", "d"), ("topk", "sparse_topk", "d"), ("fp8", "fp8", "d"), ("indexer", "indexer", "d"),
+    ("kernel ms", "kernel_ms", ".4f"),
     ("loop ms", "loop_ms", ".4f"),
     ("e2e ms", "e2e_ms", ".4f"),
     ("sliced e2e ms", "e2e_sliced_ms", ".4f"),
@@ -638,7 +695,7 @@ TABLE_COLUMNS = [  # (header, record key, format)
 
 
 # Shown only where some row has a value: the sliced call's time (--layers > 1), the sparse rows' settings.
-OPTIONAL_COLUMNS = {"e2e_sliced_ms", "sparse_topk", "fp8"}
+OPTIONAL_COLUMNS = {"e2e_sliced_ms", "sparse_topk", "fp8", "indexer"}
 
 
 def format_table(records: list[dict]) -> str:
@@ -676,7 +733,8 @@ def plot_roofline(records: list[dict], path: Path) -> bool:
     ax.plot(x, np.minimum(peak_tflops, x * peak_gbps / 1e3), "k-", lw=1.5,
             label=f"roofline ({peak_gbps:g} GB/s, {peak_tflops:g} TFLOP/s)")
     ax.axvline(ridge, color="grey", ls=":", lw=1)
-    ours = ("jax_flashmla sparse decode (XLA)" if records[0]["sparse_topk"] else
+    ours = ("jax_flashmla indexer + sparse decode (XLA)" if records[0]["indexer"] else
+            "jax_flashmla sparse decode (XLA)" if records[0]["sparse_topk"] else
             "jax_flashmla" if records[0]["kernels_used"] else "jax_flashmla (pure-JAX reference)")
     for key, marker, label in (("tflops", "o", ours), ("baseline_tflops", "x", "plain XLA")):
         points = [(r["arithmetic_intensity"], r[key]) for r in records if r[key] is not None and r[key] > 0]

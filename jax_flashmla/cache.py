@@ -57,6 +57,17 @@ def indices_in_kvcache(block_table, positions, num_pages: int):
     return jnp.where(ok, page * PAGE_SIZE + positions % PAGE_SIZE, -1).astype(jnp.int32)
 
 
+def tokens_through_block_table(pool, block_table):
+    """Every position's token of each sequence: pool (num_pages, 64, d) read through block_table (b, max_pages)
+    -> (b, 64 * max_pages, d), and (b, 64 * max_pages) bool, False where the position's page id is invalid (its
+    token reads as zeros)."""
+    batch, num_pages = block_table.shape[0], pool.shape[0]
+    valid = (block_table >= 0) & (block_table < num_pages)  # (b, max_pages)
+    tokens = pool[jnp.where(valid, block_table, 0)]  # (b, max_pages, 64, d)
+    tokens = jnp.where(valid[:, :, None, None], tokens, jnp.zeros((), tokens.dtype))
+    return tokens.reshape(batch, -1, pool.shape[-1]), jnp.repeat(valid, PAGE_SIZE, axis=1)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKVCache:
@@ -203,12 +214,7 @@ class PagedKVCache:
         self.check_index_pages()
         validation.check_layer(self.pages, layer, name="pages")
         pool = self.index_pages[validation.clamp_layer(layer, self.num_layers)][:, :, 0, :]  # (num_pages, 64, d)
-        num_pages = pool.shape[0]
-        valid = (self.block_table >= 0) & (self.block_table < num_pages)  # (b, max_pages)
-        keys = pool[jnp.where(valid, self.block_table, 0)]  # (b, max_pages, 64, d)
-        keys = jnp.where(valid[:, :, None, None], keys, jnp.zeros((), keys.dtype))
-        batch = self.block_table.shape[0]
-        return keys.reshape(batch, self.capacity, -1), jnp.repeat(valid, PAGE_SIZE, axis=1)
+        return tokens_through_block_table(pool, self.block_table)
 
     def check_index_pages(self) -> None:
         """index_pages exists and matches pages token for token: the same layers, pages and slots, one key each."""

@@ -191,6 +191,33 @@ def test_sparse_rows_time_the_xla_sparse_decode(tmp_path, capsys):
     assert "sparse decode runs in XLA" in out and "NOT kernel numbers" in out and " topk " in out
 
 
+def test_indexer_rows_time_the_indexer_and_the_sparse_decode(tmp_path, capsys):
+    assert bench.main([*TINY, "--s-q", "2", "--h-q", "16", "--sparse-topk", "64", "--indexer", "--out",
+                       str(tmp_path)]) == 0
+    (r,) = json.loads((tmp_path / "results.json").read_text())
+    assert r["indexer"] is True and r["kernels_used"] is False and r["kernel_ms"] > 0
+    flops, nbytes = bench.sparse_flops_and_bytes(2, 2, 16, 64, 576 * 2)
+    index_flops, index_bytes = bench.indexer_flops_and_bytes(2, 2, r["mean_len"])
+    assert index_flops == 2 * 2 * 64 * r["mean_len"] * 2 * 128
+    assert (r["flops"], r["bytes"]) == (flops + index_flops, nbytes + index_bytes)
+    assert " indexer " in capsys.readouterr().out
+
+
+def test_indexer_picking_every_position_is_the_causal_dense_decode():
+    """With topk past every length the indexer keeps every key each query may see (the queries are each sequence's
+    last s_q tokens), so the indexed sparse decode is the causal dense decode; pages are scattered, and each row's
+    table ends in an invalid page id that the indexer must skip."""
+    lengths = np.asarray([300, 65, 2], np.int32)
+    config = bench.RowConfig(3, 300, 2, 16, 1, True, "bfloat16", sparse_topk=700, indexer=True)
+    q, k_cache, table, seqlens = bench.make_inputs(jax.random.key(3), lengths, config)
+    table = jnp.concatenate([table, jnp.full((3, 1), -1, jnp.int32)], axis=1)
+    index_inputs = bench._index_inputs(jax.random.key(4), batch=3, s_q=2, num_pages=k_cache.shape[0],
+                                       dtype=jnp.bfloat16)
+    got, _ = bench._indexed_sparse_decode(q, k_cache, table, seqlens, *index_inputs, topk=700, fp8=False)
+    want, _ = mla_decode_reference(q, k_cache, table, seqlens, head_dim_v=512, softmax_scale=576**-0.5, causal=True)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=2e-2)
+
+
 def test_sparse_indices_are_distinct_positions_of_each_sequence():
     lengths = jnp.asarray([130, 5, 0], jnp.int32)
     table = jnp.asarray([[4, 0, 2], [1, 7, 7], [3, 3, 3]], jnp.int32)
@@ -207,7 +234,7 @@ def test_sparse_indices_are_distinct_positions_of_each_sequence():
 
 
 @pytest.mark.parametrize("flags", [
-    ["--sparse-topk", "0"], ["--fp8"], ["--sparse-topk", "64", "--causal", "on"],
+    ["--sparse-topk", "0"], ["--fp8"], ["--indexer"], ["--sparse-topk", "64", "--causal", "on"],
     ["--iters", "1"], ["--baseline-iters", "1"], ["--layers", "0"], ["--causal", "maybe"], ["--dtype", "float32"], ["--batch", "0"], ["--seqlen", "12x"],
     ["--h-q", "16", "--h-kv", "3"], ["--s-q", "9", "--seqlen", "4"], ["--peak-gbps", "0"], ["--bogus"],
 ])  # fmt: skip

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Call 2 (carry [".whl", ".exp"]): every GPU test on the current tree (never run on a GPU since the in-kernel
 # merge's removal, the attention sink and the sparse path), then the sparse tests on the GPU's XLA and the sparse
-# bench rows at s_k 32768 (FP8, then bf16).
+# bench rows at s_k 32768 (indexer + sparse decode on FP8, sparse decode on FP8, then bf16).
 cd "$(dirname "$0")/.."
 source scripts/gpu_env.sh
 t0=$SECONDS
@@ -17,11 +17,12 @@ timeout 100 python3 -m pytest -q -x -n 4 tests/test_sparse.py tests/test_fp8_cac
 echo "sparse tests rc=$? t=$((SECONDS-t0))"; tail -n 3 $OUT/sparse_tests.txt
 timeout 60 python3 -m pytest -q -x -n 4 tests/test_indexer.py > $OUT/indexer_tests.txt 2>&1
 echo "indexer tests rc=$? t=$((SECONDS-t0))"; tail -n 3 $OUT/indexer_tests.txt
-for FMT in --fp8 ""; do
-  left=$((585 - SECONDS + t0)); [ $left -lt 40 ] && break
-  timeout $((left / 2 > 40 ? left / 2 : 40)) python3 -m jax_flashmla.bench --sparse-topk 2048 $FMT --seqlen 32768 --s-q 1,2 --h-q 64,128 \
-    --repeats 3 --warmup 1 --out /tmp/sparse${FMT#--} > /tmp/sparse${FMT#--}.txt 2>&1
-  echo "bench $FMT rc=$? t=$((SECONDS-t0))"; grep -E "^ *[0-9]+ +[0-9]+ |NOTE" /tmp/sparse${FMT#--}.txt
+i=0
+for FMT in "--fp8 --indexer" "--fp8" ""; do
+  i=$((i + 1)); left=$((585 - SECONDS + t0)); [ $left -lt 40 ] && break
+  timeout $((left / (4 - i) > 40 ? left / (4 - i) : 40)) python3 -m jax_flashmla.bench --sparse-topk 2048 $FMT \
+    --seqlen 32768 --s-q 1,2 --h-q 64,128 --repeats 3 --warmup 1 --out /tmp/sparse$i > /tmp/sparse$i.txt 2>&1
+  echo "bench $FMT rc=$? t=$((SECONDS-t0))"; grep -E "^ *[0-9]+ +[0-9]+ |NOTE" /tmp/sparse$i.txt
   cat /tmp/sparse*.txt > $OUT/sparse_tables.txt
 done
 python3 -c "
