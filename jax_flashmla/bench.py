@@ -57,7 +57,9 @@ With --indexer as well, DeepSeek-V3.2's lightning indexer picks those K position
 128-dim key a token in a pool paged like the latent one, and random index queries, 64 heads of 128: its sizes), and
 each row times the indexer (the keys read through the block table, the scores, the top-k) and the sparse decode
 together, one attention layer's step; the indexer adds FLOPs = b s_q 64 L 2 * 128 and bytes =
-b (L * 128 + s_q * 64 * 128) * 2 (L the mean length).
+b (L * 128 + s_q * 64 * 128) * 2 (L the mean length). Those are the ideal counts, each sequence's own keys read
+once: the XLA path gathers and scores every position of the block table (the longest sequence's pages, up to
+2 s_k) for every sequence, and writes the gathered keys out before scoring them.
 
 Without a GPU (or without the built kernels) the decode runs the pure-JAX reference; the output says so, and
 those numbers are not kernel numbers. Writes results.csv, results.json and, with matplotlib, roofline.png.
@@ -610,14 +612,20 @@ def _index_inputs(key, *, batch, s_q, num_pages, dtype):
     return index_q, weights, index_pool
 
 
-def _indexed_sparse_decode(q, k_cache, table, seqlens, index_q, index_weights, index_pool, *, topk, fp8, layer=None):
-    """One V3.2 attention step: the indexer scores every key each query may see (the queries are each sequence's
-    last s_q tokens), keeps the top-k, and the sparse decode reads those."""
+def indexer_picks(table, seqlens, index_q, index_weights, index_pool, *, topk):
+    """The indexer's top-k positions (b, s_q, topk) over every key each query may see: the queries are each
+    sequence's last s_q tokens (as the causal decode aligns them), the keys those on valid pages at or before the
+    query's position; -1 past them."""
     keys, on_valid_page = tokens_through_block_table(index_pool, table)
-    s_q = q.shape[1]
+    s_q = index_q.shape[1]
     own = seqlens[:, None] - s_q + jnp.arange(s_q)  # (b, s_q) each query's position
     visible = (jnp.arange(keys.shape[1]) <= own[:, :, None]) & on_valid_page[:, None, :]
-    positions = select_topk(index_scores(index_q, index_weights, keys, visible), topk)
+    return select_topk(index_scores(index_q, index_weights, keys, visible), topk)
+
+
+def _indexed_sparse_decode(q, k_cache, table, seqlens, index_q, index_weights, index_pool, *, topk, fp8, layer=None):
+    """One V3.2 attention step: the indexer's picks, then the sparse decode reads those."""
+    positions = indexer_picks(table, seqlens, index_q, index_weights, index_pool, topk=topk)
     return _sparse_decode(q, k_cache, indices_in_kvcache(table, positions, k_cache.shape[-4]), fp8=fp8, layer=layer)
 
 

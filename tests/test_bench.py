@@ -205,17 +205,27 @@ def test_indexer_rows_time_the_indexer_and_the_sparse_decode(tmp_path, capsys):
 
 def test_indexer_picking_every_position_is_the_causal_dense_decode():
     """With topk past every length the indexer keeps every key each query may see (the queries are each sequence's
-    last s_q tokens), so the indexed sparse decode is the causal dense decode; pages are scattered, and each row's
-    table ends in an invalid page id that the indexer must skip."""
+    last s_q tokens), so the indexed sparse decode is the causal dense decode (which ignores tokens on invalid page
+    ids); pages are scattered, and row 0's second page id is invalid. With topk 200 the picks are distinct
+    positions on valid pages at or before each query's own, as many as it sees up to topk."""
     lengths = np.asarray([300, 65, 2], np.int32)
     config = bench.RowConfig(3, 300, 2, 16, 1, True, "bfloat16", sparse_topk=700, indexer=True)
     q, k_cache, table, seqlens = bench.make_inputs(jax.random.key(3), lengths, config)
-    table = jnp.concatenate([table, jnp.full((3, 1), -1, jnp.int32)], axis=1)
+    table = table.at[0, 1].set(-1)
     index_inputs = bench._index_inputs(jax.random.key(4), batch=3, s_q=2, num_pages=k_cache.shape[0],
                                        dtype=jnp.bfloat16)
     got, _ = bench._indexed_sparse_decode(q, k_cache, table, seqlens, *index_inputs, topk=700, fp8=False)
     want, _ = mla_decode_reference(q, k_cache, table, seqlens, head_dim_v=512, softmax_scale=576**-0.5, causal=True)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=2e-2)
+
+    picks = np.asarray(bench.indexer_picks(table, seqlens, *index_inputs, topk=200))
+    valid = np.repeat(np.asarray(table) >= 0, 64, axis=1)
+    for i, length in enumerate(lengths):
+        for j in range(2):
+            allowed = np.flatnonzero(valid[i, : length - 2 + j + 1])
+            row = picks[i, j][picks[i, j] >= 0]
+            assert set(row.tolist()) <= set(allowed.tolist()) and len(set(row.tolist())) == len(row), (i, j, row)
+            assert len(row) == min(200, len(allowed)), (i, j, row)
 
 
 def test_sparse_indices_are_distinct_positions_of_each_sequence():
