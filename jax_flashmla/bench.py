@@ -87,12 +87,12 @@ import numpy as np
 
 from . import __version__, kernels_available, why_kernels_unavailable
 from .api import flash_mla_with_kvcache, get_mla_metadata
-from .cache import indices_in_kvcache, tokens_through_block_table
+from .cache import indices_in_kvcache
 from .constants import PAGE_SIZE
 from .device_timing import profile_calls_ms
 from .fp8_cache import FP8_TOKEN_BYTES, quantize_kv_cache
 from .indexer import index_scores, select_topk
-from .reference import visible_keys
+from .reference import gather_pages, visible_keys
 
 HEAD_DIM = 576
 HEAD_DIM_V = 512
@@ -511,11 +511,11 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
     lengths = sample_lengths(config, args.fixed_lengths, args.seed)
     q, k_cache, table, seqlens = make_inputs(key, lengths, config, args.layers, args.page_order)
     layer = None if args.layers == 1 else args.layers - 1  # the stack's last layer: the largest pointer offset
+    if config.sparse_topk and config.fp8:
+        k_cache = jax.jit(quantize_kv_cache)(k_cache)
     if config.sparse_topk and config.indexer:
         index_inputs = _index_inputs(jax.random.fold_in(key, 1), batch=table.shape[0], s_q=config.s_q,
                                      num_pages=k_cache.shape[-4], dtype=DTYPES[config.dtype])
-        if config.fp8:
-            k_cache = jax.jit(quantize_kv_cache)(k_cache)
         decode = functools.partial(_indexed_sparse_decode, topk=config.sparse_topk, fp8=config.fp8, layer=layer)
         timed_args = e2e_args = (q, k_cache, table, seqlens, *index_inputs)
         e2e = jax.jit(decode)
@@ -524,8 +524,6 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
     elif config.sparse_topk:
         indices = sparse_indices(jax.random.fold_in(key, 1), table, seqlens, s_q=config.s_q, topk=config.sparse_topk,
                                  num_pages=k_cache.shape[-4])
-        if config.fp8:
-            k_cache = jax.jit(quantize_kv_cache)(k_cache)
         decode = functools.partial(_sparse_decode, fp8=config.fp8, layer=layer)
         timed_args = e2e_args = (q, k_cache, indices)
         e2e = jax.jit(decode)
@@ -616,10 +614,8 @@ def indexer_picks(table, seqlens, index_q, index_weights, index_pool, *, topk):
     """The indexer's top-k positions (b, s_q, topk) over every key each query may see: the queries are each
     sequence's last s_q tokens (as the causal decode aligns them), the keys those on valid pages at or before the
     query's position; -1 past them."""
-    keys, on_valid_page = tokens_through_block_table(index_pool, table)
-    s_q = index_q.shape[1]
-    own = seqlens[:, None] - s_q + jnp.arange(s_q)  # (b, s_q) each query's position
-    visible = (jnp.arange(keys.shape[1]) <= own[:, :, None]) & on_valid_page[:, None, :]
+    keys, on_valid_page = gather_pages(index_pool, table)  # (b, T, 128), (b, T)
+    visible = visible_keys(seqlens, index_q.shape[1], keys.shape[1], causal=True) & on_valid_page[:, None, :]
     return select_topk(index_scores(index_q, index_weights, keys, visible), topk)
 
 

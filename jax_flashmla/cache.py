@@ -29,6 +29,7 @@ import numpy as np
 from . import validation
 from .constants import PAGE_SIZE
 from .fp8_cache import FP8_TOKEN_BYTES, HEAD_DIM as FP8_HEAD_DIM, is_packed_fp8, quantize_kv_cache
+from .reference import gather_pages
 from .sharding import scatter_tokens
 
 
@@ -55,17 +56,6 @@ def indices_in_kvcache(block_table, positions, num_pages: int):
     page = jnp.take_along_axis(block_table, positions.reshape(batch, -1) // PAGE_SIZE, axis=1).reshape(positions.shape)
     ok &= (page >= 0) & (page < min(num_pages, 2**31 // PAGE_SIZE))  # page * 64 + slot fits int32
     return jnp.where(ok, page * PAGE_SIZE + positions % PAGE_SIZE, -1).astype(jnp.int32)
-
-
-def tokens_through_block_table(pool, block_table):
-    """Every position's token of each sequence: pool (num_pages, 64, d) read through block_table (b, max_pages)
-    -> (b, 64 * max_pages, d), and (b, 64 * max_pages) bool, False where the position's page id is invalid (its
-    token reads as zeros)."""
-    batch, num_pages = block_table.shape[0], pool.shape[0]
-    valid = (block_table >= 0) & (block_table < num_pages)  # (b, max_pages)
-    tokens = pool[jnp.where(valid, block_table, 0)]  # (b, max_pages, 64, d)
-    tokens = jnp.where(valid[:, :, None, None], tokens, jnp.zeros((), tokens.dtype))
-    return tokens.reshape(batch, -1, pool.shape[-1]), jnp.repeat(valid, PAGE_SIZE, axis=1)
 
 
 @jax.tree_util.register_dataclass
@@ -213,8 +203,9 @@ class PagedKVCache:
         seqlens are not masked: their slots may not have been written."""
         self.check_index_pages()
         validation.check_layer(self.pages, layer, name="pages")
-        pool = self.index_pages[validation.clamp_layer(layer, self.num_layers)][:, :, 0, :]  # (num_pages, 64, d)
-        return tokens_through_block_table(pool, self.block_table)
+        keys, on_valid_page = gather_pages(self.index_pages[validation.clamp_layer(layer, self.num_layers)],
+                                           self.block_table)  # (b, capacity, 1, d)
+        return jnp.where(on_valid_page[:, :, None], keys[:, :, 0], jnp.zeros((), keys.dtype)), on_valid_page
 
     def check_index_pages(self) -> None:
         """index_pages exists and matches pages token for token: the same layers, pages and slots, one key each."""

@@ -79,8 +79,12 @@ def _causal_positions(topk_positions, cache: PagedKVCache, s_q: int):
         raise TypeError(f"topk_positions must be integers of shape ({batch}, {s_q}, topk), got shape "
                         f"{tuple(topk_positions.shape)} and dtype {topk_positions.dtype}")
     topk_positions = ints_as_int32(topk_positions, -1, cache.capacity)
-    own = jnp.clip(cache.seqlens, 0, cache.capacity)[:, None] + jnp.arange(s_q, dtype=jnp.int32)  # (b, s_q)
-    return jnp.where(topk_positions <= own[:, :, None], topk_positions, -1)
+    return jnp.where(topk_positions <= _own_positions(cache, s_q)[:, :, None], topk_positions, -1)
+
+
+def _own_positions(cache: PagedKVCache, s_q: int):
+    """(b, s_q) int32: where decode writes its s_q new tokens, the last position each may see."""
+    return jnp.clip(cache.seqlens, 0, cache.capacity)[:, None] + jnp.arange(s_q, dtype=jnp.int32)
 
 
 def _index_key_dtype(cache: PagedKVCache, index_head_dim: int):
@@ -409,6 +413,6 @@ class MultiHeadLatentAttention(nnx.Module):
         """The indexer's top-k positions (b, s_q, index_topk) over the cached tokens each query may see: its own
         position and those before it, on valid pages (the keys of this step already written)."""
         keys, on_valid_page = cache.index_keys(layer)  # (b, capacity, d), (b, capacity)
-        own = jnp.clip(cache.seqlens, 0, cache.capacity)[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)
+        own = _own_positions(cache, x.shape[1])
         visible = (jnp.arange(cache.capacity)[None, None, :] <= own[:, :, None]) & on_valid_page[:, None, :]
         return self.indexer.select(x, q_lora, positions, keys, visible, self.config.index_topk)
