@@ -3,12 +3,18 @@
 Layout: one page pool per layer, stacked on a leading axis, (num_layers, num_pages, 64, h_kv, d); one block
 table (b, max_pages_per_seq) int32 and one length vector (b,) int32 shared by all layers.
 
-Page hand-out, kept simple: `create` gives sequence i the pages i*max_pages .. (i+1)*max_pages - 1, a
-static reservation of max_seq_len tokens per sequence. Any other assignment (a host-side allocator, pages
-shared between sequences' common prefixes) is just another block_table: pass it to `create` or replace the
-field; the kernels and `write` only ever follow the table. A page several rows share (a common prefix) must
-not be written through any of them: two rows writing one slot is a race, and one row's write changes what the
-others read. Copy-on-write is the caller's (give the writing row a page of its own first).
+Page hand-out, two ways:
+- Static (the default): `create` gives sequence i the pages i*max_pages .. (i+1)*max_pages - 1, a reservation
+  of max_seq_len tokens per sequence. Any other fixed assignment (a host-side allocator, pages shared between
+  sequences' common prefixes) is just another block_table: pass it to `create` or replace the field; the kernels
+  and `write` only ever follow the table. A page several rows share (a common prefix) must not be written
+  through any of them: two rows writing one slot is a race, and one row's write changes what the others read.
+  Copy-on-write is the caller's (give the writing row a page of its own first).
+- On demand (`create(on_demand=True, num_pages=...)`): the pool may be smaller than batch * max_pages. Block
+  table entries start at -1 (no page) and the cache keeps a stack of free page ids; `reserve` hands each row the
+  pages its next tokens need and `release` returns a finished row's pages (continuous batching). Both are jitted
+  array programs of a few fused ops, so they sit inside a decode step. A batch split over a mesh keeps one free
+  stack per page shard (`page_shards`), so that each row's pages stay in its own shard (sharding.py).
 
 FP8 (DeepSeek-V3.2's layout, fp8_cache.py): `create(dtype=jnp.float8_e4m3fn)` keeps each 576-dim token as 656
 packed bytes, (num_layers, num_pages, 64, h_kv, 656); `write` packs what it stores. Sparse attention reads such a
@@ -21,6 +27,7 @@ XLA updates the pool in place: a decode step moves only the new tokens' bytes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +37,7 @@ from . import validation
 from .constants import PAGE_SIZE
 from .fp8_cache import FP8_TOKEN_BYTES, HEAD_DIM as FP8_HEAD_DIM, is_packed_fp8, quantize_kv_cache
 from .reference import gather_pages
-from .sharding import scatter_tokens
+from .sharding import rows_placed_like, scatter_tokens
 
 
 def ints_as_int32(values, low: int, high: int):
@@ -67,17 +74,33 @@ class PagedKVCache:
     # DeepSeek-V3.2's lightning-indexer keys, one per token, in the same pages and slots as the latent entries:
     # (num_layers, num_pages, 64, 1, index_head_dim), or None for a cache without them.
     index_pages: jax.Array | None = None
+    # On-demand paging only (create(on_demand=True)), else None: each page shard's free page ids as a stack (the
+    # first free_count[s] entries of free_pages[s] are free; the top, popped first, is the last of them), in
+    # global ids, shard s owning pages [s * n, (s + 1) * n) with n = num_pages // page_shards.
+    free_pages: jax.Array | None = None  # (page_shards, n) int32
+    free_count: jax.Array | None = None  # (page_shards,) int32
 
     @classmethod
     def create(cls, *, batch_size: int, max_seq_len: int, num_layers: int = 1, num_heads_k: int = 1,
                head_dim: int = 576, dtype=jnp.bfloat16, block_table=None, num_pages: int | None = None,
-               index_head_dim: int | None = None, index_dtype=None):
+               index_head_dim: int | None = None, index_dtype=None, on_demand: bool = False,
+               page_shards: int = 1):
         """An empty cache with room for max_seq_len tokens per sequence. dtype=jnp.float8_e4m3fn keeps the tokens
         packed in DeepSeek-V3.2's FP8 layout (head_dim must then be 576). index_head_dim: also keep a lightning-
-        indexer key per token (index_pages), in index_dtype (default: dtype, or bfloat16 beside an FP8 pool)."""
+        indexer key per token (index_pages), in index_dtype (default: dtype, or bfloat16 beside an FP8 pool).
+
+        on_demand: no row owns a page until `reserve` hands it one, from a pool of num_pages (default: enough for
+        every row's max_seq_len); page_shards: one free stack per shard of the batch and the pool, as many as the
+        mesh splits the batch into (`sharding.shard_cache` checks)."""
         if batch_size < 1 or max_seq_len < 1 or num_layers < 1 or num_heads_k < 1:
             raise ValueError("batch_size, max_seq_len, num_layers and num_heads_k must be positive, got "
                              f"{batch_size}, {max_seq_len}, {num_layers}, {num_heads_k}")
+        if not isinstance(page_shards, (int, np.integer)) or isinstance(page_shards, bool) or page_shards < 1:
+            raise ValueError(f"page_shards must be a positive int, got {page_shards!r}")
+        if page_shards != 1 and not on_demand:
+            raise ValueError(f"page_shards={page_shards} is for on-demand paging: pass on_demand=True too")
+        if on_demand and block_table is not None:
+            raise ValueError("on_demand=True fills the block_table itself (reserve); pass no block_table")
         if index_head_dim is not None and (not isinstance(index_head_dim, int) or index_head_dim < 1):
             raise ValueError(f"index_head_dim must be None or a positive int, got {index_head_dim!r}")
         width = head_dim
@@ -91,7 +114,21 @@ class PagedKVCache:
                                  f"head_dim={head_dim}")
             width = FP8_TOKEN_BYTES
         max_pages = -(-max_seq_len // PAGE_SIZE)
-        if block_table is None:
+        free_pages = free_count = None
+        if on_demand:
+            num_pages = batch_size * max_pages if num_pages is None else num_pages
+            if not isinstance(num_pages, (int, np.integer)) or num_pages < 1 or num_pages >= 2**31 // PAGE_SIZE:
+                raise ValueError(f"num_pages must be an int in [1, {2**31 // PAGE_SIZE}), got {num_pages!r}")
+            if batch_size % page_shards or num_pages % page_shards:
+                raise ValueError(f"batch_size ({batch_size}) and num_pages ({num_pages}) must divide evenly into "
+                                 f"page_shards={page_shards}")
+            per_shard = num_pages // page_shards
+            block_table = jnp.full((batch_size, max_pages), -1, jnp.int32)
+            # Descending, so that the top of each stack is the shard's lowest id: pages go out in ascending order.
+            free_pages = (jnp.arange(page_shards, dtype=jnp.int32)[:, None] * per_shard
+                          + jnp.arange(per_shard - 1, -1, -1, dtype=jnp.int32)[None, :])
+            free_count = jnp.full((page_shards,), per_shard, jnp.int32)
+        elif block_table is None:
             block_table = jnp.arange(batch_size * max_pages, dtype=jnp.int32).reshape(batch_size, max_pages)
             num_pages = batch_size * max_pages if num_pages is None else num_pages
         else:
@@ -115,7 +152,7 @@ class PagedKVCache:
                 raise TypeError(f"index_dtype must be a 16- or 32-bit float type, got {np.dtype(index_dtype).name}")
             index_pages = jnp.zeros((num_layers, num_pages, PAGE_SIZE, 1, index_head_dim), index_dtype)
         return cls(pages=pages, block_table=block_table, seqlens=jnp.zeros((batch_size,), jnp.int32),
-                   index_pages=index_pages)
+                   index_pages=index_pages, free_pages=free_pages, free_count=free_count)
 
     @property
     def capacity(self) -> int:
@@ -130,6 +167,11 @@ class PagedKVCache:
     def is_fp8(self) -> bool:
         """Are the tokens packed in the FP8 layout (pass is_fp8_kvcache=self.is_fp8 to the decode)."""
         return is_packed_fp8(self.pages)
+
+    @property
+    def is_on_demand(self) -> bool:
+        """Does the cache hand out pages as rows grow (create(on_demand=True); reserve, release)."""
+        return self.free_pages is not None
 
     @property
     def head_dim(self) -> int:
@@ -240,6 +282,64 @@ class PagedKVCache:
         step = jnp.clip(self._token_counts(num_new), -base, self.capacity - base)
         return dataclasses.replace(self, seqlens=(base + step).astype(jnp.int32))
 
+    def reserve(self, num_new) -> tuple["PagedKVCache", jax.Array]:
+        """On-demand paging: give each row the pages its next num_new tokens need (an int or a (b,) integer
+        array; counts are clipped to [0, capacity - length]), popped from its shard's free stack.
+
+        Returns (cache, granted), granted a (b,) bool: the row now has a page for each of its first
+        length + num_new positions. Rows are served in order within a shard, all of a row's pages or none: once a
+        row cannot be served, no later row of its shard that needs a page is (a server preempts such rows). A row
+        that needs no page is always granted. Tokens written to a row that was not granted are dropped (`write`
+        skips slots without a page); `append` and the model's steps advance only granted rows.
+        """
+        self._check_on_demand("reserve")
+        start = jnp.clip(self.seqlens, 0, self.capacity)
+        end = start + jnp.clip(self._token_counts(num_new), 0, self.capacity - start)
+        shards, per_shard = self.free_pages.shape
+        batch, max_pages = self.block_table.shape
+        by_shard = lambda x: x.reshape(shards, batch // shards, *x.shape[1:])  # noqa: E731
+        table, free_count, granted = jax.vmap(functools.partial(_reserve_in_shard, num_pages=self.pages.shape[1]))(
+            self.free_pages, self.free_count, by_shard(self.block_table),
+            by_shard(rows_placed_like(end, self.block_table)))
+        return (dataclasses.replace(self, block_table=table.reshape(batch, max_pages), free_count=free_count),
+                granted.reshape(batch))
+
+    def release(self, rows) -> "PagedKVCache":
+        """On-demand paging: rows (a (b,) bool mask) are done. Their pages go back to their shard's free stack,
+        their block-table entries become -1 and their lengths 0, so the rows can take new sequences.
+
+        Every page a released row's table names is freed, so no other row may be reading it (an on-demand cache
+        shares no pages unless the caller edits block_table). A page id outside the row's shard, one already
+        free, or one named twice is pushed at most once, so the stack never holds an id twice.
+        """
+        self._check_on_demand("release")
+        rows = jnp.asarray(rows)
+        batch, max_pages = self.block_table.shape
+        if rows.dtype != jnp.bool_ or rows.shape != (batch,):
+            raise TypeError(f"rows must be a ({batch},) bool mask, got shape {tuple(rows.shape)} and dtype "
+                            f"{np.dtype(rows.dtype).name}")
+        shards = self.free_pages.shape[0]
+        by_shard = lambda x: x.reshape(shards, batch // shards, *x.shape[1:])  # noqa: E731
+        rows = rows_placed_like(rows, self.block_table)
+        free_pages, free_count = jax.vmap(_release_in_shard, axis_name="page_shard")(
+            self.free_pages, self.free_count, by_shard(self.block_table), by_shard(rows))
+        return dataclasses.replace(
+            self, free_pages=free_pages, free_count=free_count,
+            block_table=jnp.where(rows[:, None], -1, self.block_table).astype(jnp.int32),
+            seqlens=jnp.where(rows, 0, self.seqlens).astype(jnp.int32))
+
+    def _check_on_demand(self, what: str) -> None:
+        if self.free_pages is None or self.free_count is None:
+            raise ValueError(f"{what} is for on-demand paging: create the cache with on_demand=True")
+        shards, per_shard = self.free_pages.shape if self.free_pages.ndim == 2 else (None, None)
+        batch, num_pages = self.block_table.shape[0], self.pages.shape[1]
+        if (shards is None or self.free_count.shape != (shards,) or batch % shards or shards * per_shard != num_pages
+                or self.free_pages.dtype != jnp.int32 or self.free_count.dtype != jnp.int32):
+            raise ValueError(f"free_pages must be int32 (page_shards, num_pages // page_shards) and free_count int32 "
+                             f"(page_shards,), with page_shards dividing the batch ({batch}) and num_pages "
+                             f"({num_pages}); got {tuple(self.free_pages.shape)} {np.dtype(self.free_pages.dtype).name}"
+                             f" and {tuple(self.free_count.shape)} {np.dtype(self.free_count.dtype).name}")
+
     def append(self, kv, *, layer=0, num_new=None, index_keys=None) -> "PagedKVCache":
         """write then advance by s_new, or by num_new clipped to [0, s_new]: a row never advances past the slots
         written for it (tokens on an invalid page id are dropped but counted). The single-layer convenience.
@@ -250,7 +350,11 @@ class PagedKVCache:
                              f"{'None' if self.index_pages is None else 'set'})")
         s_new = jnp.shape(kv)[1] if jnp.ndim(kv) >= 2 else None
         count = s_new if num_new is None else jnp.clip(self._token_counts(num_new), 0, s_new)
-        cache = self.write(kv, layer=layer, num_new=num_new)
+        cache = self
+        if self.is_on_demand:  # pages first; a row the pool cannot serve stores nothing and stays where it is
+            cache, granted = self.reserve(count)
+            count = num_new = jnp.where(granted, count, 0)
+        cache = cache.write(kv, layer=layer, num_new=num_new)
         if index_keys is not None:
             if jnp.shape(index_keys)[1:2] != (s_new,):
                 raise ValueError(f"index_keys must hold the same {s_new} tokens as kv, got shape "
@@ -267,3 +371,37 @@ class PagedKVCache:
                             f"and dtype {np.dtype(counts.dtype).name}")
         # Into int32 without wrapping (a uint32 2**32 - 1 must not turn into -1); +-2**30 bounds any capacity.
         return jnp.broadcast_to(ints_as_int32(counts, -(2**30), 2**30), (batch,))
+
+
+def _reserve_in_shard(free_pages, free_count, table, end, *, num_pages: int):
+    """reserve within one page shard: free_pages (n,), free_count (), table (rows, max_pages), end (rows,) the
+    lengths the rows must hold -> (table, free_count, granted (rows,))."""
+    column = jnp.arange(table.shape[1], dtype=jnp.int32)
+    has_page = (table >= 0) & (table < num_pages)
+    missing = (column[None, :] < (end[:, None] + PAGE_SIZE - 1) // PAGE_SIZE) & ~has_page
+    need = missing.sum(axis=1, dtype=jnp.int32)  # at most max_pages a row, and b * max_pages < 2**31 (validation)
+    granted = (need == 0) | (jnp.cumsum(need) <= free_count)  # a prefix of the rows that need pages
+    take = missing & granted[:, None]
+    # Row-major rank among the pages taken: the k-th comes from the stack's top minus k.
+    rank = jnp.cumsum(take.reshape(-1), dtype=jnp.int32).reshape(take.shape) - 1
+    popped = free_pages[jnp.clip(free_count - 1 - rank, 0, free_pages.shape[0] - 1)]
+    return (jnp.where(take, popped, table).astype(jnp.int32),
+            (free_count - take.sum(dtype=jnp.int32)).astype(jnp.int32), granted)
+
+
+def _release_in_shard(free_pages, free_count, table, rows):
+    """release within one page shard (vmapped over axis "page_shard"): the pages of `rows` (rows,) bool in table
+    (rows, max_pages), those of this shard, not already free and not named twice, pushed onto free_pages (n,)."""
+    per_shard = free_pages.shape[0]
+    first_id = jax.lax.axis_index("page_shard") * per_shard
+    local = table.reshape(-1) - first_id
+    named = jnp.repeat(rows, table.shape[1]) & (local >= 0) & (local < per_shard)
+    local = jnp.where(named, local, per_shard)  # out of range: dropped by the scatters below
+    is_free = jnp.zeros((per_shard,), jnp.bool_).at[
+        jnp.where(jnp.arange(per_shard) < free_count, free_pages - first_id, per_shard)].set(True, mode="drop")
+    position = jnp.arange(local.shape[0], dtype=jnp.int32)
+    first = jnp.full((per_shard,), local.shape[0], jnp.int32).at[local].min(position, mode="drop")
+    push = named & (first[jnp.minimum(local, per_shard - 1)] == position) & ~is_free[jnp.minimum(local, per_shard - 1)]
+    slot = jnp.where(push, free_count + jnp.cumsum(push, dtype=jnp.int32) - 1, per_shard)
+    free_pages = free_pages.at[slot].set(local + first_id, mode="drop")
+    return free_pages, (free_count + push.sum(dtype=jnp.int32)).astype(jnp.int32)

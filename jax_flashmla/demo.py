@@ -68,6 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     r.add_argument("--top-k", type=int, default=1, help="1 = greedy (default), k > 1 samples from the top k")
     r.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --top-k > 1")
+    r.add_argument(
+        "--num-pages",
+        type=int,
+        default=0,
+        help="hand out cache pages on demand from a pool of this many 64-token pages (default 0: each sequence "
+        "reserves its whole length up front)",
+    )
     r.add_argument("--tol", type=float, default=None, help="override the recompute tolerance (relative)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument(
@@ -100,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.index_topk < 0 or (args.index_topk and not args.q_lora_rank):
         p.error(f"--index-topk must be >= 0 and needs --q-lora-rank > 0, got {args.index_topk} and "
                 f"{args.q_lora_rank}")
+    if args.num_pages < 0:
+        p.error(f"--num-pages must be >= 0, got {args.num_pages}")
     if not 1 <= args.top_k <= args.vocab:
         p.error(f"--top-k must be in [1, --vocab={args.vocab}], got {args.top_k}")
     if not args.temperature > 0:
@@ -199,10 +208,20 @@ def main(argv=None) -> int:
             top_k=None if args.top_k == 1 else args.top_k,
             temperature=args.temperature,
             seed=args.seed,
+            num_pages=args.num_pages or None,
             on_step=progress,
         )
+    except ValueError as e:
+        if not args.num_pages:
+            raise
+        print(f"--num-pages: {e}", file=sys.stderr)
+        return 2
     finally:
         progress.close()
+    if args.num_pages:
+        table = np.asarray(result.cache.block_table)
+        print(f"cache: pages on demand, {int((table >= 0).sum())} of a pool of {args.num_pages} in use; a static "
+              f"reservation would hold {table.size}")
 
     print(f"prefill: {_ms(result.prefill_seconds)} (includes compilation)")
     if result.step_seconds:

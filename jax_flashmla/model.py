@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -38,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .api import get_mla_metadata
 from .cache import PagedKVCache
+from .constants import PAGE_SIZE
 from .mla_module import BATCH_AXIS, MLAConfig, MultiHeadLatentAttention, RMSNorm, mesh_axis_size
 from .rope import YarnScaling
 from .sharding import shard_cache
@@ -163,11 +165,16 @@ class DeepSeekDecoder(nnx.Module):
     def _logits(self, h):
         return self.lm_head(self.norm(h)).astype(jnp.float32)
 
-    def new_cache(self, batch_size: int, max_seq_len: int, dtype=None) -> PagedKVCache:
+    def new_cache(self, batch_size: int, max_seq_len: int, dtype=None, *, num_pages: int | None = None,
+                  page_shards: int = 1) -> PagedKVCache:
         """An empty paged cache with one latent pool per layer (dtype defaults to the compute dtype), and with an
-        indexer (index_topk), one pool of indexer keys per layer in the compute dtype."""
+        indexer (index_topk), one pool of indexer keys per layer in the compute dtype. num_pages: page on demand
+        from a pool of that many pages (PagedKVCache.create(on_demand=True)); page_shards as create takes it."""
         c = self.config
         return PagedKVCache.create(
+            num_pages=num_pages,
+            on_demand=num_pages is not None,
+            page_shards=page_shards,
             batch_size=batch_size,
             max_seq_len=max_seq_len,
             num_layers=c.num_layers,
@@ -189,22 +196,27 @@ class DeepSeekDecoder(nnx.Module):
         """Right-padded prompts (b, s) of `lengths` (clipped to [0, s]) into an empty cache.
 
         Returns (logits at each prompt's last token (b, vocab), cache advanced by lengths). An empty prompt
-        (length 0) stores nothing, and its logits are those of its first (padding) token.
+        (length 0) stores nothing, and its logits are those of its first (padding) token. An on-demand cache
+        first reserves the prompts' pages; a row it cannot serve stores nothing, stays empty, and its logits mean
+        nothing (call cache.reserve first to know which rows those are).
         """
         lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, tokens.shape[1])
+        cache, stored = _reserve_pages(cache, lengths)
         h = self.embed_tokens(tokens)
         for index, layer in enumerate(self.layers):
             h, cache = layer.prefill(h, lengths, cache, index)
         last = jnp.take_along_axis(h, (jnp.maximum(lengths, 1) - 1)[:, None, None], axis=1)[:, 0]
-        return self._logits(last), cache.advance(lengths)
+        return self._logits(last), cache.advance(jnp.where(stored, lengths, 0))
 
     def decode(self, tokens: jax.Array, cache: PagedKVCache, tile_scheduler_metadata=None, num_splits=None):
         """tokens (b, s_q) appended to every sequence: returns (logits (b, s_q, vocab), cache advanced by s_q).
 
         The scheduler metadata depends only on the lengths, which all layers share: computed once here
-        (unless given) and passed to each layer's FlashMLA call.
+        (unless given) and passed to each layer's FlashMLA call. An on-demand cache first reserves the new
+        tokens' pages; a row it cannot serve does not advance, and its logits mean nothing.
         """
         s_q = tokens.shape[1]
+        cache, stored = _reserve_pages(cache, s_q)
         if tile_scheduler_metadata is None:
             tile_scheduler_metadata, num_splits = get_mla_metadata(
                 cache.seqlens + s_q, s_q * self.config.num_heads, 1
@@ -212,7 +224,14 @@ class DeepSeekDecoder(nnx.Module):
         h = self.embed_tokens(tokens)
         for index, layer in enumerate(self.layers):
             h, cache = layer.decode(h, cache, index, tile_scheduler_metadata, num_splits)
-        return self._logits(h), cache.advance(s_q)
+        return self._logits(h), cache.advance(jnp.where(stored, s_q, 0))
+
+
+def _reserve_pages(cache: PagedKVCache, num_new) -> tuple[PagedKVCache, jax.Array]:
+    """An on-demand cache's reserve; every row is served where the pages are fixed."""
+    if not cache.is_on_demand:
+        return cache, jnp.ones(cache.seqlens.shape, jnp.bool_)
+    return cache.reserve(num_new)
 
 
 @functools.partial(nnx.jit, static_argnums=0)
@@ -342,6 +361,18 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> tuple[np.n
     return tokens, lengths
 
 
+def _check_pool_holds(num_pages: int, page_shards: int, final_lengths: np.ndarray) -> None:
+    """generate's on-demand pool must hold each shard's rows at their final lengths."""
+    if not isinstance(num_pages, (int, np.integer)) or num_pages < 1 or num_pages % page_shards:
+        raise ValueError(f"num_pages must be a positive int divisible by the {page_shards} batch shards, got "
+                         f"{num_pages!r}")
+    need = (-(-np.asarray(final_lengths) // PAGE_SIZE)).reshape(page_shards, -1).sum(axis=1)
+    if need.max() > num_pages // page_shards:
+        raise ValueError(f"num_pages={num_pages} is too few: the prompts and new tokens need {int(need.sum())} pages "
+                         f"of {PAGE_SIZE} tokens ({int(need.max())} in the fullest of {page_shards} shards of "
+                         f"{num_pages // page_shards})")
+
+
 def generate(
     model: DeepSeekDecoder,
     prompts: Sequence[Sequence[int]],
@@ -351,12 +382,15 @@ def generate(
     temperature: float = 1.0,
     seed: int = 0,
     cache_dtype=None,
+    num_pages: int | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """Generate `max_new_tokens` for each prompt: prefill, then max_new_tokens - 1 jitted decode steps.
 
     Greedy by default; top_k > 1 samples from the top_k logits at `temperature`. on_step(done, total) is
     called after the prefill (done=1) and after each decode step, for progress display.
+    num_pages: page the cache on demand from a pool of that many pages (each row takes pages as it grows);
+    it must hold every row's prompt and new tokens, checked before anything runs.
     On a model with a mesh the batch must divide evenly over its "data" axis; the cache, tokens and lengths
     are split over it and the weights replicated (module docstring). The results are the same either way.
     """
@@ -372,7 +406,11 @@ def generate(
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
 
     # The last generated token is never fed back, so it needs no slot.
-    cache = model.new_cache(len(prompts), tokens.shape[1] + max_new_tokens - 1, cache_dtype)
+    page_shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in _batch_axes(mesh))
+    if num_pages is not None:
+        _check_pool_holds(num_pages, page_shards, lengths + max_new_tokens - 1)
+    cache = model.new_cache(len(prompts), tokens.shape[1] + max_new_tokens - 1, cache_dtype, num_pages=num_pages,
+                            page_shards=page_shards if num_pages is not None else 1)
     tokens_in, lengths_in = jnp.asarray(tokens), jnp.asarray(lengths)
     if mesh is not None:
         cache = shard_cache(cache, mesh, _batch_axes(mesh))

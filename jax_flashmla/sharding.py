@@ -219,6 +219,19 @@ def under_auto_axes(f, q, *args, out_specs):
     return jax.sharding.auto_axes(f, out_sharding=out_sharding)(q, *args)
 
 
+def rows_placed_like(per_row, rows):
+    """A per-row array (b, ...) split on its first axis as `rows` (b, ...) is under Explicit axes (vmap over page
+    shards wants its mapped inputs split alike); as it is elsewhere."""
+    sharding = explicit_sharding(rows)
+    if sharding is None:
+        return per_row
+    spec = P(*((tuple(sharding.spec) + (None,))[:1] + (None,) * (per_row.ndim - 1)))
+    current = explicit_sharding(per_row)
+    if current is not None and P(*(tuple(current.spec) + (None,) * per_row.ndim)[: per_row.ndim]) == spec:
+        return per_row
+    return jax.sharding.reshard(per_row, sharding.update(spec=spec))
+
+
 def split_like_heads(per_head, lse):
     """A (h_q,) array split as lse's head axis (lse is (b, h_q, s_q)) under Explicit axes, so that an elementwise
     epilogue pairs each head with its own; as it is elsewhere. Replicated in, it is a local slice, no collective."""
@@ -426,6 +439,14 @@ def shard_cache(cache, mesh, batch_axes="data"):
     check_block_table(cache.block_table, cache.pages.shape[1], shards)
     rows, pools = NamedSharding(mesh, P(axes)), NamedSharding(mesh, P(None, axes))
     index_pages = None if cache.index_pages is None else jax.device_put(cache.index_pages, pools)
+    free_pages, free_count = cache.free_pages, cache.free_count
+    if free_pages is not None:  # on-demand paging: one free stack per page shard, on the devices of that shard
+        if free_pages.shape[0] != shards:
+            raise ValueError(f"an on-demand cache split over {shards} batch shards needs page_shards={shards} (one "
+                             f"free stack a shard, so that rows take pages of their own shard), got "
+                             f"{free_pages.shape[0]}: create it with page_shards={shards}")
+        free_pages, free_count = jax.device_put(free_pages, rows), jax.device_put(free_count, rows)
     return dataclasses.replace(cache, pages=jax.device_put(cache.pages, pools), index_pages=index_pages,
                                block_table=jax.device_put(cache.block_table, rows),
-                               seqlens=jax.device_put(cache.seqlens, rows))
+                               seqlens=jax.device_put(cache.seqlens, rows), free_pages=free_pages,
+                               free_count=free_count)

@@ -74,6 +74,21 @@ def test_demo_runs_on_a_mesh_of_cpu_devices(mesh, devices, heads):
     assert out.rstrip().endswith("OK")
 
 
+def test_demo_pages_on_demand_on_a_mesh():
+    """Prompts of 3 and 66 tokens and 3 tokens fed back take 1 and 2 pages, one stack per batch shard of 2."""
+    proc = run_demo([*SMALLEST, "--no-progress", "--mesh", "data=2,model=1", "--num-pages", "4"], cpu_devices=4)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "cache: pages on demand, 3 of a pool of 4 in use; a static reservation would hold 4" in out, out
+    assert out.rstrip().endswith("OK")
+
+
+def test_demo_too_few_pages_exits_2():
+    proc = run_demo([*SMALLEST, "--no-progress", "--num-pages", "2"])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--num-pages: num_pages=2 is too few: the prompts and new tokens need 3 pages" in proc.stderr
+
+
 def test_demo_mesh_the_batch_does_not_divide_exits_2():
     proc = run_demo([*SMALLEST, "--batch", "3", "--mesh", "data=2,model=1"], cpu_devices=4)
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -111,7 +126,7 @@ def test_explicit_prompt_lengths_set_the_batch():
     [["--steps", "0"], ["--prompt-lengths", "3,x"], ["--prompt-lengths", "3,0"], ["--top-k", "0"],
      ["--vocab", "8", "--top-k", "9"], ["--min-prompt-len", "9", "--max-prompt-len", "3"], ["--dtype", "int8"],
      ["--temperature", "0"], ["--q-lora-rank", "-1"], ["--index-topk", "-1"],
-     ["--index-topk", "8", "--q-lora-rank", "0"]],
+     ["--index-topk", "8", "--q-lora-rank", "0"], ["--num-pages", "-1"]],
 )  # fmt: skip
 def test_bad_flags_exit_with_usage_error(flags, capsys):
     with pytest.raises(SystemExit) as exc:

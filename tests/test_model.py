@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
 
-from jax_flashmla import mla_module, model as model_lib, sharding
+from jax_flashmla import cache as jfm_cache, mla_module, model as model_lib, sharding
 from jax_flashmla.model import (
     DecoderConfig,
     build_model,
@@ -72,6 +72,37 @@ def test_greedy_generation_matches_full_recompute(tiny_model):
     np.testing.assert_allclose(result.logits, reference, atol=1e-4 * scale, rtol=0)
     # the logits change from step to step, so the comparison covers distinct decode positions
     assert np.abs(np.diff(reference, axis=1)).max() > 1e-2 * scale
+
+
+def test_generation_with_pages_on_demand_equals_the_static_cache(tiny_model):
+    """A pool of exactly the pages the rows end with, handed out as they grow: the rows' pages interleave, and
+    the tokens and logits are bit for bit those of the static reservation. One page fewer is refused up front."""
+    lengths = [3, 60, 17]
+    prompts = random_prompts(lengths, TINY.vocab_size, seed=5)
+    steps = 9
+    want = generate(tiny_model, prompts, steps)
+    pages = sum(-(-(n + steps - 1) // 64) for n in lengths)  # 1 + 2 + 1
+    got = generate(tiny_model, prompts, steps, num_pages=pages)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.logits, want.logits)
+    np.testing.assert_array_equal(got.cache.seqlens, want.cache.seqlens)
+    # Page 3 went to row 1 when its decode crossed 64 tokens, after row 2 took page 2 at the prefill.
+    np.testing.assert_array_equal(got.cache.block_table[:, :2], [[0, -1], [1, 3], [2, -1]])
+    assert int(got.cache.free_count[0]) == 0
+    with pytest.raises(ValueError, match=rf"num_pages={pages - 1} is too few: the prompts and new tokens need "
+                                         rf"{pages} pages of 64 tokens"):
+        generate(tiny_model, prompts, steps, num_pages=pages - 1)
+
+
+def test_a_step_the_pool_cannot_serve_leaves_its_row_where_it_was(tiny_model):
+    """model.decode reserves the step's pages; a row refused stays at its length, the others advance."""
+    cache = tiny_model.new_cache(2, 128, num_pages=3)
+    tokens = jnp.asarray(random_prompts([64, 64], TINY.vocab_size, seed=2), jnp.int32)
+    _, cache = tiny_model.prefill(tokens, jnp.array([64, 64], jnp.int32), cache)  # one page each, one page left
+    assert cache.seqlens.tolist() == [64, 64] and int(cache.free_count[0]) == 1
+    _, cache = tiny_model.decode(tokens[:, :1], cache)  # both need a second page; row 0 gets the last one
+    assert cache.seqlens.tolist() == [65, 64]
+    np.testing.assert_array_equal(cache.block_table[:, :2], [[0, 2], [1, -1]])
 
 
 def test_multi_token_decode_matches_full_forward(tiny_model):
@@ -276,6 +307,65 @@ def test_sparse_generation_equals_unsharded_on_a_mesh(flag):
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_allclose(got.logits, want.logits, atol=1e-5 * np.abs(want.logits).max(), rtol=0)
     assert got.cache.index_pages.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "data")), 5)
+
+
+@on_mesh_devices
+@pytest.mark.parametrize("flag", ["data=2,model=2", "data=4,model=1"])
+def test_on_demand_generation_equals_unsharded_on_a_mesh(flag, unsharded_generation):
+    """Pages handed out on demand from one free stack per batch shard: the same tokens and logits as the static
+    cache on one device; each row's pages lie in its own shard; the stacks are split like the rows, and a decode
+    step with its page reservation communicates no more than the static one."""
+    want = unsharded_generation
+    mesh = sharding.mesh_from_flag(flag)
+    data = mesh.shape["data"]
+    sharded_model = build_model(MESH_CONFIG, seed=1, mesh=mesh)
+    got = generate(sharded_model, MESH_PROMPTS, 5, num_pages=4 * data)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-5 * np.abs(want.logits).max(), rtol=0)
+    cache = got.cache
+    assert cache.free_pages.shape == (data, 4) and cache.free_pages.sharding.is_equivalent_to(
+        NamedSharding(mesh, P("data")), 2)
+    sharding.check_block_table(cache.block_table, cache.pages.shape[1], data)
+    table = np.asarray(cache.block_table)
+    np.testing.assert_array_equal((table >= 0).sum(axis=1), -(-np.asarray(cache.seqlens) // 64))
+
+    step = model_lib.make_decode_step(sharded_model)
+    tokens = jax.device_put(jnp.asarray(got.tokens[:, -1]), NamedSharding(mesh, P("data")))
+    compiled = step.func.lower(*step.args, cache, tokens, jax.random.key(0), **step.keywords).compile()
+    collectives = COLLECTIVE.findall(compiled.as_text())
+    assert len(collectives) <= (MESH_CONFIG.num_layers if mesh.shape["model"] > 1 else 0), collectives
+
+    one_stack = build_model(MESH_CONFIG, seed=1).new_cache(4, 128, num_pages=8)
+    with pytest.raises(ValueError, match=f"needs page_shards={data}"):
+        sharding.shard_cache(one_stack, mesh)
+
+
+@on_mesh_devices
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_reserve_and_release_stay_in_their_shards_on_a_mesh(axis_type):
+    """reserve, release and append of a cache split over data=2 (a replicated mask and counts beside split rows):
+    the single-device results, split as the rows, and under Auto axes with no collective."""
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+    cache = jfm_cache.PagedKVCache.create(batch_size=4, max_seq_len=256, head_dim=8, num_pages=8, on_demand=True,
+                                          page_shards=2)
+
+    def steps(cache):
+        cache, granted = cache.reserve(jnp.array([70, 1, 130, 5], jnp.int32))
+        cache = cache.release(jnp.array([True, False, False, True]))
+        return cache.append(jnp.ones((4, 3, 1, 8))), granted
+
+    want, want_granted = jax.jit(steps)(cache)
+    with jax.set_mesh(mesh):
+        placed = sharding.shard_cache(cache, mesh)
+        compiled = jax.jit(steps).lower(placed).compile()
+        got, granted = compiled(placed)
+    for name in ("block_table", "seqlens", "free_pages", "free_count"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+        assert getattr(got, name).sharding.spec[0] == "data", name
+    np.testing.assert_array_equal(granted, want_granted)
+    assert want.block_table.tolist() == [[1, -1, -1, -1], [2, -1, -1, -1], [4, 5, 6, -1], [7, -1, -1, -1]]
+    if axis_type == AxisType.Auto:
+        assert not COLLECTIVE.findall(compiled.as_text())
 
 
 @on_mesh_devices

@@ -1,0 +1,241 @@
+"""On-demand paging (PagedKVCache.create(on_demand=True), reserve, release): against a plain-Python allocator
+written from the docstrings, step for step over random workloads; its invariants (every page either free or in
+one table entry, each row's pages in its own shard); hostile tables; and what is read back through the pages.
+The mesh test (a stack per batch shard) is in test_model.py with the other mesh tests."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_flashmla as jfm
+from jax_flashmla.constants import PAGE_SIZE
+
+
+class PythonAllocator:
+    """The specification, one row and one page at a time: a stack (list, top last) of free ids per shard."""
+
+    def __init__(self, batch, max_pages, num_pages, shards):
+        self.per_shard, self.rows_per_shard, self.num_pages = num_pages // shards, batch // shards, num_pages
+        self.table = np.full((batch, max_pages), -1, np.int64)
+        self.lengths = np.zeros(batch, np.int64)
+        self.stacks = [list(range((s + 1) * self.per_shard - 1, s * self.per_shard - 1, -1)) for s in range(shards)]
+
+    @property
+    def capacity(self):
+        return self.table.shape[1] * PAGE_SIZE
+
+    def reserve(self, num_new):
+        granted = np.zeros(len(self.lengths), bool)
+        for shard, stack in enumerate(self.stacks):
+            blocked = False
+            for row in range(shard * self.rows_per_shard, (shard + 1) * self.rows_per_shard):
+                start = min(max(self.lengths[row], 0), self.capacity)
+                end = start + min(max(num_new[row], 0), self.capacity - start)
+                missing = [c for c in range(-(-end // PAGE_SIZE)) if not 0 <= self.table[row, c] < self.num_pages]
+                if not missing:
+                    granted[row] = True
+                elif not blocked and len(missing) <= len(stack):
+                    for column in missing:
+                        self.table[row, column] = stack.pop()
+                    granted[row] = True
+                else:
+                    blocked = True
+        return granted
+
+    def advance(self, num_new):
+        base = np.clip(self.lengths, 0, self.capacity)
+        self.lengths = base + np.clip(num_new, -base, self.capacity - base)
+
+    def release(self, rows):
+        for shard, stack in enumerate(self.stacks):
+            low = shard * self.per_shard
+            for row in range(shard * self.rows_per_shard, (shard + 1) * self.rows_per_shard):
+                if rows[row]:
+                    for page in self.table[row]:
+                        if low <= page < low + self.per_shard and page not in stack:
+                            stack.append(int(page))
+                    self.table[row] = -1
+                    self.lengths[row] = 0
+
+
+def assert_same_state(cache, spec):
+    np.testing.assert_array_equal(np.asarray(cache.block_table), spec.table)
+    np.testing.assert_array_equal(np.asarray(cache.seqlens), spec.lengths)
+    count = np.asarray(cache.free_count)
+    assert count.tolist() == [len(stack) for stack in spec.stacks]
+    for shard, stack in enumerate(spec.stacks):
+        assert np.asarray(cache.free_pages)[shard, : count[shard]].tolist() == stack
+
+
+def assert_each_page_once(cache):
+    """Every page id is either free or named by exactly one table entry, and a row names only its shard's pages."""
+    table, free_pages, count = map(np.asarray, (cache.block_table, cache.free_pages, cache.free_count))
+    shards, per_shard = free_pages.shape
+    used = table[table >= 0]
+    free = np.concatenate([free_pages[s, : count[s]] for s in range(shards)])
+    np.testing.assert_array_equal(np.sort(np.concatenate([used, free])), np.arange(shards * per_shard))
+    shard_of_row = np.arange(table.shape[0])[:, None] // (table.shape[0] // shards)
+    assert np.all((table < 0) | (table // per_shard == shard_of_row))
+
+
+reserve_jit = jax.jit(lambda cache, n: cache.reserve(n))
+release_jit = jax.jit(lambda cache, rows: cache.release(rows))
+advance_jit = jax.jit(lambda cache, n: cache.advance(n))
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reserve_and_release_follow_the_python_allocator(shards, seed):
+    """Random workloads on a pool too small for every row at once: the jitted reserve, advance and release give
+    the specification's tables, lengths, grants and free stacks at every step."""
+    rng = np.random.default_rng(seed)
+    batch, max_pages, num_pages = 6, 5, 6 * shards
+    cache = jfm.PagedKVCache.create(batch_size=batch, max_seq_len=max_pages * PAGE_SIZE, head_dim=8,
+                                    num_pages=num_pages, on_demand=True, page_shards=shards)
+    spec = PythonAllocator(batch, max_pages, num_pages, shards)
+    grants = []
+    for _ in range(60):
+        op = rng.choice(["reserve", "advance", "release"], p=[0.5, 0.3, 0.2])
+        if op == "reserve":
+            num_new = rng.integers(-20, 3 * PAGE_SIZE, batch).astype(np.int32)
+            if rng.random() < 0.1:
+                num_new[rng.integers(batch)] = 2**31 - 1
+            cache, granted = reserve_jit(cache, jnp.asarray(num_new))
+            np.testing.assert_array_equal(np.asarray(granted), spec.reserve(num_new))
+            grants.append(np.asarray(granted))
+        elif op == "advance":
+            num_new = rng.integers(-30, 2 * PAGE_SIZE, batch).astype(np.int32)
+            cache = advance_jit(cache, jnp.asarray(num_new))
+            spec.advance(num_new)
+        else:
+            rows = rng.random(batch) < 0.4
+            cache = release_jit(cache, jnp.asarray(rows))
+            spec.release(rows)
+        assert_same_state(cache, spec)
+        assert_each_page_once(cache)
+    grants = np.array(grants)
+    assert grants.any() and not grants.all()  # the workload both served rows and ran out of pages
+
+
+def test_pages_go_out_in_order_and_come_back_last_in_first_out():
+    cache = jfm.PagedKVCache.create(batch_size=3, max_seq_len=256, head_dim=8, num_pages=6, on_demand=True)
+    np.testing.assert_array_equal(cache.block_table, -1)
+    cache, granted = cache.reserve(jnp.array([65, 1, 128], jnp.int32))  # 2 + 1 + 2 pages
+    np.testing.assert_array_equal(cache.block_table, [[0, 1, -1, -1], [2, -1, -1, -1], [3, 4, -1, -1]])
+    assert granted.tolist() == [True, True, True] and int(cache.free_count[0]) == 1
+    cache = cache.release(jnp.array([True, False, False]))
+    assert int(cache.free_count[0]) == 3 and cache.free_pages[0, :3].tolist() == [5, 0, 1]
+    cache, granted = cache.reserve(jnp.array([0, 64 * 3, 0], jnp.int32))  # row 1 needs columns 1 and 2
+    np.testing.assert_array_equal(cache.block_table[1], [2, 1, 0, -1])
+    # Nothing is left but page 5; row 0 needs two pages and is refused, so row 2 (needing one) is too.
+    cache, granted = cache.reserve(jnp.array([100, 0, 129], jnp.int32))
+    assert granted.tolist() == [False, True, False] and int(cache.free_count[0]) == 1
+
+
+def test_release_never_pushes_a_page_twice():
+    """A table edited by hand: a page named twice, a page already free, another shard's page and ids outside the
+    pool. Each free page is pushed once; the others are not pushed."""
+    cache = jfm.PagedKVCache.create(batch_size=4, max_seq_len=256, head_dim=8, num_pages=8, on_demand=True,
+                                    page_shards=2)
+    cache, _ = cache.reserve(jnp.array([64, 64, 64, 64], jnp.int32))  # rows 0,1: pages 0,1; rows 2,3: pages 4,5
+    table = cache.block_table.at[0].set(jnp.array([0, 0, 3, 6])).at[1].set(jnp.array([1, -7, 2**30, 0]))
+    cache = dataclasses.replace(cache, block_table=table)
+    released = cache.release(jnp.array([True, True, False, False]))
+    # Shard 0 held pages 2, 3 free and 0, 1 in use: 0 and 1 come back once each; 3 (already free) and 6 (shard 1's)
+    # are not pushed.
+    assert released.free_count.tolist() == [4, 2]
+    assert released.free_pages[0].tolist()[:4] == [3, 2, 0, 1]
+    np.testing.assert_array_equal(released.block_table[:2], -1)
+    assert released.seqlens.tolist() == [0, 0, 0, 0]
+    np.testing.assert_array_equal(released.block_table[2:], cache.block_table[2:])
+
+
+def test_append_serves_what_the_pool_holds_and_reads_back_like_a_static_cache():
+    """Rows that take pages in turns get interleaved page ids; the decode reads exactly what a static cache with
+    the same tokens reads. A row the pool cannot serve stores nothing and keeps its length."""
+    rng = np.random.default_rng(0)
+    batch, h_q, d, dv = 3, 4, 576, 512
+    static = jfm.PagedKVCache.create(batch_size=batch, max_seq_len=200, head_dim=d)
+    paged = jfm.PagedKVCache.create(batch_size=batch, max_seq_len=200, head_dim=d, num_pages=9, on_demand=True)
+    for step in range(4):  # 4 appends of 40 tokens: 160 a row, 3 pages a row
+        kv = jnp.asarray(rng.standard_normal((batch, 40, 1, d)), jnp.bfloat16)
+        static, paged = static.append(kv), paged.append(kv)
+    table = np.asarray(paged.block_table)
+    assert sorted(table[:, :3].ravel().tolist()) == list(range(9))
+    assert not np.array_equal(table[:, :3], np.arange(9).reshape(3, 3))  # the rows' pages interleave
+    q = jnp.asarray(rng.standard_normal((batch, 2, h_q, d)), jnp.bfloat16)
+    outs = []
+    for cache in (static, paged):
+        md, splits = jfm.get_mla_metadata(cache.seqlens, 2 * h_q, 1)
+        outs.append(jfm.flash_mla_with_kvcache(q, cache.layer_pages(0), cache.block_table, cache.seqlens, dv, md,
+                                               splits, causal=True))
+    for got, want in zip(outs[1], outs[0]):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    full = paged.append(jnp.ones((batch, 70, 1, d), jnp.bfloat16), num_new=jnp.array([10, 70, 0]))
+    # Row 0 fits in its third page; row 1 needs two more pages and the pool has none.
+    assert full.seqlens.tolist() == [170, 160, 160]
+    np.testing.assert_array_equal(full.block_table, paged.block_table)
+
+
+def test_reserve_replaces_ids_outside_the_pool():
+    """An entry no page backs (an id past the pool, or negative other than -1) counts as missing: the decode would
+    skip it and `write` drop its tokens."""
+    cache = jfm.PagedKVCache.create(batch_size=2, max_seq_len=128, head_dim=8, num_pages=4, on_demand=True)
+    cache = dataclasses.replace(cache, block_table=jnp.array([[4, -1], [-9, 2**30]], jnp.int32))
+    cache, granted = cache.reserve(jnp.array([10, 70], jnp.int32))
+    assert granted.tolist() == [True, True] and cache.block_table.tolist() == [[0, -1], [1, 2]]
+
+
+def test_lengths_past_the_capacity_take_no_more_than_the_table():
+    cache = jfm.PagedKVCache.create(batch_size=2, max_seq_len=128, head_dim=8, num_pages=4, on_demand=True)
+    cache, granted = cache.reserve(jnp.array([2**31 - 1, -5], jnp.int32))
+    assert granted.tolist() == [True, True]
+    np.testing.assert_array_equal(cache.block_table, [[0, 1], [-1, -1]])
+    cache = cache.advance(jnp.array([2**30, 0], jnp.int32))
+    cache, granted = cache.reserve(jnp.array([10, 128], jnp.int32))
+    assert granted.tolist() == [True, True] and cache.block_table.tolist() == [[0, 1], [2, 3]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(on_demand=True, block_table=np.zeros((2, 2), np.int32), num_pages=4), ValueError, "no block_table"),
+        (dict(page_shards=2), ValueError, "pass on_demand=True"),
+        (dict(on_demand=True, num_pages=5, page_shards=2), ValueError, "divide evenly into page_shards=2"),
+        (dict(on_demand=True, num_pages=0), ValueError, "num_pages must be an int"),
+        (dict(on_demand=True, num_pages=2**25), ValueError, "num_pages must be an int"),
+        (dict(on_demand=True, page_shards=0), ValueError, "page_shards must be a positive int"),
+        (dict(on_demand=True, page_shards=True), ValueError, "page_shards must be a positive int"),
+    ],
+)
+def test_bad_on_demand_arguments_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        jfm.PagedKVCache.create(batch_size=2, max_seq_len=128, head_dim=8, **kwargs)
+
+
+def test_reserve_and_release_refuse_what_they_cannot_use():
+    static = jfm.PagedKVCache.create(batch_size=2, max_seq_len=128, head_dim=8)
+    with pytest.raises(ValueError, match="reserve is for on-demand paging: create the cache with on_demand=True"):
+        static.reserve(1)
+    with pytest.raises(ValueError, match="release is for on-demand paging"):
+        static.release(jnp.array([True, False]))
+    cache = jfm.PagedKVCache.create(batch_size=2, max_seq_len=128, head_dim=8, on_demand=True)
+    with pytest.raises(TypeError, match=r"rows must be a \(2,\) bool mask, got shape \(2,\) and dtype int32"):
+        cache.release(jnp.array([1, 0], jnp.int32))
+    with pytest.raises(TypeError, match=r"num_new must be an int or a \(2,\) integer array"):
+        cache.reserve(jnp.ones((3,), jnp.int32))
+    broken = dataclasses.replace(cache, free_count=jnp.zeros((2,), jnp.int32))
+    with pytest.raises(ValueError, match=r"free_pages must be int32 \(page_shards, num_pages // page_shards\)"):
+        broken.reserve(1)
+
+
+def test_a_static_cache_keeps_no_free_stack():
+    cache = jfm.PagedKVCache.create(batch_size=2, max_seq_len=128, head_dim=8)
+    assert not cache.is_on_demand and cache.free_pages is None and cache.free_count is None
+    assert len(jax.tree_util.tree_leaves(cache)) == 3  # pages, block_table, seqlens
