@@ -183,6 +183,34 @@ def test_append_serves_what_the_pool_holds_and_reads_back_like_a_static_cache():
     np.testing.assert_array_equal(full.block_table, paged.block_table)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("h_q", [16, 128])  # the narrow kernel and the seesaw
+def test_kernels_read_on_demand_pages_as_they_read_static_ones(h_q):
+    """Eight rows of ragged lengths grown in turns from one pool: their pages interleave, and the kernels' out
+    and lse are bit for bit those of the static cache holding the same tokens."""
+    assert jfm.kernels_available(), jfm.why_kernels_unavailable()
+    rng = np.random.default_rng(1)
+    batch, d, dv, max_len = 8, 576, 512, 1000
+    lengths = np.array([1000, 1, 0, 640, 333, 64, 65, 900])
+    static = jfm.PagedKVCache.create(batch_size=batch, max_seq_len=max_len)
+    paged = jfm.PagedKVCache.create(batch_size=batch, max_seq_len=max_len, num_pages=batch * 16, on_demand=True)
+    for chunk in range(10):  # 100 tokens a round, each row stopping at its length
+        kv = jnp.asarray(rng.standard_normal((batch, 100, 1, d)), jnp.bfloat16)
+        counts = jnp.asarray(np.clip(lengths - 100 * chunk, 0, 100), jnp.int32)
+        static, paged = static.append(kv, num_new=counts), paged.append(kv, num_new=counts)
+    np.testing.assert_array_equal(paged.seqlens, lengths)
+    assert not np.array_equal(paged.block_table[:, :2], static.block_table[:, :2])
+    q = jnp.asarray(rng.standard_normal((batch, 2, h_q, d)), jnp.bfloat16)
+    outs = []
+    for cache in (static, paged):
+        md, splits = jfm.get_mla_metadata(cache.seqlens, 2 * h_q, 1)
+        outs.append(jfm.flash_mla_with_kvcache(q, cache.layer_pages(0), cache.block_table, cache.seqlens, dv, md,
+                                               splits, causal=True))
+    for got, want in zip(outs[1], outs[0]):
+        assert np.isfinite(np.asarray(want, np.float32)).any()
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_reserve_replaces_ids_outside_the_pool():
     """An entry no page backs (an id past the pool, or negative other than -1) counts as missing: the decode would
     skip it and `write` drop its tokens."""
