@@ -36,6 +36,7 @@ import numpy as np
 from . import validation
 from .constants import PAGE_SIZE
 from .fp8_cache import FP8_TOKEN_BYTES, HEAD_DIM as FP8_HEAD_DIM, is_packed_fp8, quantize_kv_cache
+from .paging import release_in_shard, reserve_in_shard
 from .reference import gather_pages
 from .sharding import rows_placed_like, scatter_tokens
 
@@ -122,6 +123,9 @@ class PagedKVCache:
             if batch_size % page_shards or num_pages % page_shards:
                 raise ValueError(f"batch_size ({batch_size}) and num_pages ({num_pages}) must divide evenly into "
                                  f"page_shards={page_shards}")
+            if batch_size * max_pages >= 2**31:  # reserve's running sums of pages count up to that
+                raise ValueError(f"on-demand paging counts table entries in int32: batch_size * pages per row = "
+                                 f"{batch_size} * {max_pages} must stay below 2**31")
             per_shard = num_pages // page_shards
             block_table = jnp.full((batch_size, max_pages), -1, jnp.int32)
             # Descending, so that the top of each stack is the shard's lowest id: pages go out in ascending order.
@@ -298,7 +302,7 @@ class PagedKVCache:
         shards, per_shard = self.free_pages.shape
         batch, max_pages = self.block_table.shape
         by_shard = lambda x: x.reshape(shards, batch // shards, *x.shape[1:])  # noqa: E731
-        table, free_count, granted = jax.vmap(functools.partial(_reserve_in_shard, num_pages=self.pages.shape[1]))(
+        table, free_count, granted = jax.vmap(functools.partial(reserve_in_shard, num_pages=self.pages.shape[1]))(
             self.free_pages, self.free_count, by_shard(self.block_table),
             by_shard(rows_placed_like(end, self.block_table)))
         return (dataclasses.replace(self, block_table=table.reshape(batch, max_pages), free_count=free_count),
@@ -321,7 +325,7 @@ class PagedKVCache:
         shards = self.free_pages.shape[0]
         by_shard = lambda x: x.reshape(shards, batch // shards, *x.shape[1:])  # noqa: E731
         rows = rows_placed_like(rows, self.block_table)
-        free_pages, free_count = jax.vmap(_release_in_shard, axis_name="page_shard")(
+        free_pages, free_count = jax.vmap(release_in_shard, axis_name="page_shard")(
             self.free_pages, self.free_count, by_shard(self.block_table), by_shard(rows))
         return dataclasses.replace(
             self, free_pages=free_pages, free_count=free_count,
@@ -372,36 +376,3 @@ class PagedKVCache:
         # Into int32 without wrapping (a uint32 2**32 - 1 must not turn into -1); +-2**30 bounds any capacity.
         return jnp.broadcast_to(ints_as_int32(counts, -(2**30), 2**30), (batch,))
 
-
-def _reserve_in_shard(free_pages, free_count, table, end, *, num_pages: int):
-    """reserve within one page shard: free_pages (n,), free_count (), table (rows, max_pages), end (rows,) the
-    lengths the rows must hold -> (table, free_count, granted (rows,))."""
-    column = jnp.arange(table.shape[1], dtype=jnp.int32)
-    has_page = (table >= 0) & (table < num_pages)
-    missing = (column[None, :] < (end[:, None] + PAGE_SIZE - 1) // PAGE_SIZE) & ~has_page
-    need = missing.sum(axis=1, dtype=jnp.int32)  # at most max_pages a row, and b * max_pages < 2**31 (validation)
-    granted = (need == 0) | (jnp.cumsum(need) <= free_count)  # a prefix of the rows that need pages
-    take = missing & granted[:, None]
-    # Row-major rank among the pages taken: the k-th comes from the stack's top minus k.
-    rank = jnp.cumsum(take.reshape(-1), dtype=jnp.int32).reshape(take.shape) - 1
-    popped = free_pages[jnp.clip(free_count - 1 - rank, 0, free_pages.shape[0] - 1)]
-    return (jnp.where(take, popped, table).astype(jnp.int32),
-            (free_count - take.sum(dtype=jnp.int32)).astype(jnp.int32), granted)
-
-
-def _release_in_shard(free_pages, free_count, table, rows):
-    """release within one page shard (vmapped over axis "page_shard"): the pages of `rows` (rows,) bool in table
-    (rows, max_pages), those of this shard, not already free and not named twice, pushed onto free_pages (n,)."""
-    per_shard = free_pages.shape[0]
-    first_id = jax.lax.axis_index("page_shard") * per_shard
-    local = table.reshape(-1) - first_id
-    named = jnp.repeat(rows, table.shape[1]) & (local >= 0) & (local < per_shard)
-    local = jnp.where(named, local, per_shard)  # out of range: dropped by the scatters below
-    is_free = jnp.zeros((per_shard,), jnp.bool_).at[
-        jnp.where(jnp.arange(per_shard) < free_count, free_pages - first_id, per_shard)].set(True, mode="drop")
-    position = jnp.arange(local.shape[0], dtype=jnp.int32)
-    first = jnp.full((per_shard,), local.shape[0], jnp.int32).at[local].min(position, mode="drop")
-    push = named & (first[jnp.minimum(local, per_shard - 1)] == position) & ~is_free[jnp.minimum(local, per_shard - 1)]
-    slot = jnp.where(push, free_count + jnp.cumsum(push, dtype=jnp.int32) - 1, per_shard)
-    free_pages = free_pages.at[slot].set(local + first_id, mode="drop")
-    return free_pages, (free_count + push.sum(dtype=jnp.int32)).astype(jnp.int32)

@@ -24,7 +24,7 @@ from flax import nnx
 
 from . import kernels_available
 from .mla_module import BATCH_AXIS, HEAD_AXIS, mesh_axis_size
-from .model import DecoderConfig, build_model, generate, recompute_logits
+from .model import DecoderConfig, build_model, check_pool_holds, generate, recompute_logits
 from .sharding import mesh_from_flag
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -199,6 +199,13 @@ def main(argv=None) -> int:
     sampling = "greedy" if args.top_k == 1 else f"top-{args.top_k} at temperature {args.temperature}"
     print(f"batch {len(prompts)}, prompt lengths {args.lengths}, {args.steps} new tokens each, {sampling}")
 
+    if args.num_pages:
+        shards = 1 if mesh is None else mesh_axis_size(mesh, BATCH_AXIS)
+        try:
+            check_pool_holds(args.num_pages, shards, np.array(args.lengths) + args.steps - 1)
+        except ValueError as e:
+            print(f"--num-pages: {e}", file=sys.stderr)
+            return 2
     progress = Progress(args.steps, enabled=not args.no_progress)
     try:
         result = generate(
@@ -211,11 +218,6 @@ def main(argv=None) -> int:
             num_pages=args.num_pages or None,
             on_step=progress,
         )
-    except ValueError as e:
-        if not args.num_pages:
-            raise
-        print(f"--num-pages: {e}", file=sys.stderr)
-        return 2
     finally:
         progress.close()
     if args.num_pages:

@@ -361,8 +361,9 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> tuple[np.n
     return tokens, lengths
 
 
-def _check_pool_holds(num_pages: int, page_shards: int, final_lengths: np.ndarray) -> None:
-    """generate's on-demand pool must hold each shard's rows at their final lengths."""
+def check_pool_holds(num_pages: int, page_shards: int, final_lengths: np.ndarray) -> None:
+    """An on-demand pool of num_pages, in page_shards stacks, holds every row at its final length (rows split
+    evenly over the shards in order), or a ValueError says how many pages they need."""
     if not isinstance(num_pages, (int, np.integer)) or num_pages < 1 or num_pages % page_shards:
         raise ValueError(f"num_pages must be a positive int divisible by the {page_shards} batch shards, got "
                          f"{num_pages!r}")
@@ -408,7 +409,7 @@ def generate(
     # The last generated token is never fed back, so it needs no slot.
     page_shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in _batch_axes(mesh))
     if num_pages is not None:
-        _check_pool_holds(num_pages, page_shards, lengths + max_new_tokens - 1)
+        check_pool_holds(num_pages, page_shards, lengths + max_new_tokens - 1)
     cache = model.new_cache(len(prompts), tokens.shape[1] + max_new_tokens - 1, cache_dtype, num_pages=num_pages,
                             page_shards=page_shards if num_pages is not None else 1)
     tokens_in, lengths_in = jnp.asarray(tokens), jnp.asarray(lengths)
