@@ -18,8 +18,10 @@ How each row is timed:
                events around each call would measure (FlashMLA's benchmark), without launch or dispatch.
                kernel_tail_ms (JSON and CSV only) is the median time from the end of the decode's split-KV
                kernel to the decode's end: what the combine adds, its launch gap included.
-               Where the profiler has no device timeline (CPU runs), kernel_ms is loop_ms instead, and the
-               record's kernel_timing says which it is ("profiler" or "wall-loop").
+               Where the profiler has no device timeline (CPU runs), or its spans hold less than a tenth of
+               loop_ms (kernels it did not attribute to the scope, as in the XLA sparse path's loops),
+               kernel_ms is loop_ms instead, and the record's kernel_timing says which it is ("profiler" or
+               "wall-loop").
   loop_ms      wall clock per decode of that loop: median over repeats of (t(n) - t(1)) / (n - 1), ended
                by block_until_ready, which cancels dispatch and synchronisation. Each iteration adds
                0 * out[0, 0, 0, 0] to q[0, 0, 0, 0] and to block_table[0, 0], as one layer feeds the next,
@@ -149,7 +151,7 @@ METHOD = ("kernel_ms (baseline_ms) where kernel_timing (baseline_timing) is 'pro
           "each decode's time the span of its kernels on the profiler's device timeline (split-KV kernel start "
           "to combine end); kernel_tail_ms: median from the end of a decode's split-KV kernel (by name, else its "
           "longest kernel) to the decode's end, what the combine and its launch gap add. Where it is 'wall-loop' (no "
-          "per-decode device events): loop_ms (baseline_loop_ms), "
+          "per-decode device events, or spans under a tenth of loop_ms): loop_ms (baseline_loop_ms), "
           "median over repeats of (t(n) - t(1)) / (n - 1), t(k) = wall time of one call of that loop running k "
           "decodes (each iteration adds 0 * out[0,0,0,0] to q[0,0,0,0] and block_table[0,0]; out is "
           "loop-carried), ended by block_until_ready. Metadata precomputed. e2e_ms: median wall time of single "
@@ -421,17 +423,26 @@ def loop_ms(many, one, args, iters: int, repeats: int, warmup: int) -> float:
     return 1e3 * statistics.median(diffs)
 
 
+# A profiled decode shorter than this fraction of the loop's time per decode has lost kernels to attribution.
+MISSED_WORK_RATIO = 0.1
+
+
 def decode_ms(step, one, args, iters: int, repeats: int, warmup: int) -> tuple[float, float, str, float | None]:
     """(ms per decode, loop_ms, timing, tail ms) of `step` on `args`, `one` its repeat_decode(step, 1): the
-    profiler's device time of each decode (timing "profiler") where there is a device timeline, else loop_ms
-    (timing "wall-loop"). The tail (device_timing; None without the profiler) is the median time from the end
-    of a decode's split-KV kernel to the decode's end."""
+    profiler's device time of each decode (timing "profiler") where there is a device timeline and it holds at
+    least MISSED_WORK_RATIO of loop_ms, else loop_ms (timing "wall-loop"). The tail (device_timing; None without
+    the profiler) is the median time from the end of a decode's split-KV kernel to the decode's end."""
     many = repeat_decode(step, iters).lower(*args).compile()
     wall = loop_ms(many, one, args, iters, repeats, warmup)
     calls = profile_calls_ms(many, args, TIMED_SCOPE, iters, repeats)
     if calls is None:
         return wall, wall, "wall-loop", None
-    return statistics.median(span for span, _ in calls), wall, "profiler", statistics.median(t for _, t in calls)
+    span = statistics.median(span for span, _ in calls)
+    if span < MISSED_WORK_RATIO * wall:
+        # The spans hold a small part of the work: kernels of the step were not attributed to its scope (on an
+        # H200 the sparse XLA decode's runs came out 30-280x shorter than the loop), so they are not its time.
+        return wall, wall, "wall-loop", None
+    return span, wall, "profiler", statistics.median(t for _, t in calls)
 
 
 def call_ms(fn, args, iters: int, warmup: int) -> float:

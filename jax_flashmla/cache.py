@@ -12,8 +12,8 @@ Page hand-out, two ways:
   Copy-on-write is the caller's (give the writing row a page of its own first).
 - On demand (`create(on_demand=True, num_pages=...)`): the pool may be smaller than batch * max_pages. Block
   table entries start at -1 (no page) and the cache keeps a stack of free page ids; `reserve` hands each row the
-  pages its next tokens need and `release` returns a finished row's pages (continuous batching). Both are jitted
-  array programs of a few fused ops, so they sit inside a decode step. A batch split over a mesh keeps one free
+  pages its next tokens need and `release` returns a finished row's pages (continuous batching). Both are a few
+  fused array ops (paging.py), so they sit inside a jitted decode step. A batch split over a mesh keeps one free
   stack per page shard (`page_shards`), so that each row's pages stay in its own shard (sharding.py).
 
 FP8 (DeepSeek-V3.2's layout, fp8_cache.py): `create(dtype=jnp.float8_e4m3fn)` keeps each 576-dim token as 656
@@ -27,7 +27,6 @@ XLA updates the pool in place: a decode step moves only the new tokens' bytes.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +34,7 @@ import numpy as np
 
 from . import validation
 from .constants import PAGE_SIZE
+from .scheduler import MAX_PAGES_PER_SEQ
 from .fp8_cache import FP8_TOKEN_BYTES, HEAD_DIM as FP8_HEAD_DIM, is_packed_fp8, quantize_kv_cache
 from .paging import release_in_shard, reserve_in_shard
 from .reference import gather_pages
@@ -115,10 +115,14 @@ class PagedKVCache:
                                  f"head_dim={head_dim}")
             width = FP8_TOKEN_BYTES
         max_pages = -(-max_seq_len // PAGE_SIZE)
+        if max_pages > MAX_PAGES_PER_SEQ:  # the decode's limit, and it keeps every position within int32
+            raise ValueError(f"max_seq_len must be at most {MAX_PAGES_PER_SEQ * PAGE_SIZE} tokens ({MAX_PAGES_PER_SEQ} "
+                             f"pages of {PAGE_SIZE}), got {max_seq_len}")
         free_pages = free_count = None
         if on_demand:
             num_pages = batch_size * max_pages if num_pages is None else num_pages
-            if not isinstance(num_pages, (int, np.integer)) or num_pages < 1 or num_pages >= 2**31 // PAGE_SIZE:
+            if (not isinstance(num_pages, (int, np.integer)) or isinstance(num_pages, bool) or num_pages < 1
+                    or num_pages >= 2**31 // PAGE_SIZE):
                 raise ValueError(f"num_pages must be an int in [1, {2**31 // PAGE_SIZE}), got {num_pages!r}")
             if batch_size % page_shards or num_pages % page_shards:
                 raise ValueError(f"batch_size ({batch_size}) and num_pages ({num_pages}) must divide evenly into "
@@ -210,14 +214,7 @@ class PagedKVCache:
         (ragged prefill); counts outside [0, s_new] are clipped to it.
         Tokens that fall past the capacity or on an invalid page id are dropped, never written elsewhere.
         """
-        kv = jnp.asarray(kv)
-        h_kv, head_dim = self.pages.shape[3], self.head_dim
-        batch = self.block_table.shape[0]
-        if kv.ndim != 4 or kv.shape[0] != batch or kv.shape[2:] != (h_kv, head_dim):
-            raise ValueError(f"kv must have shape ({batch}, s_new, {h_kv}, {head_dim}), got shape {tuple(kv.shape)}")
-        if not jnp.issubdtype(kv.dtype, jnp.floating):
-            raise TypeError(f"kv must be a floating-point array (it is cast to the pool's "
-                            f"{np.dtype(self.pages.dtype).name}), got dtype {np.dtype(kv.dtype).name}")
+        kv = self._check_entries(kv)
         validation.check_layer(self.pages, layer, name="pages")
         page, slot = self._new_token_slots(kv.shape[1], num_new)
         # The scatter partitions over a mesh like the decode (jax_flashmla/sharding.py).
@@ -226,6 +223,18 @@ class PagedKVCache:
         pages = scatter_tokens(self.pages, kv.astype(self.pages.dtype), page, slot,
                                validation.clamp_layer(layer, self.num_layers))
         return dataclasses.replace(self, pages=pages)
+
+    def _check_entries(self, kv) -> jax.Array:
+        """kv as write takes it, (b, s_new, h_kv, head_dim) floats, or an error that says what was expected."""
+        kv = jnp.asarray(kv)
+        h_kv, head_dim = self.pages.shape[3], self.head_dim
+        batch = self.block_table.shape[0]
+        if kv.ndim != 4 or kv.shape[0] != batch or kv.shape[2:] != (h_kv, head_dim):
+            raise ValueError(f"kv must have shape ({batch}, s_new, {h_kv}, {head_dim}), got shape {tuple(kv.shape)}")
+        if not jnp.issubdtype(kv.dtype, jnp.floating):
+            raise TypeError(f"kv must be a floating-point array (it is cast to the pool's "
+                            f"{np.dtype(self.pages.dtype).name}), got dtype {np.dtype(kv.dtype).name}")
+        return kv
 
     def write_index_keys(self, keys, *, layer=0, num_new=None) -> "PagedKVCache":
         """Store lightning-indexer keys (b, s_new, index_head_dim) where `write` stores the same tokens' latent
@@ -293,8 +302,10 @@ class PagedKVCache:
         Returns (cache, granted), granted a (b,) bool: the row now has a page for each of its first
         length + num_new positions. Rows are served in order within a shard, all of a row's pages or none: once a
         row cannot be served, no later row of its shard that needs a page is (a server preempts such rows). A row
-        that needs no page is always granted. Tokens written to a row that was not granted are dropped (`write`
-        skips slots without a page); `append` and the model's steps advance only granted rows.
+        that needs no page is always granted. A row not granted lacks a page for some of those positions, and
+        `write` drops the tokens that land there (those that fit its last page are stored); `append` and the
+        model's steps store nothing for it and leave its length. A table entry that names no page of the row's
+        shard (-1, an id outside the pool or another shard's page) counts as missing and is replaced.
         """
         self._check_on_demand("reserve")
         start = jnp.clip(self.seqlens, 0, self.capacity)
@@ -302,7 +313,7 @@ class PagedKVCache:
         shards, per_shard = self.free_pages.shape
         batch, max_pages = self.block_table.shape
         by_shard = lambda x: x.reshape(shards, batch // shards, *x.shape[1:])  # noqa: E731
-        table, free_count, granted = jax.vmap(functools.partial(reserve_in_shard, num_pages=self.pages.shape[1]))(
+        table, free_count, granted = jax.vmap(reserve_in_shard, axis_name="page_shard")(
             self.free_pages, self.free_count, by_shard(self.block_table),
             by_shard(rows_placed_like(end, self.block_table)))
         return (dataclasses.replace(self, block_table=table.reshape(batch, max_pages), free_count=free_count),
@@ -356,6 +367,7 @@ class PagedKVCache:
         count = s_new if num_new is None else jnp.clip(self._token_counts(num_new), 0, s_new)
         cache = self
         if self.is_on_demand:  # pages first; a row the pool cannot serve stores nothing and stays where it is
+            self._check_entries(kv)
             cache, granted = self.reserve(count)
             count = num_new = jnp.where(granted, count, 0)
         cache = cache.write(kv, layer=layer, num_new=num_new)
@@ -368,6 +380,11 @@ class PagedKVCache:
 
     def _token_counts(self, counts) -> jax.Array:
         """num_new, an int or a (b,) integer array of per-row token counts, as (b,) int32."""
+        # Host integers are clipped here, before jnp.asarray could wrap them into int32 (x64 is off).
+        if isinstance(counts, int) and not isinstance(counts, bool):
+            counts = np.int32(min(max(counts, -(2**30)), 2**30))
+        elif isinstance(counts, (np.ndarray, np.integer)) and np.issubdtype(np.asarray(counts).dtype, np.integer):
+            counts = np.clip(counts, -(2**30), 2**30).astype(np.int32)
         counts = jnp.asarray(counts)
         batch = self.block_table.shape[0]
         if not jnp.issubdtype(counts.dtype, jnp.integer) or counts.shape not in ((), (batch,)):

@@ -171,6 +171,8 @@ class DeepSeekDecoder(nnx.Module):
         indexer (index_topk), one pool of indexer keys per layer in the compute dtype. num_pages: page on demand
         from a pool of that many pages (PagedKVCache.create(on_demand=True)); page_shards as create takes it."""
         c = self.config
+        if page_shards != 1 and num_pages is None:
+            raise ValueError(f"page_shards={page_shards} is for pages on demand: pass num_pages= too")
         return PagedKVCache.create(
             num_pages=num_pages,
             on_demand=num_pages is not None,
@@ -364,14 +366,16 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> tuple[np.n
 def check_pool_holds(num_pages: int, page_shards: int, final_lengths: np.ndarray) -> None:
     """An on-demand pool of num_pages, in page_shards stacks, holds every row at its final length (rows split
     evenly over the shards in order), or a ValueError says how many pages they need."""
-    if not isinstance(num_pages, (int, np.integer)) or num_pages < 1 or num_pages % page_shards:
+    if (not isinstance(num_pages, (int, np.integer)) or isinstance(num_pages, bool) or num_pages < 1
+            or num_pages % page_shards):
         raise ValueError(f"num_pages must be a positive int divisible by the {page_shards} batch shards, got "
                          f"{num_pages!r}")
     need = (-(-np.asarray(final_lengths) // PAGE_SIZE)).reshape(page_shards, -1).sum(axis=1)
     if need.max() > num_pages // page_shards:
-        raise ValueError(f"num_pages={num_pages} is too few: the prompts and new tokens need {int(need.sum())} pages "
-                         f"of {PAGE_SIZE} tokens ({int(need.max())} in the fullest of {page_shards} shards of "
-                         f"{num_pages // page_shards})")
+        shards = "" if page_shards == 1 else (f" in the fullest of {page_shards} shards of "
+                                              f"{num_pages // page_shards} pages each ({int(need.sum())} in all)")
+        raise ValueError(f"num_pages={num_pages} is too few: the prompts and new tokens need {int(need.max())} pages "
+                         f"of {PAGE_SIZE} tokens{shards}")
 
 
 def generate(

@@ -14,11 +14,13 @@ import jax.numpy as jnp
 from .constants import PAGE_SIZE
 
 
-def reserve_in_shard(free_pages, free_count, table, end, *, num_pages: int):
-    """reserve within one page shard: free_pages (n,), free_count (), table (rows, max_pages), end (rows,) the
-    lengths the rows must hold -> (table, free_count, granted (rows,))."""
+def reserve_in_shard(free_pages, free_count, table, end):
+    """reserve within one page shard (vmapped over axis "page_shard"): free_pages (n,), free_count (), table
+    (rows, max_pages), end (rows,) the lengths the rows must hold -> (table, free_count, granted (rows,)). An
+    entry that is not a page of this shard counts as missing."""
+    first_id = jax.lax.axis_index("page_shard") * free_pages.shape[0]
     column = jnp.arange(table.shape[1], dtype=jnp.int32)
-    has_page = (table >= 0) & (table < num_pages)
+    has_page = (table >= first_id) & (table - first_id < free_pages.shape[0])
     missing = (column[None, :] < (end[:, None] + PAGE_SIZE - 1) // PAGE_SIZE) & ~has_page
     need = missing.sum(axis=1, dtype=jnp.int32)  # sums below count table entries: fewer than 2**31 (create)
     granted = (need == 0) | (jnp.cumsum(need) <= free_count)  # a prefix of the rows that need pages

@@ -124,3 +124,19 @@ def test_profiled_decode_gives_one_positive_span_per_call_within_the_loop_time()
     assert spans is not None and len(spans) == 20 and min(spans) > 0
     # The loop's wall time per decode also holds the loop's own work, so it cannot be much below the decode.
     assert 0 < ms < 1.5 * loop_ms and np.isfinite(ms)
+
+
+def test_spans_far_below_the_loop_time_fall_back_to_the_loop(monkeypatch):
+    """A profile whose runs hold a small part of the loop's time per decode has missed kernels (the XLA sparse
+    path's inner loops on an H200: runs 30-280x shorter than the loop): the wall clock is reported instead."""
+    step = functools.partial(bench._decode_with_metadata, causal=False, layer=None)
+    config = bench.RowConfig(2, 128, 1, 16, 1, False, "bfloat16")
+    q, k_cache, table, seqlens = bench.make_inputs(jax.random.key(1), bench.sample_lengths(config, False, 0), config)
+    args = (q, k_cache, table, seqlens, *bench.get_mla_metadata(seqlens, config.h_q, 1))
+    monkeypatch.setattr(bench, "loop_ms", lambda *a, **k: 2.0)
+    for span, timing in [(0.19, "wall-loop"), (0.21, "profiler")]:
+        monkeypatch.setattr(bench, "profile_calls_ms", lambda *a, span=span: [(span, 0.01)] * 4)
+        ms, loop_ms, got_timing, tail = bench.decode_ms(step, bench.repeat_decode(step, 1), args, iters=2, repeats=2,
+                                                        warmup=0)
+        assert (got_timing, loop_ms) == (timing, 2.0)
+        assert (ms, tail) == ((2.0, None) if timing == "wall-loop" else (span, 0.01))

@@ -103,6 +103,34 @@ def test_a_step_the_pool_cannot_serve_leaves_its_row_where_it_was(tiny_model):
     _, cache = tiny_model.decode(tokens[:, :1], cache)  # both need a second page; row 0 gets the last one
     assert cache.seqlens.tolist() == [65, 64]
     np.testing.assert_array_equal(cache.block_table[:, :2], [[0, 2], [1, -1]])
+    # A prefill the pool serves only in part: row 0's 65 tokens take both pages, row 1's 3 find none left.
+    _, cache = tiny_model.prefill(tokens[:, :3], jnp.array([3, 3], jnp.int32), tiny_model.new_cache(2, 128, num_pages=1))
+    assert cache.seqlens.tolist() == [3, 0]
+
+
+def test_multi_token_decode_from_pages_on_demand_equals_the_static_cache(tiny_model):
+    """s_q = 2 new tokens per row, the second crossing into a page the step reserves."""
+    tokens = jnp.asarray(random_prompts([66, 66], TINY.vocab_size, seed=4), jnp.int32)
+    lengths = jnp.array([63, 62], jnp.int32)
+    logits = []
+    for cache in (tiny_model.new_cache(2, 128), tiny_model.new_cache(2, 128, num_pages=4)):
+        _, cache = tiny_model.prefill(tokens[:, :63], lengths, cache)
+        step, cache = tiny_model.decode(tokens[:, 63:65], cache)
+        logits.append(step)
+        assert cache.seqlens.tolist() == [65, 64]
+    assert cache.block_table.tolist() == [[0, 2], [1, -1]]
+    np.testing.assert_array_equal(logits[1], logits[0])
+
+
+def test_the_pool_check_counts_each_shard():
+    model_lib.check_pool_holds(8, 2, np.array([128, 128, 64, 1]))  # shard 0 needs 4 pages, shard 1 needs 2
+    with pytest.raises(ValueError, match=r"num_pages=8 is too few: the prompts and new tokens need 5 pages of 64 "
+                                         r"tokens in the fullest of 2 shards of 4 pages each \(7 in all\)"):
+        model_lib.check_pool_holds(8, 2, np.array([200, 1, 1, 1]))
+    with pytest.raises(ValueError, match="divisible by the 2 batch shards"):
+        model_lib.check_pool_holds(7, 2, np.array([1, 1]))
+    with pytest.raises(ValueError, match=r"page_shards=2 is for pages on demand: pass num_pages= too"):
+        build_model(TINY).new_cache(2, 128, page_shards=2)
 
 
 def test_multi_token_decode_matches_full_forward(tiny_model):
@@ -311,20 +339,25 @@ def test_sparse_generation_equals_unsharded_on_a_mesh(flag):
 
 @on_mesh_devices
 @pytest.mark.parametrize("flag", ["data=2,model=2", "data=4,model=1"])
-def test_on_demand_generation_equals_unsharded_on_a_mesh(flag, unsharded_generation):
+def test_on_demand_generation_equals_unsharded_on_a_mesh(flag):
     """Pages handed out on demand from one free stack per batch shard: the same tokens and logits as the static
     cache on one device; each row's pages lie in its own shard; the stacks are split like the rows, and a decode
     step with its page reservation communicates no more than the static one."""
-    want = unsharded_generation
     mesh = sharding.mesh_from_flag(flag)
     data = mesh.shape["data"]
+    # 9 steps: the 60-token prompt takes its second page while decoding; the final lengths [11, 68, 25, 17] need
+    # 1, 2, 1 and 1 pages: the shard holding row 1 has no page to spare.
+    want = generate(build_model(MESH_CONFIG, seed=1), MESH_PROMPTS, 9)
     sharded_model = build_model(MESH_CONFIG, seed=1, mesh=mesh)
-    got = generate(sharded_model, MESH_PROMPTS, 5, num_pages=4 * data)
+    got = generate(sharded_model, MESH_PROMPTS, 9, num_pages={2: 6, 4: 8}[data])
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_allclose(got.logits, want.logits, atol=1e-5 * np.abs(want.logits).max(), rtol=0)
     cache = got.cache
-    assert cache.free_pages.shape == (data, 4) and cache.free_pages.sharding.is_equivalent_to(
-        NamedSharding(mesh, P("data")), 2)
+    assert cache.free_pages.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 2)
+    per_shard = cache.free_pages.shape[1]
+    np.testing.assert_array_equal(cache.free_count, per_shard - (np.asarray(cache.block_table) >= 0).reshape(
+        data, -1).sum(axis=1))
+    assert int(cache.free_count[0 if data == 2 else 1]) == 0
     sharding.check_block_table(cache.block_table, cache.pages.shape[1], data)
     table = np.asarray(cache.block_table)
     np.testing.assert_array_equal((table >= 0).sum(axis=1), -(-np.asarray(cache.seqlens) // 64))
@@ -357,11 +390,14 @@ def test_reserve_and_release_stay_in_their_shards_on_a_mesh(axis_type):
     want, want_granted = jax.jit(steps)(cache)
     with jax.set_mesh(mesh):
         placed = sharding.shard_cache(cache, mesh)
+        # Lengths left unplaced (replicated) beside a split table: reserve's per-shard map needs them split alike.
+        placed = dataclasses.replace(placed, seqlens=jnp.zeros((4,), jnp.int32))
         compiled = jax.jit(steps).lower(placed).compile()
         got, granted = compiled(placed)
     for name in ("block_table", "seqlens", "free_pages", "free_count"):
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
-        assert getattr(got, name).sharding.spec[0] == "data", name
+        if name != "seqlens":  # placed by shard_cache, and kept
+            assert getattr(got, name).sharding.spec[0] == "data", name
     np.testing.assert_array_equal(granted, want_granted)
     assert want.block_table.tolist() == [[1, -1, -1, -1], [2, -1, -1, -1], [4, 5, 6, -1], [7, -1, -1, -1]]
     if axis_type == AxisType.Auto:

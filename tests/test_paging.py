@@ -36,7 +36,8 @@ class PythonAllocator:
             for row in range(shard * self.rows_per_shard, (shard + 1) * self.rows_per_shard):
                 start = min(max(self.lengths[row], 0), self.capacity)
                 end = start + min(max(num_new[row], 0), self.capacity - start)
-                missing = [c for c in range(-(-end // PAGE_SIZE)) if not 0 <= self.table[row, c] < self.num_pages]
+                low = shard * self.per_shard
+                missing = [c for c in range(-(-end // PAGE_SIZE)) if not low <= self.table[row, c] < low + self.per_shard]
                 if not missing:
                     granted[row] = True
                 elif not blocked and len(missing) <= len(stack):
@@ -137,6 +138,16 @@ def test_pages_go_out_in_order_and_come_back_last_in_first_out():
     assert granted.tolist() == [False, True, False] and int(cache.free_count[0]) == 1
 
 
+def test_reserve_replaces_another_shards_page():
+    """A row naming a page of another shard (a hand-edited table) gets one of its own there: the write would go
+    to a page another row owns on one device, and be dropped on a mesh."""
+    cache = jfm.PagedKVCache.create(batch_size=2, max_seq_len=128, head_dim=8, num_pages=4, on_demand=True,
+                                    page_shards=2)
+    cache = dataclasses.replace(cache, block_table=jnp.array([[2, -1], [-1, -1]], jnp.int32))
+    cache, granted = cache.reserve(jnp.array([1, 1], jnp.int32))
+    assert granted.tolist() == [True, True] and cache.block_table.tolist() == [[0, -1], [2, -1]]
+
+
 def test_release_never_pushes_a_page_twice():
     """A table edited by hand: a page named twice, a page already free, another shard's page and ids outside the
     pool. Each free page is pushed once; the others are not pushed."""
@@ -220,6 +231,25 @@ def test_reserve_replaces_ids_outside_the_pool():
     assert granted.tolist() == [True, True] and cache.block_table.tolist() == [[0, -1], [1, 2]]
 
 
+def test_hostile_lengths_and_counts_are_clipped_as_documented():
+    """Lengths are clipped to [0, capacity] and counts to [0, capacity - length], whatever their type: a NumPy
+    int64 or a Python int past int32 must not wrap into a small count."""
+    cache = jfm.PagedKVCache.create(batch_size=3, max_seq_len=192, head_dim=8, num_pages=9, on_demand=True)
+    cache = dataclasses.replace(cache, seqlens=jnp.array([-5, 2**31 - 1, 100], jnp.int32))
+    reserved, granted = cache.reserve(np.array([2**32 + 64, 0, -(2**32) + 1]))
+    assert granted.tolist() == [True, True, True]
+    # Row 0 from 0 to the capacity (3 pages), row 1 holds the capacity already (3), row 2 its 100 tokens (2).
+    assert reserved.block_table.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, -1]]
+    small, _ = cache.reserve(jnp.array([3, 0, 0], jnp.int32))  # written from position 0, where `write` starts
+    assert small.block_table[0].tolist() == [0, -1, -1]
+    for count in (2**40, np.int64(2**40)):
+        again, _ = cache.reserve(count)
+        assert again.block_table[0].tolist() == [0, 1, 2]
+    assert cache.advance(np.array([2**32 + 1, 0, 0])).seqlens.tolist() == [192, 192, 100]
+    with pytest.raises(ValueError, match=r"kv must have shape \(3, s_new, 1, 8\), got shape \(8,\)"):
+        cache.append(jnp.ones((8,)))
+
+
 def test_lengths_past_the_capacity_take_no_more_than_the_table():
     cache = jfm.PagedKVCache.create(batch_size=2, max_seq_len=128, head_dim=8, num_pages=4, on_demand=True)
     cache, granted = cache.reserve(jnp.array([2**31 - 1, -5], jnp.int32))
@@ -240,11 +270,13 @@ def test_lengths_past_the_capacity_take_no_more_than_the_table():
         (dict(on_demand=True, num_pages=2**25), ValueError, "num_pages must be an int"),
         (dict(on_demand=True, page_shards=0), ValueError, "page_shards must be a positive int"),
         (dict(on_demand=True, page_shards=True), ValueError, "page_shards must be a positive int"),
+        (dict(on_demand=True, num_pages=True), ValueError, "num_pages must be an int"),
+        (dict(max_seq_len=2**30 + 1), ValueError, r"max_seq_len must be at most 1073741824 tokens"),
     ],
 )
 def test_bad_on_demand_arguments_raise(kwargs, error, match):
     with pytest.raises(error, match=match):
-        jfm.PagedKVCache.create(batch_size=2, max_seq_len=128, head_dim=8, **kwargs)
+        jfm.PagedKVCache.create(**{"batch_size": 2, "max_seq_len": 128, "head_dim": 8, **kwargs})
 
 
 def test_reserve_and_release_refuse_what_they_cannot_use():
