@@ -84,6 +84,18 @@ def assert_each_page_once(cache):
     assert np.all((table < 0) | (table // per_shard == shard_of_row))
 
 
+def assert_same_decode(paged, static, q, dv):
+    """A causal decode of q (b, s_q, h_q, d) over each cache: out and lse bit for bit the same, and not all NaN."""
+    outs = []
+    for cache in (static, paged):
+        md, splits = jfm.get_mla_metadata(cache.seqlens, q.shape[1] * q.shape[2], 1)
+        outs.append(jfm.flash_mla_with_kvcache(q, cache.layer_pages(0), cache.block_table, cache.seqlens, dv, md,
+                                               splits, causal=True))
+    for got, want in zip(outs[1], outs[0]):
+        assert np.isfinite(np.asarray(want, np.float32)).any()
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 reserve_jit = jax.jit(lambda cache, n: cache.reserve(n))
 release_jit = jax.jit(lambda cache, rows: cache.release(rows))
 advance_jit = jax.jit(lambda cache, n: cache.advance(n))
@@ -179,14 +191,7 @@ def test_append_serves_what_the_pool_holds_and_reads_back_like_a_static_cache():
     table = np.asarray(paged.block_table)
     assert sorted(table[:, :3].ravel().tolist()) == list(range(9))
     assert not np.array_equal(table[:, :3], np.arange(9).reshape(3, 3))  # the rows' pages interleave
-    q = jnp.asarray(rng.standard_normal((batch, 2, h_q, d)), jnp.bfloat16)
-    outs = []
-    for cache in (static, paged):
-        md, splits = jfm.get_mla_metadata(cache.seqlens, 2 * h_q, 1)
-        outs.append(jfm.flash_mla_with_kvcache(q, cache.layer_pages(0), cache.block_table, cache.seqlens, dv, md,
-                                               splits, causal=True))
-    for got, want in zip(outs[1], outs[0]):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_same_decode(paged, static, jnp.asarray(rng.standard_normal((batch, 2, h_q, d)), jnp.bfloat16), dv)
 
     full = paged.append(jnp.ones((batch, 70, 1, d), jnp.bfloat16), num_new=jnp.array([10, 70, 0]))
     # Row 0 fits in its third page; row 1 needs two more pages and the pool has none.
@@ -211,15 +216,7 @@ def test_kernels_read_on_demand_pages_as_they_read_static_ones(h_q):
         static, paged = static.append(kv, num_new=counts), paged.append(kv, num_new=counts)
     np.testing.assert_array_equal(paged.seqlens, lengths)
     assert not np.array_equal(paged.block_table[:, :2], static.block_table[:, :2])
-    q = jnp.asarray(rng.standard_normal((batch, 2, h_q, d)), jnp.bfloat16)
-    outs = []
-    for cache in (static, paged):
-        md, splits = jfm.get_mla_metadata(cache.seqlens, 2 * h_q, 1)
-        outs.append(jfm.flash_mla_with_kvcache(q, cache.layer_pages(0), cache.block_table, cache.seqlens, dv, md,
-                                               splits, causal=True))
-    for got, want in zip(outs[1], outs[0]):
-        assert np.isfinite(np.asarray(want, np.float32)).any()
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_same_decode(paged, static, jnp.asarray(rng.standard_normal((batch, 2, h_q, d)), jnp.bfloat16), dv)
 
 
 def test_reserve_replaces_ids_outside_the_pool():
