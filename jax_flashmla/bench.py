@@ -440,7 +440,7 @@ def decode_ms(step, one, args, iters: int, repeats: int, warmup: int) -> tuple[f
     span = statistics.median(span for span, _ in calls)
     if span < MISSED_WORK_RATIO * wall:
         # The spans hold a small part of the work: kernels of the step were not attributed to its scope (on an
-        # H200 the sparse XLA decode's runs came out 30-280x shorter than the loop), so they are not its time.
+        # H200 the sparse XLA decode's runs came out 23-290x shorter than the loop), so they are not its time.
         return wall, wall, "wall-loop", None
     return span, wall, "profiler", statistics.median(t for _, t in calls)
 
@@ -808,7 +808,8 @@ def main(argv=None) -> int:
         if r["baseline_note"] == "out of memory":
             print(f"NOTE: {_config_label(r)}: the plain-XLA baseline ran out of memory (baseline_ms null)")
         if env["kernels_used"] and r["kernel_timing"] == "wall-loop":
-            print(f"NOTE: {_config_label(r)}: the profiler could not time each decode; kernel_ms is loop_ms")
+            print(f"NOTE: {_config_label(r)}: the profiler did not time each decode (no events per decode, or "
+                  f"spans under {MISSED_WORK_RATIO:g} of the loop's time); kernel_ms is loop_ms")
     small = [r for r in records if r["kv_cache_mb"] * 1e6 < 2 * args.l2_bytes]
     if env["platform"] == "gpu" and small:
         print(f"NOTE: {len(small)} rows have a KV pool under 2x the {args.l2_bytes / 1e6:g} MB L2; their times may "

@@ -33,8 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import validation
-from .constants import PAGE_SIZE
-from .scheduler import MAX_PAGES_PER_SEQ
+from .constants import MAX_PAGES_PER_SEQ, PAGE_SIZE
 from .fp8_cache import FP8_TOKEN_BYTES, HEAD_DIM as FP8_HEAD_DIM, is_packed_fp8, quantize_kv_cache
 from .paging import release_in_shard, reserve_in_shard
 from .reference import gather_pages
@@ -146,6 +145,9 @@ class PagedKVCache:
                                  f"{tuple(block_table.shape)} and dtype {np.dtype(block_table.dtype).name}")
             if num_pages is None:
                 raise ValueError("num_pages is required with a custom block_table")
+            if block_table.shape[1] > MAX_PAGES_PER_SEQ:
+                raise ValueError(f"block_table has {block_table.shape[1]} columns, more than the decode's limit of "
+                                 f"{MAX_PAGES_PER_SEQ} pages a row")
             if block_table.shape[1] < max_pages:
                 raise ValueError(f"block_table has {block_table.shape[1]} columns, fewer than the {max_pages} pages "
                                  f"max_seq_len={max_seq_len} needs")
@@ -383,8 +385,9 @@ class PagedKVCache:
         # Host integers are clipped here, before jnp.asarray could wrap them into int32 (x64 is off).
         if isinstance(counts, int) and not isinstance(counts, bool):
             counts = np.int32(min(max(counts, -(2**30)), 2**30))
-        elif isinstance(counts, (np.ndarray, np.integer)) and np.issubdtype(np.asarray(counts).dtype, np.integer):
-            counts = np.clip(counts, -(2**30), 2**30).astype(np.int32)
+        elif isinstance(counts, (np.ndarray, np.integer, list, tuple)) and np.issubdtype(
+                np.asarray(counts).dtype, np.integer):
+            counts = np.clip(np.asarray(counts), -(2**30), 2**30).astype(np.int32)
         counts = jnp.asarray(counts)
         batch = self.block_table.shape[0]
         if not jnp.issubdtype(counts.dtype, jnp.integer) or counts.shape not in ((), (batch,)):

@@ -37,7 +37,8 @@ class PythonAllocator:
                 start = min(max(self.lengths[row], 0), self.capacity)
                 end = start + min(max(num_new[row], 0), self.capacity - start)
                 low = shard * self.per_shard
-                missing = [c for c in range(-(-end // PAGE_SIZE)) if not low <= self.table[row, c] < low + self.per_shard]
+                missing = [c for c in range(-(-end // PAGE_SIZE))
+                           if not low <= self.table[row, c] < low + self.per_shard]
                 if not missing:
                     granted[row] = True
                 elif not blocked and len(missing) <= len(stack):
@@ -239,7 +240,7 @@ def test_hostile_lengths_and_counts_are_clipped_as_documented():
     assert reserved.block_table.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, -1]]
     small, _ = cache.reserve(jnp.array([3, 0, 0], jnp.int32))  # written from position 0, where `write` starts
     assert small.block_table[0].tolist() == [0, -1, -1]
-    for count in (2**40, np.int64(2**40)):
+    for count in (2**40, np.int64(2**40), [2**40, 0, 0], np.array([2**64 - 1, 0, 0], np.uint64)):
         again, _ = cache.reserve(count)
         assert again.block_table[0].tolist() == [0, 1, 2]
     assert cache.advance(np.array([2**32 + 1, 0, 0])).seqlens.tolist() == [192, 192, 100]
@@ -269,6 +270,8 @@ def test_lengths_past_the_capacity_take_no_more_than_the_table():
         (dict(on_demand=True, page_shards=True), ValueError, "page_shards must be a positive int"),
         (dict(on_demand=True, num_pages=True), ValueError, "num_pages must be an int"),
         (dict(max_seq_len=2**30 + 1), ValueError, r"max_seq_len must be at most 1073741824 tokens"),
+        (dict(block_table=np.zeros((2, 2**24 + 1), np.int32), num_pages=1), ValueError,
+         r"block_table has 16777217 columns, more than the decode's limit of 16777216"),
     ],
 )
 def test_bad_on_demand_arguments_raise(kwargs, error, match):
