@@ -312,12 +312,10 @@ class PagedKVCache:
         self._check_on_demand("reserve")
         start = jnp.clip(self.seqlens, 0, self.capacity)
         end = start + jnp.clip(self._token_counts(num_new), 0, self.capacity - start)
-        shards, per_shard = self.free_pages.shape
         batch, max_pages = self.block_table.shape
-        by_shard = lambda x: x.reshape(shards, batch // shards, *x.shape[1:])  # noqa: E731
         table, free_count, granted = jax.vmap(reserve_in_shard, axis_name="page_shard")(
-            self.free_pages, self.free_count, by_shard(self.block_table),
-            by_shard(rows_placed_like(end, self.block_table)))
+            self.free_pages, self.free_count, self._by_shard(self.block_table),
+            self._by_shard(rows_placed_like(end, self.block_table)))
         return (dataclasses.replace(self, block_table=table.reshape(batch, max_pages), free_count=free_count),
                 granted.reshape(batch))
 
@@ -335,15 +333,18 @@ class PagedKVCache:
         if rows.dtype != jnp.bool_ or rows.shape != (batch,):
             raise TypeError(f"rows must be a ({batch},) bool mask, got shape {tuple(rows.shape)} and dtype "
                             f"{np.dtype(rows.dtype).name}")
-        shards = self.free_pages.shape[0]
-        by_shard = lambda x: x.reshape(shards, batch // shards, *x.shape[1:])  # noqa: E731
         rows = rows_placed_like(rows, self.block_table)
         free_pages, free_count = jax.vmap(release_in_shard, axis_name="page_shard")(
-            self.free_pages, self.free_count, by_shard(self.block_table), by_shard(rows))
+            self.free_pages, self.free_count, self._by_shard(self.block_table), self._by_shard(rows))
         return dataclasses.replace(
             self, free_pages=free_pages, free_count=free_count,
             block_table=jnp.where(rows[:, None], -1, self.block_table).astype(jnp.int32),
             seqlens=jnp.where(rows, 0, self.seqlens).astype(jnp.int32))
+
+    def _by_shard(self, per_row: jax.Array) -> jax.Array:
+        """(b, ...) -> (page_shards, b // page_shards, ...): each page shard's rows, in order."""
+        shards = self.free_pages.shape[0]
+        return per_row.reshape(shards, per_row.shape[0] // shards, *per_row.shape[1:])
 
     def _check_on_demand(self, what: str) -> None:
         if self.free_pages is None or self.free_count is None:

@@ -18,6 +18,10 @@ python3 -c "import jax_flashmla as j; assert j.kernels_available(), j.why_kernel
 timeout 150 python3 -m pytest -q -m gpu -n 8 tests/test_gpu_kernels.py -k "dependent or hostile_metadata or int32 or metadata_kernel or attention_sink" \
   > $OUT/tests.log 2>&1; trc=$?; echo "tests rc=$trc t=$((SECONDS-t0)) $(tail -n 1 $OUT/tests.log)"
 grep -E "^(FAILED|ERROR)" $OUT/tests.log | cut -c1-200 | head
+# Changed since the last full GPU run (c57b082): the bench's timing fallback, reserve's shard check, the tests'
+# matmul precision.
+timeout 90 python3 -m pytest -q -m gpu -n 4 tests/test_paging.py tests/test_device_timing.py tests/test_bench.py \
+  > $OUT/changed_tests.log 2>&1; echo "changed-file GPU tests rc=$? t=$((SECONDS-t0)) $(tail -n 1 $OUT/changed_tests.log)"
 wait  # the probe build: off the CPUs before anything is timed
 echo "probe build: $(tail -n 1 $OUT/build_nowait.log) $(ls /tmp/variant_nowait | grep -c _jax_flashmla) extension file(s)"
 # A test timeout may be a dependent launch that hangs: then time the plain launch only.
