@@ -210,15 +210,25 @@ class DeepSeekDecoder(nnx.Module):
         last = jnp.take_along_axis(h, (jnp.maximum(lengths, 1) - 1)[:, None, None], axis=1)[:, 0]
         return self._logits(last), cache.advance(jnp.where(stored, lengths, 0))
 
-    def decode(self, tokens: jax.Array, cache: PagedKVCache, tile_scheduler_metadata=None, num_splits=None):
+    def decode(self, tokens: jax.Array, cache: PagedKVCache, tile_scheduler_metadata=None, num_splits=None, *,
+               active: jax.Array | None = None):
         """tokens (b, s_q) appended to every sequence: returns (logits (b, s_q, vocab), cache advanced by s_q).
 
         The scheduler metadata depends only on the lengths, which all layers share: computed once here
         (unless given) and passed to each layer's FlashMLA call. An on-demand cache first reserves the new
         tokens' pages; a row it cannot serve does not advance, and its logits mean nothing.
+        active: an optional (b,) bool mask of the rows that take this step (continuous batching); the others
+        neither take pages nor advance, and their logits mean nothing.
         """
         s_q = tokens.shape[1]
-        cache, stored = _reserve_pages(cache, s_q)
+        step = s_q
+        if active is not None:
+            active = jnp.asarray(active)
+            if active.dtype != jnp.bool_ or active.shape != cache.seqlens.shape:
+                raise TypeError(f"active must be a {tuple(cache.seqlens.shape)} bool mask, got shape "
+                                f"{tuple(active.shape)} and dtype {np.dtype(active.dtype).name}")
+            step = jnp.where(active, s_q, 0)
+        cache, stored = _reserve_pages(cache, step)
         if tile_scheduler_metadata is None:
             tile_scheduler_metadata, num_splits = get_mla_metadata(
                 cache.seqlens + s_q, s_q * self.config.num_heads, 1
@@ -226,7 +236,7 @@ class DeepSeekDecoder(nnx.Module):
         h = self.embed_tokens(tokens)
         for index, layer in enumerate(self.layers):
             h, cache = layer.decode(h, cache, index, tile_scheduler_metadata, num_splits)
-        return self._logits(h), cache.advance(jnp.where(stored, s_q, 0))
+        return self._logits(h), cache.advance(jnp.where(stored, step, 0))
 
 
 def _reserve_pages(cache: PagedKVCache, num_new) -> tuple[PagedKVCache, jax.Array]:

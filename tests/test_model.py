@@ -108,6 +108,31 @@ def test_a_step_the_pool_cannot_serve_leaves_its_row_where_it_was(tiny_model):
     assert cache.seqlens.tolist() == [3, 0]
 
 
+@pytest.mark.parametrize("num_pages", [None, 4])
+def test_rows_left_out_of_a_step_stay_as_they_were(tiny_model, num_pages):
+    """decode(..., active=): row 1 sits out two steps (its length, its pages and the free stack stay), row 0's
+    logits are bit for bit those of steps where both rows take part."""
+    tokens = jnp.asarray(random_prompts([70, 70], TINY.vocab_size, seed=6), jnp.int32)
+    runs = []
+    for active in (None, jnp.array([True, False])):
+        cache = tiny_model.new_cache(2, 128, num_pages=num_pages)
+        _, cache = tiny_model.prefill(tokens[:, :63], jnp.array([63, 20], jnp.int32), cache)
+        before = cache
+        logits = []
+        for t in range(63, 65):  # row 0 takes its second page at the second step
+            step, cache = tiny_model.decode(tokens[:, t : t + 1], cache, active=active)
+            logits.append(step[0])
+        runs.append((np.stack(logits), cache, before))
+    (want, _, _), (got, cache, before) = runs
+    np.testing.assert_array_equal(got, want)
+    assert cache.seqlens.tolist() == [65, 20]
+    np.testing.assert_array_equal(cache.block_table[1], before.block_table[1])
+    if num_pages:
+        assert cache.block_table[:, :2].tolist() == [[0, 2], [1, -1]] and int(cache.free_count[0]) == 1
+    with pytest.raises(TypeError, match=r"active must be a \(2,\) bool mask, got shape \(2,\) and dtype int32"):
+        tiny_model.decode(tokens[:, :1], cache, active=jnp.array([1, 0], jnp.int32))
+
+
 def test_multi_token_decode_from_pages_on_demand_equals_the_static_cache(tiny_model):
     """s_q = 2 new tokens per row, the second crossing into a page the step reserves."""
     tokens = jnp.asarray(random_prompts([66, 66], TINY.vocab_size, seed=4), jnp.int32)
