@@ -299,3 +299,60 @@ def test_a_static_cache_keeps_no_free_stack():
     cache = jfm.PagedKVCache.create(batch_size=2, max_seq_len=128, head_dim=8)
     assert not cache.is_on_demand and cache.free_pages is None and cache.free_count is None
     assert len(jax.tree_util.tree_leaves(cache)) == 3  # pages, block_table, seqlens
+
+
+def test_continuous_batching_gives_each_request_what_it_gets_alone():
+    """Five requests through two rows and a pool of five pages (two rows at their longest would need eight):
+    each request is prefilled into a row as one finishes and is released, the idle row sits out decode steps
+    (active=), and pages freed by one request are taken by the next. Each request's greedy tokens and logits are
+    those of generating it alone with a static cache."""
+    from jax_flashmla.model import DecoderConfig, build_model, generate
+
+    config = DecoderConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                           q_lora_rank=16, qk_nope_head_dim=16, v_head_dim=16)
+    model = build_model(config, seed=3)
+    rng = np.random.default_rng(4)
+    requests = [(rng.integers(0, config.vocab_size, n).tolist(), steps)
+                for n, steps in [(60, 9), (5, 3), (70, 4), (1, 6), (30, 2)]]
+    batch, width = 2, 80
+    cache = model.new_cache(batch, 256, num_pages=5)
+    prefill, decode = jax.jit(model.prefill), jax.jit(model.decode)
+    row_request, outputs, logits_of = [None] * batch, {}, {}
+    pages_of = {i: set() for i in range(len(requests))}
+    pending = list(range(len(requests)))
+    while pending or any(r is not None for r in row_request):
+        for row in range(batch):  # admit into free rows, one prefill a request
+            if row_request[row] is None and pending:
+                index = pending.pop(0)
+                prompt, _ = requests[index]
+                tokens = np.zeros((batch, width), np.int32)
+                tokens[row, : len(prompt)] = prompt
+                lengths = np.zeros(batch, np.int32)
+                lengths[row] = len(prompt)
+                logits, cache = prefill(jnp.asarray(tokens), jnp.asarray(lengths), cache)
+                assert int(cache.seqlens[row]) == len(prompt)  # the pool served it
+                row_request[row], outputs[index], logits_of[index] = index, [int(logits[row].argmax())], [logits[row]]
+        live = np.array([r is not None and len(outputs[r]) < requests[r][1] for r in row_request])
+        if live.any():
+            last = np.array([outputs[r][-1] if r is not None else 0 for r in row_request], np.int32)
+            before = np.asarray(cache.seqlens)
+            logits, cache = decode(jnp.asarray(last)[:, None], cache, active=jnp.asarray(live))
+            np.testing.assert_array_equal(cache.seqlens, before + live)  # served, and idle rows stayed
+            for row in np.flatnonzero(live):
+                outputs[row_request[row]].append(int(logits[row, 0].argmax()))
+                logits_of[row_request[row]].append(logits[row, 0])
+        done = np.array([r is not None and len(outputs[r]) == requests[r][1] for r in row_request])
+        for row in np.flatnonzero(done):
+            table = np.asarray(cache.block_table[row])
+            pages_of[row_request[row]] |= set(table[table >= 0].tolist())
+            row_request[row] = None
+        if done.any():
+            cache = cache.release(jnp.asarray(done))
+
+    assert int(cache.free_count[0]) == 5 and np.all(np.asarray(cache.block_table) == -1)
+    assert pages_of[0] & pages_of[2] or pages_of[0] & pages_of[3] or pages_of[1] & pages_of[2]  # pages reused
+    for index, (prompt, steps) in enumerate(requests):
+        alone = generate(model, [prompt], steps)
+        assert outputs[index] == alone.tokens[0].tolist(), index
+        np.testing.assert_allclose(np.stack(logits_of[index]), alone.logits[0], rtol=0,
+                                   atol=1e-5 * np.abs(alone.logits).max())
