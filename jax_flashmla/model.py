@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from typing import Any, Callable, Sequence
 
@@ -421,7 +420,7 @@ def generate(
     keys = jax.random.split(jax.random.key(seed), max_new_tokens)
 
     # The last generated token is never fed back, so it needs no slot.
-    page_shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in _batch_axes(mesh))
+    page_shards = mesh_axis_size(mesh, BATCH_AXIS)
     if num_pages is not None:
         check_pool_holds(num_pages, page_shards, lengths + max_new_tokens - 1)
     cache = model.new_cache(len(prompts), tokens.shape[1] + max_new_tokens - 1, cache_dtype, num_pages=num_pages,
