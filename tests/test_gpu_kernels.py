@@ -232,8 +232,8 @@ def test_hostile_runtime_values_stay_in_bounds(rng_seed):
 def test_hostile_metadata_stays_in_bounds(kernel, head_dim, launch_switches, rng_seed):
     """The schedule is a runtime value too. One computed for other lengths, arbitrary integers, or the extremes of
     int32 make the results undefined, but no kernel (split-KV, combine, its dependent launch) may
-    fault or read or write out of bounds: compute-sanitizer's memcheck runs this (scripts/sanitize_cases.py; with
-    the dependent launch in gpu_check.sh's dependent_* steps). Afterwards the right schedule still gives
+    fault or read or write out of bounds: compute-sanitizer's memcheck runs this (scripts/sanitize_cases.py, with the
+    default dependent launch; gpu_check.sh's separate_* steps run the plain one). Afterwards the right schedule still gives
     the right answer."""
     launch_switches(decode_kernel="seesaw" if kernel in ("seesaw", "portable") else "narrow",
                     combine="dependent" if kernel == "narrow_dependent_combine" else "separate")

@@ -33,7 +33,7 @@ constexpr int kHeadDimV = 512;
 // second split starts that part (tile_metadata split_begin == 1), if any. Every sequence with more than one
 // split has exactly one such part, so there are at most num_parts - 1 busy columns; a grid over the batch
 // spent most of its CTAs finding nothing to do (4096 CTAs for b 128, h_q 128, s_q 2).
-// Launched as the decode's programmatic dependent (JAX_FLASHMLA_COMBINE=dependent), it may start while the decode
+// Launched as the decode's programmatic dependent (the default), it may start while the decode
 // still runs: it reads only the schedule (written by kernels that finished before the decode began) until
 // griddepcontrol.wait has seen the decode finish and its results become visible. Every thread waits, those with
 // nothing to merge too, so this grid never finishes before the decode. Otherwise the wait returns at once.
@@ -83,8 +83,10 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
 
 }  // namespace
 
-// JAX_FLASHMLA_COMBINE=dependent launches the combine as a programmatic dependent of the decode before it in the
-// stream (the narrow and seesaw kernels allow it at their start; the others when they exit).
+// The combine is launched as a programmatic dependent of the decode before it in the stream (the narrow and seesaw
+// kernels allow it at their start; the others when they exit): its launch and its reads of the schedule overlap
+// the decode's end, 1-2 us a decode on the H100 (NOTES.md, version 2.21). JAX_FLASHMLA_COMBINE=separate launches
+// it after the decode instead.
 cudaError_t launch_combine(const DecodeParams& p, ElementType type, cudaStream_t stream) {
   if (p.head_dim_v != kHeadDimV || p.q_rows < 1 || p.h_kv < 1 || p.num_parts < 1) return cudaErrorInvalidValue;
   cudaLaunchAttribute dependent{};
@@ -95,7 +97,7 @@ cudaError_t launch_combine(const DecodeParams& p, ElementType type, cudaStream_t
   config.blockDim = dim3(kCombineWarps * 32);
   config.stream = stream;
   config.attrs = &dependent;
-  config.numAttrs = environment_says("JAX_FLASHMLA_COMBINE", "dependent") ? 1 : 0;
+  config.numAttrs = environment_says("JAX_FLASHMLA_COMBINE", "separate") ? 0 : 1;
   const cudaError_t launched = type == ElementType::kBF16
                                    ? cudaLaunchKernelEx(&config, combine_kernel<__nv_bfloat16>, p)
                                    : cudaLaunchKernelEx(&config, combine_kernel<__half>, p);

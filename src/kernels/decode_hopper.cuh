@@ -615,7 +615,7 @@ __device__ __forceinline__ int warp_uniform_warpgroup() {
 }
 
 // Lets the combine kernel, when it is launched as this grid's programmatic dependent
-// (JAX_FLASHMLA_COMBINE=dependent, combine.cu), be scheduled before this grid ends: its launch latency and its
+// (the default, combine.cu), be scheduled before this grid ends: its launch latency and its
 // reads of the schedule then overlap the decode's last CTAs, and it waits for the decode's results with
 // griddepcontrol.wait. Called once per CTA at its start: the dependent launches only once every CTA of this grid
 // has called it (or exited), and all of a persistent grid's CTAs are resident from the start. Without a dependent

@@ -68,7 +68,7 @@ cudaError_t launch_narrow(const DecodeParams& p, int device, dim3 grid, cudaStre
       launch_with_smem<narrow::decode_kernel<T, kN>, narrow::kThreads, narrow::smem_bytes<kN>()>(device, grid, stream,
                                                                                                 p, kv_map);
 #ifdef JFM_NARROW_STALLS  // the counters' printer then sits between the decode and the combine, which becomes its
-                          // dependent instead: JAX_FLASHMLA_COMBINE=dependent overlaps nothing in this build
+                          // dependent instead: the dependent launch overlaps nothing in this build
   if (err == cudaSuccess) {
     narrow::print_stalls<<<1, 1, 0, stream>>>(kN, p.batch, p.num_parts);
     err = cudaGetLastError();

@@ -47,6 +47,13 @@ constexpr int kVTiles = kTilesPerPage - 1;
 constexpr int kTileElems = kBlockN * kChunkCols;
 constexpr int kBarConsumer = 1;  // named barrier of the consumer warpgroup
 constexpr int kSmemLimit = 227 * 1024;
+#ifndef JFM_NARROW_RING_SLOTS  // the ring's depth in 64x64 tiles (capped at what fits); 18 = two pages
+#define JFM_NARROW_RING_SLOTS 18
+#endif
+#ifndef JFM_NARROW_LOAD_BURST  // tiles the producer asks for at once; 1 = each as its slot frees, 9 = a page
+#define JFM_NARROW_LOAD_BURST 9
+#endif
+constexpr int kLoadBurst = JFM_NARROW_LOAD_BURST;
 
 // The dims tile that a page's i-th tile in the ring holds: the rope tile (8) first, since S frees it first.
 __device__ __forceinline__ int dims_tile(int i) { return i == 0 ? kNumChunks - 1 : i - 1; }
@@ -57,11 +64,10 @@ struct Storage {
   static constexpr int kPBytes = kN * kBlockN * 2;
   static constexpr int kFixedBytes = kQBytes + kPBytes + (2 * 4 * kN + 2 * 4 * kN) * 4 + 1024 /* alignment */;
   static constexpr int kFitSlots = (kSmemLimit - kFixedBytes) / (kChunkBytes + 2 * 8);
-#ifdef JFM_NARROW_RING_SLOTS  // an experiment's cap on the ring (NOTES.md, version 2.14): fewer loads in flight
-  static constexpr int kSlots = JFM_NARROW_RING_SLOTS < kFitSlots ? JFM_NARROW_RING_SLOTS : kFitSlots;
-#else
-  static constexpr int kSlots = kFitSlots;
-#endif
+  // Two pages of tiles, not all that fit (25 at 16 rows): with each page asked for in one burst (kLoadBurst), a
+  // shallower ring was 0.5-1.5% faster on the H100 (NOTES.md, version 2.21). JFM_NARROW_RING_SLOTS overrides it.
+  static constexpr int kWantedSlots = JFM_NARROW_RING_SLOTS;
+  static constexpr int kSlots = kWantedSlots < kFitSlots ? kWantedSlots : kFitSlots;
 };
 
 template <int kN>
@@ -148,23 +154,21 @@ __device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap
       const bool in_pool = page_in_pool(p, page);
 #pragma unroll 1
       for (int i = 0; i < kTilesPerPage; ++i) {
-#ifdef JFM_NARROW_LOAD_BURST  // an experiment (NOTES.md, version 2.15): a page's tiles go out in bursts of
-                              // JFM_NARROW_LOAD_BURST, each once the ring has room for all of it (FlashMLA refills
-                              // a stage in two bursts), instead of one by one as slots free
+        // A page's tiles go out in bursts of kLoadBurst (default: the whole page), each once the ring has room
+        // for all of it, not one by one as slots free (NOTES.md, versions 2.15 and 2.21).
         // The burst's last slot held the tile kSlots - burst + 1 before the burst's first one; the consumer frees
         // it once it has that tile's whole page, which the producer must have issued already.
-        static_assert(JFM_NARROW_LOAD_BURST >= 1 &&
-                      kSlots >= (JFM_NARROW_LOAD_BURST < kTilesPerPage ? JFM_NARROW_LOAD_BURST : kTilesPerPage) +
-                                    kTilesPerPage - 1);
-        if (i % JFM_NARROW_LOAD_BURST == 0) {
+        static_assert(kLoadBurst >= 1 &&
+                      kSlots >= (kLoadBurst < kTilesPerPage ? kLoadBurst : kTilesPerPage) + kTilesPerPage - 1,
+                      "the ring must hold a burst and the rest of the page before it, or the wait deadlocks");
+        if (kLoadBurst > 1 && i % kLoadBurst == 0) {
           // The consumer frees slots in ring order, so once the burst's last slot is free, all of it is.
-          const int burst = i + JFM_NARROW_LOAD_BURST < kTilesPerPage ? JFM_NARROW_LOAD_BURST : kTilesPerPage - i;
+          const int burst = i + kLoadBurst < kTilesPerPage ? kLoadBurst : kTilesPerPage - i;
           int last = slot + burst - 1;
           uint32_t last_phase = phase;
           if (last >= kSlots) last -= kSlots, last_phase ^= 1;
           JFM_TIMED(ring_full, wait_barrier(s.empty[last], last_phase ^ 1));
         }
-#endif
         // A fresh barrier's "previous" phase counts as complete.
         JFM_TIMED(ring_full, wait_barrier(s.empty[slot], phase ^ 1));
         if (in_pool) {

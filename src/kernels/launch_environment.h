@@ -1,9 +1,9 @@
 // The environment variables the launchers read at every launch (so a test or a benchmark can switch them between
 // calls; under CUDA graphs the captured choice stays):
 //   JAX_FLASHMLA_DECODE_KERNEL  which Hopper decode kernel runs (decode_launch.cuh);
-//   JAX_FLASHMLA_COMBINE        how the combine kernel, which merges a sequence's splits, is launched: after the
-//                               decode (unset or =separate), or as a programmatic dependent of the decode
-//                               (=dependent, combine.cu).
+//   JAX_FLASHMLA_COMBINE        how the combine kernel, which merges a sequence's splits, is launched: as a
+//                               programmatic dependent of the decode (unset or =dependent, combine.cu), or
+//                               after the decode has finished (=separate).
 #pragma once
 
 #include <cstdlib>
