@@ -511,8 +511,9 @@ def environment() -> dict:
         "jax_flashmla_version": __version__,
         # The Hopper kernel picked by hand (seesaw, hopper: src/kernels/decode_launch.cuh); None is the default.
         "decode_kernel_env": os.environ.get("JAX_FLASHMLA_DECODE_KERNEL"),
-        # JAX_FLASHMLA_COMBINE=separate: the combine kernel launched after the decode (default since 2026-12-05 21:50
-        # UTC: as its programmatic dependent; before that, unset meant after it).
+        # JAX_FLASHMLA_COMBINE=separate: the combine kernel launched after the decode. Unset is the default: as the
+        # decode's programmatic dependent from commit 967ed70 on (benchmarks/h100.json of 2026-12-05 was timed so),
+        # after the decode before it.
         "combine_env": os.environ.get("JAX_FLASHMLA_COMBINE"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "method": METHOD,

@@ -157,8 +157,8 @@ def test_narrow_head_groups(kernel, h_q, h_kv, s_q, dtype, launch_switches, rng_
 @pytest.mark.parametrize("kernel,h_q,s_q", [("narrow", 16, 1), ("narrow", 16, 2), ("seesaw", 128, 2),
                                            ("hopper", 16, 1)])
 def test_dependent_combine_launch(kernel, h_q, s_q, dtype, launch_switches, rng_seed):
-    """JAX_FLASHMLA_COMBINE=dependent launches the combine kernel as a programmatic dependent of the decode: it may
-    start before the decode ends, and must wait for the partials (poisoned with NaN before each decode). Three
+    """JAX_FLASHMLA_COMBINE=dependent (the default) launches the combine kernel as a programmatic dependent of the
+    decode: it may start before the decode ends, and must wait for the partials (poisoned with NaN before each decode). Three
     decodes back to back in one jitted call (each next one's poisoning follows a combine), called four times, give
     the plain launch's out and lse bit for bit, and match the reference. The narrow and seesaw kernels allow the
     dependent launch at their start, the single-softmax kernel only by exiting. A build with
@@ -232,9 +232,9 @@ def test_hostile_runtime_values_stay_in_bounds(rng_seed):
 def test_hostile_metadata_stays_in_bounds(kernel, head_dim, launch_switches, rng_seed):
     """The schedule is a runtime value too. One computed for other lengths, arbitrary integers, or the extremes of
     int32 make the results undefined, but no kernel (split-KV, combine, its dependent launch) may
-    fault or read or write out of bounds: compute-sanitizer's memcheck runs this (scripts/sanitize_cases.py, with the
-    default dependent launch; gpu_check.sh's separate_* steps run the plain one). Afterwards the right schedule still gives
-    the right answer."""
+    fault or read or write out of bounds: compute-sanitizer's memcheck runs this (scripts/sanitize_cases.py, with
+    the default dependent launch; gpu_check.sh's separate_* steps run the plain one). Afterwards the right
+    schedule still gives the right answer."""
     launch_switches(decode_kernel="seesaw" if kernel in ("seesaw", "portable") else "narrow",
                     combine="dependent" if kernel == "narrow_dependent_combine" else "separate")
     for problem, causal in hostile_metadata_problems(np.random.default_rng(rng_seed), head_dim):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Next session's first call (carry [".whl", ".exp", ".fm"]; NOTES.md version 2.21, Next): on an H100, FlashMLA
-# beside the current defaults and both kernels' profile (s_h1.sh, which runs s_e3.sh); on any other GPU the ring's
+# beside the current defaults (s_h1.sh; then call s_e3.sh at once, for the profile); on any other GPU the ring's
 # depth (s_h2.sh), which needs no FlashMLA. Copy next_s_h1.sh, next_s_h2.sh (here) and
 # ../h200_2026_12_05b_logs/next_s_e3.sh into .exp/ without the next_ prefix first.
 cd "$(dirname "$0")/.."

@@ -15,8 +15,9 @@
 // The page stream: a producer warp (lane 0) walks the same chunks as the consumer and loads each page as
 // nine 64x64 tiles (the rope dims first) into a ring of kSlots 8 KiB slots, one full/empty mbarrier pair per
 // slot. Since every tensor instruction reads one tile, a slot is freed as soon as its page no longer needs it:
-// the rope tile after S, the other eight after P V. The ring holds 2.8 pages (16 rows) or 2.4 (32); the seesaw
-// holds two whole stages.
+// the rope tile after S, the other eight after P V. The ring holds two pages (18 slots; more loads in flight
+// were slower, NOTES.md version 2.21), and the producer asks for a page's nine tiles at once, as soon as the ring
+// has room for all of them; the seesaw holds two whole stages.
 //
 // The consumer warpgroup, per page n: waits S(n); frees the rope tile; masks, row maxima (the exchange), P;
 // writes P^T; zeroes the page's rows past its valid tokens (they may hold NaN, and P V multiplies them by 0);
@@ -133,7 +134,8 @@ struct RingPosition {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// The producer warp: lane 0 loads every page of the part's chunks, tile by tile, as the ring frees slots.
+// The producer warp: lane 0 loads every page of the part's chunks, a burst of tiles (default: the page) at a time,
+// each burst once the ring has freed all its slots.
 template <int kN>
 __device__ __forceinline__ void produce(const DecodeParams& p, const CUtensorMap* kv_map, SharedStorage<kN>& s) {
   constexpr int kSlots = SharedStorage<kN>::kSlots;
