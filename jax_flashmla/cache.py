@@ -15,6 +15,9 @@ Page hand-out, two ways:
   pages its next tokens need and `release` returns a finished row's pages (continuous batching). Both are a few
   fused array ops (paging.py), so they sit inside a jitted decode step. A batch split over a mesh keeps one free
   stack per page shard (`page_shards`), so that each row's pages stay in its own shard (sharding.py).
+  `fork` makes rows copies of others that share their full pages (a common prompt, parallel sampling): the
+  table is the reference count, a page is freed when no row names it, and no write lands in a page another row
+  names (`reserve` gives the writer its own page first).
 
 FP8 (DeepSeek-V3.2's layout, fp8_cache.py): `create(dtype=jnp.float8_e4m3fn)` keeps each 576-dim token as 656
 packed bytes, (num_layers, num_pages, 64, h_kv, 656); `write` packs what it stores. Sparse attention reads such a
@@ -35,9 +38,9 @@ import numpy as np
 from . import validation
 from .constants import MAX_PAGES_PER_SEQ, PAGE_SIZE
 from .fp8_cache import FP8_TOKEN_BYTES, HEAD_DIM as FP8_HEAD_DIM, is_packed_fp8, quantize_kv_cache
-from .paging import release_in_shard, reserve_in_shard
+from .paging import fork_in_shard, release_in_shard, reserve_in_shard, writable
 from .reference import gather_pages
-from .sharding import rows_placed_like, scatter_tokens
+from .sharding import copy_pages, rows_placed_like, scatter_tokens
 
 
 def ints_as_int32(values, low: int, high: int):
@@ -214,7 +217,9 @@ class PagedKVCache:
         clamps it (so a write and a read at the same index meet).
         num_new: an int or a (b,) integer array, optional: write only the first num_new[i] tokens of row i
         (ragged prefill); counts outside [0, s_new] are clipped to it.
-        Tokens that fall past the capacity or on an invalid page id are dropped, never written elsewhere.
+        Tokens that fall past the capacity or on an invalid page id are dropped, never written elsewhere; so are,
+        on an on-demand cache, those on a page of another shard or one another row names (`fork`: call `reserve`
+        first).
         """
         kv = self._check_entries(kv)
         validation.check_layer(self.pages, layer, name="pages")
@@ -286,6 +291,12 @@ class PagedKVCache:
         page_slot = jnp.clip(positions // PAGE_SIZE, 0, self.block_table.shape[1] - 1)
         page = jnp.take_along_axis(self.block_table, page_slot, axis=1)
         keep &= (page >= 0) & (page < num_pages)
+        if self.is_on_demand:  # only into the row's shard's pages, and none another row names (fork: reserve
+            # gives the writer its own first)
+            per_shard = self.free_pages.shape[1]
+            ok = jax.vmap(lambda table: writable(table, per_shard), axis_name="page_shard")(
+                self._by_shard(self.block_table)).reshape(self.block_table.shape)
+            keep &= jnp.take_along_axis(ok, page_slot, axis=1)
         return jnp.where(keep, page, num_pages), positions % PAGE_SIZE
 
     def advance(self, num_new) -> "PagedKVCache":
@@ -308,24 +319,31 @@ class PagedKVCache:
         `write` drops the tokens that land there (those that fit its last page are stored); `append` and the
         model's steps store nothing for it and leave its length. A table entry that names no page of the row's
         shard (-1, an id outside the pool or another shard's page) counts as missing and is replaced.
+
+        Shared pages (`fork`): a page another entry names is dropped from a row's columns past its tokens, and
+        replaced by a page of the row's own in a column its new tokens go to (it is freed once no row names
+        it). Where that column also holds the row's earlier tokens (a shared partial page, which only a rollback
+        into shared pages or a hand-made table gives), the row is refused and takes nothing; it blocks no later
+        row. Such a row can grow again once the other rows sharing that page have left it.
         """
         self._check_on_demand("reserve")
         start = jnp.clip(self.seqlens, 0, self.capacity)
         end = start + jnp.clip(self._token_counts(num_new), 0, self.capacity - start)
         batch, max_pages = self.block_table.shape
-        table, free_count, granted = jax.vmap(reserve_in_shard, axis_name="page_shard")(
+        free_pages, table, free_count, granted = jax.vmap(reserve_in_shard, axis_name="page_shard")(
             self.free_pages, self.free_count, self._by_shard(self.block_table),
+            self._by_shard(rows_placed_like(start, self.block_table)),
             self._by_shard(rows_placed_like(end, self.block_table)))
-        return (dataclasses.replace(self, block_table=table.reshape(batch, max_pages), free_count=free_count),
-                granted.reshape(batch))
+        return (dataclasses.replace(self, block_table=table.reshape(batch, max_pages), free_pages=free_pages,
+                                    free_count=free_count), granted.reshape(batch))
 
     def release(self, rows) -> "PagedKVCache":
         """On-demand paging: rows (a (b,) bool mask) are done. Their pages go back to their shard's free stack,
         their block-table entries become -1 and their lengths 0, so the rows can take new sequences.
 
-        Every page a released row's table names is freed, so no other row may be reading it (an on-demand cache
-        shares no pages unless the caller edits block_table). A page id outside the row's shard, one already
-        free, or one named twice is pushed at most once, so the stack never holds an id twice.
+        A page a released row names is freed unless a row that stays names it too (a prefix shared by `fork`).
+        A page id outside the row's shard, one already free, or one named twice is pushed at most once, so the
+        stack never holds an id twice.
         """
         self._check_on_demand("release")
         rows = jnp.asarray(rows)
@@ -334,12 +352,60 @@ class PagedKVCache:
             raise TypeError(f"rows must be a ({batch},) bool mask, got shape {tuple(rows.shape)} and dtype "
                             f"{np.dtype(rows.dtype).name}")
         rows = rows_placed_like(rows, self.block_table)
-        free_pages, free_count = jax.vmap(release_in_shard, axis_name="page_shard")(
+        free_pages, free_count, table = jax.vmap(release_in_shard, axis_name="page_shard")(
             self.free_pages, self.free_count, self._by_shard(self.block_table), self._by_shard(rows))
-        return dataclasses.replace(
-            self, free_pages=free_pages, free_count=free_count,
-            block_table=jnp.where(rows[:, None], -1, self.block_table).astype(jnp.int32),
-            seqlens=jnp.where(rows, 0, self.seqlens).astype(jnp.int32))
+        return dataclasses.replace(self, free_pages=free_pages, free_count=free_count,
+                                   block_table=table.reshape(batch, max_pages),
+                                   seqlens=jnp.where(rows, 0, self.seqlens).astype(jnp.int32))
+
+    def fork(self, sources) -> tuple["PagedKVCache", jax.Array]:
+        """On-demand paging: sources, a (b,) integer array, makes row i a copy of row sources[i] as it was before
+        the call (a common prompt, parallel sampling); a negative value (or i itself) leaves row i as it is.
+
+        The copy shares the source's full pages (both rows name them; neither writes into them, see `reserve`) and
+        gets a page of its own holding a copy of the source's partial last page, so each row goes on in a page of
+        its own. The copy's previous pages go back to the stack unless another row names them.
+
+        Returns (cache, granted), granted a (b,) bool: False for a row whose source lies past the batch or in
+        another page shard (a mesh's shard of the batch; `page_shards`), is itself asked to become a copy in this
+        call, or needs a page its shard's pool cannot give (rows served in order, as in `reserve`); such a row
+        stays as it is.
+        """
+        self._check_on_demand("fork")
+        batch, max_pages = self.block_table.shape
+        if isinstance(sources, (np.ndarray, list, tuple)) and np.issubdtype(np.asarray(sources).dtype, np.integer):
+            sources = np.clip(np.asarray(sources), -1, batch).astype(np.int32)  # before int32 could wrap them
+        sources = jnp.asarray(sources)
+        if not jnp.issubdtype(sources.dtype, jnp.integer) or sources.shape != (batch,):
+            raise TypeError(f"sources must be a ({batch},) integer array of row indices (-1: none), got shape "
+                            f"{tuple(sources.shape)} and dtype {np.dtype(sources.dtype).name}")
+        rows_per_shard = batch // self.free_pages.shape[0]
+        sources = ints_as_int32(sources, -1, batch)
+        # Within the shard: the source's index there; -1 for none; rows_per_shard (refused) for a source in another
+        # shard or past the batch.
+        shard_start = (jnp.arange(batch, dtype=jnp.int32) // rows_per_shard) * rows_per_shard
+        in_shard = (sources >= shard_start) & (sources < shard_start + rows_per_shard)
+        local = jnp.where(in_shard, sources - shard_start, jnp.where(sources < 0, -1, rows_per_shard))
+        refused_elsewhere = ~in_shard & (sources >= 0)
+        lengths = jnp.clip(self.seqlens, 0, self.capacity)
+        place = lambda x: self._by_shard(rows_placed_like(x, self.block_table))  # noqa: E731
+        free_pages, free_count, table, forked_lengths, forked, granted, copy_from, copy_to = jax.vmap(
+            fork_in_shard, axis_name="page_shard")(self.free_pages, self.free_count, self._by_shard(self.block_table),
+                                                   place(lengths), place(local))
+        seqlens = jnp.where(forked.reshape(batch), forked_lengths.reshape(batch), self.seqlens).astype(jnp.int32)
+        cache = dataclasses.replace(self, free_pages=free_pages, free_count=free_count,
+                                    block_table=table.reshape(batch, max_pages), seqlens=seqlens)
+        return (cache._copy_pages(copy_from.reshape(batch), copy_to.reshape(batch)),
+                granted.reshape(batch) & ~refused_elsewhere)
+
+    def _copy_pages(self, copy_from: jax.Array, copy_to: jax.Array) -> "PagedKVCache":
+        """pages[:, copy_to[i]] = pages[:, copy_from[i]] in every layer (and the indexer keys), for copy_to[i] >= 0."""
+        num_pages = self.pages.shape[1]
+        to = jnp.where((copy_to >= 0) & (copy_to < num_pages), copy_to, num_pages)  # num_pages: dropped
+        copy_from, to = (rows_placed_like(x, self.block_table) for x in (copy_from, to))
+        # Partitioned like a write over a mesh (sharding.py): each shard copies within its own pages.
+        index_pages = None if self.index_pages is None else copy_pages(self.index_pages, copy_from, to)
+        return dataclasses.replace(self, pages=copy_pages(self.pages, copy_from, to), index_pages=index_pages)
 
     def _by_shard(self, per_row: jax.Array) -> jax.Array:
         """(b, ...) -> (page_shards, b // page_shards, ...): each page shard's rows, in order."""

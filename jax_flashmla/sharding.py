@@ -376,16 +376,23 @@ def _scatter_partition(mesh, arg_shapes, result_shape):
 _scatter_partitioned.def_partition(_scatter_partition, sharding_rule="l p t k d, b s k d, b s, b s, -> l p t k d")
 
 
-@custom_vmap
-def _scatter(pages, kv, page_ids, slots, layer):
-    return _scatter_partitioned(pages, kv, page_ids, slots, layer)
+def _with_vmap_rule(global_fn, partitioned):
+    """partitioned (a custom_partitioning of global_fn, one result) with a vmap rule, which it lacks: under vmap,
+    global_fn vmapped, partitioned by XLA's defaults."""
+    @custom_vmap
+    def run(*operands):
+        return partitioned(*operands)
+
+    @run.def_vmap
+    def _vmap_rule(axis_size, in_batched, *operands):
+        del axis_size
+        in_axes = [0 if batched else None for batched in in_batched]
+        return jax.vmap(global_fn, in_axes=in_axes)(*operands), True
+
+    return run
 
 
-@_scatter.def_vmap
-def _scatter_vmap_rule(axis_size, in_batched, *operands):
-    del axis_size
-    in_axes = [0 if batched else None for batched in in_batched]
-    return jax.vmap(_scatter_global, in_axes=in_axes)(*operands), True
+_scatter = _with_vmap_rule(_scatter_global, _scatter_partitioned)
 
 
 @jax.jit  # as decode's
@@ -393,6 +400,58 @@ def scatter_tokens(pages, kv, page_ids, slots, layer):
     """PagedKVCache.write's scatter: pages (L, P, 64, h_kv, d), kv (b, s, h_kv, d), page_ids/slots (b, s) int32
     (page ids outside [0, P) are dropped), layer () int32. Partitioned like the decode (module docstring)."""
     return _scatter(pages, kv, page_ids, slots, layer)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Page copies (PagedKVCache.fork: a row's own copy of a shared partial page)
+
+
+def _copy_global(pages, copy_from, copy_to):
+    """pages[:, copy_to[i]] = pages[:, copy_from[i]] for every layer; copy_to outside [0, P) is dropped."""
+    num_pages = pages.shape[1]
+    source = pages.at[:, jnp.clip(copy_from, 0, num_pages - 1)].get(out_sharding=explicit_sharding(pages))
+    return pages.at[:, copy_to].set(source, mode="drop", out_sharding=explicit_sharding(pages))
+
+
+_copy_partitioned = custom_partitioning(_copy_global)
+
+
+def _copy_partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    pages, copy_from, copy_to = arg_shapes
+    ops = _Operands("PagedKVCache.fork", WRITE_LAYOUTS, ("pages", "copy_from", "copy_to"), (pages, copy_from, copy_to))
+    ops.require_unsplit("pages", (0, 2, 3, 4), {0: "layer", 2: "page-slot", 3: "KV-head", 4: "head dim"})
+    batch = ops.agree("batch", (("copy_from", 0), ("copy_to", 0)))
+    pool_axes = ops.axes["pages"][1]
+    if batch and pool_axes != batch:
+        ops.fail("pages", f"splits its page axis over {pool_axes or 'no mesh axes'} while the batch is split over "
+                 f"{batch}; the pool must be split over the batch axes")
+    spec = functools.partial(_named, mesh)
+    pool = spec((), pool_axes, (), (), ())
+    arg_shardings = (pool, spec(batch), spec(batch))
+
+    def per_shard(pages, copy_from, copy_to):
+        # fork copies within a page shard: both ids local here, or the copy is another shard's (dropped here).
+        num_local_pages = pages.shape[1]
+        local_to = local_page_ids(copy_to, num_local_pages, pool_axes, num_local_pages)
+        local_from = local_page_ids(copy_from, num_local_pages, pool_axes, num_local_pages)
+        return _copy_global(pages, local_from, jnp.where(local_from < num_local_pages, local_to, num_local_pages))
+
+    return mesh, per_shard, pool, arg_shardings
+
+
+# Factors: l layers, p pages, t page slots, k KV heads, d head dim, b rows.
+_copy_partitioned.def_partition(_copy_partition, sharding_rule="l p t k d, b, b -> l p t k d")
+
+
+_copy = _with_vmap_rule(_copy_global, _copy_partitioned)
+
+
+@jax.jit  # as decode's
+def copy_pages(pages, copy_from, copy_to):
+    """PagedKVCache.fork's page copies: pages (L, P, 64, ...) with pages[:, copy_to[i]] = pages[:, copy_from[i]]
+    for copy_to[i] in [0, P) (b,) int32. Partitioned like a write: each shard copies within its own pages."""
+    return _copy(pages, copy_from, copy_to)
 
 
 # ----------------------------------------------------------------------------------------------------

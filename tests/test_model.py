@@ -94,6 +94,34 @@ def test_generation_with_pages_on_demand_equals_the_static_cache(tiny_model):
         generate(tiny_model, prompts, steps, num_pages=pages - 1)
 
 
+def test_forked_rows_decode_as_the_prompt_decodes_alone(tiny_model):
+    """Parallel sampling: one 70-token prompt prefilled into row 0 of an on-demand cache and forked into rows 1-3
+    (its full page shared, its partial page copied), then decoded greedily: every row gives the tokens and (up to
+    float32 rounding) the logits of the prompt generated alone, and the pool lends 5 pages, not 8."""
+    prompt = random_prompts([70], TINY.vocab_size, seed=4)
+    steps = 6
+    want = generate(tiny_model, prompt, steps)
+    cache = tiny_model.new_cache(4, 128, num_pages=8)
+    tokens = jnp.asarray(prompt * 4, jnp.int32)
+    logits, cache = jax.jit(tiny_model.prefill)(tokens, jnp.array([70, 0, 0, 0]), cache)
+    cache, granted = cache.fork(jnp.array([-1, 0, 0, 0]))
+    assert granted.tolist() == [True] * 4 and cache.seqlens.tolist() == [70] * 4
+    logits = jnp.broadcast_to(logits[:1], logits.shape)  # rows 1-3 prefilled nothing: they take row 0's logits
+    decode = jax.jit(tiny_model.decode)
+    got_tokens, got_logits = [], []
+    for _ in range(steps):
+        next_tokens = jnp.argmax(logits.reshape(4, -1), axis=-1).astype(jnp.int32)
+        got_tokens.append(next_tokens)
+        got_logits.append(logits.reshape(4, -1))
+        logits, cache = decode(next_tokens[:, None], cache)
+    got_tokens, got_logits = np.stack(got_tokens, axis=1), np.stack(got_logits, axis=1)
+    for row in range(4):  # the rows alike bit for bit; the batch of one row (its own matmul shapes) closely
+        np.testing.assert_array_equal(got_tokens[row], want.tokens[0])
+        np.testing.assert_array_equal(got_logits[row], got_logits[0])
+    np.testing.assert_allclose(got_logits[0], want.logits[0], atol=1e-5 * np.abs(want.logits).max(), rtol=0)
+    assert int(cache.free_count[0]) == 8 - 5 and cache.seqlens.tolist() == [76] * 4
+
+
 def test_a_step_the_pool_cannot_serve_leaves_its_row_where_it_was(tiny_model):
     """model.decode reserves the step's pages; a row refused stays at its length, the others advance."""
     cache = tiny_model.new_cache(2, 128, num_pages=3)
@@ -427,6 +455,32 @@ def test_reserve_and_release_stay_in_their_shards_on_a_mesh(axis_type):
     assert want.block_table.tolist() == [[1, -1, -1, -1], [2, -1, -1, -1], [4, 5, 6, -1], [7, -1, -1, -1]]
     if axis_type == AxisType.Auto:
         assert not COLLECTIVE.findall(compiled.as_text())
+
+
+@on_mesh_devices
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_fork_copies_within_each_shard_on_a_mesh(axis_type):
+    """fork of a cache split over data=2 (3 layers, indexer keys): the single-device tables, lengths, stacks and
+    page contents, with no collective: each shard copies its rows' partial pages within its own pages."""
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(axis_type,) * 2)
+    cache = jfm_cache.PagedKVCache.create(batch_size=4, max_seq_len=256, head_dim=8, num_pages=8, on_demand=True,
+                                          page_shards=2, num_layers=3, index_head_dim=4)
+    cache = cache.append(jnp.arange(4 * 70 * 8, dtype=jnp.float32).reshape(4, 70, 1, 8),
+                         num_new=jnp.array([70, 0, 100, 0]), index_keys=jnp.ones((4, 70, 4)))
+
+    def fork(cache):
+        return cache.fork(jnp.array([-1, 0, -1, 2], jnp.int32))
+
+    want, want_granted = jax.jit(fork)(cache)
+    with jax.set_mesh(mesh):
+        placed = sharding.shard_cache(cache, mesh)
+        compiled = jax.jit(fork).lower(placed).compile()
+        got, granted = compiled(placed)
+    for name in ("block_table", "seqlens", "free_pages", "free_count", "pages", "index_pages"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    assert granted.tolist() == want_granted.tolist() == [True, True, True, True]
+    assert got.pages.sharding.spec[1] == "data"
+    assert not COLLECTIVE.findall(compiled.as_text())
 
 
 @on_mesh_devices
