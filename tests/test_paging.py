@@ -529,6 +529,28 @@ def test_kernels_read_on_demand_pages_as_they_read_static_ones(h_q):
     assert_same_decode(paged, static, jnp.asarray(rng.standard_normal((batch, 2, h_q, d)), jnp.bfloat16), dv)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("h_q", [16, 128])  # the narrow kernel and the seesaw
+def test_kernels_read_forked_rows_as_they_read_static_ones(h_q):
+    """A 700-token prompt forked into three more rows, each then given 150 tokens of its own: the kernels read
+    the shared pages and each row's own pages bit for bit as they read a static cache holding the same tokens."""
+    assert jfm.kernels_available(), jfm.why_kernels_unavailable()
+    rng = np.random.default_rng(2)
+    batch, d, dv = 4, 576, 512
+    prompt = jnp.asarray(rng.standard_normal((batch, 700, 1, d)), jnp.bfloat16)
+    prompt = jnp.broadcast_to(prompt[:1], prompt.shape)
+    own = jnp.asarray(rng.standard_normal((batch, 150, 1, d)), jnp.bfloat16)
+    static = jfm.PagedKVCache.create(batch_size=batch, max_seq_len=1000).append(prompt).append(own)
+    paged = jfm.PagedKVCache.create(batch_size=batch, max_seq_len=1000, num_pages=40, on_demand=True)
+    paged = paged.append(prompt, num_new=jnp.array([700, 0, 0, 0]))
+    paged, granted = paged.fork(jnp.array([-1, 0, 0, 0]))
+    assert granted.tolist() == [True] * 4
+    paged = paged.append(own)
+    np.testing.assert_array_equal(paged.seqlens, static.seqlens)
+    assert (np.asarray(paged.block_table)[:, :10] == np.asarray(paged.block_table)[0, :10]).all()  # shared
+    assert_same_decode(paged, static, jnp.asarray(rng.standard_normal((batch, 2, h_q, d)), jnp.bfloat16), dv)
+
+
 def test_reserve_replaces_ids_outside_the_pool():
     """An entry no page backs (an id past the pool, or negative other than -1) counts as missing: the decode would
     skip it and `write` drop its tokens."""
