@@ -56,6 +56,19 @@ def ints_as_int32(values, low: int, high: int):
     return values.astype(jnp.int32)
 
 
+def integers_within(values, low: int, high: int):
+    """values (a Python or NumPy integer, a list, an array) as an array; host integers clipped into [low, high]
+    (int32 bounds) before jnp.asarray could wrap them into int32 (x64 is off), device integers converted by
+    ints_as_int32 after the caller checks their shape. Anything else comes back as jnp.asarray gives it, for the
+    caller's type check."""
+    if isinstance(values, int) and not isinstance(values, bool):
+        return jnp.asarray(np.int32(min(max(values, low), high)))
+    if isinstance(values, (np.ndarray, np.integer, list, tuple)) and np.issubdtype(np.asarray(values).dtype,
+                                                                                    np.integer):
+        return jnp.asarray(np.clip(np.asarray(values), low, high).astype(np.int32))
+    return jnp.asarray(values)
+
+
 def indices_in_kvcache(block_table, positions, num_pages: int):
     """int32 token positions (b, ..., topk) of each sequence -> the indices sparse attention takes (FlashMLA's
     indices_in_kvcache): page * 64 + slot through block_table (b, max_pages). -1 where the position lies outside
@@ -373,9 +386,7 @@ class PagedKVCache:
         """
         self._check_on_demand("fork")
         batch, max_pages = self.block_table.shape
-        if isinstance(sources, (np.ndarray, list, tuple)) and np.issubdtype(np.asarray(sources).dtype, np.integer):
-            sources = np.clip(np.asarray(sources), -1, batch).astype(np.int32)  # before int32 could wrap them
-        sources = jnp.asarray(sources)
+        sources = integers_within(sources, -1, batch)
         if not jnp.issubdtype(sources.dtype, jnp.integer) or sources.shape != (batch,):
             raise TypeError(f"sources must be a ({batch},) integer array of row indices (-1: none), got shape "
                             f"{tuple(sources.shape)} and dtype {np.dtype(sources.dtype).name}")
@@ -449,13 +460,7 @@ class PagedKVCache:
 
     def _token_counts(self, counts) -> jax.Array:
         """num_new, an int or a (b,) integer array of per-row token counts, as (b,) int32."""
-        # Host integers are clipped here, before jnp.asarray could wrap them into int32 (x64 is off).
-        if isinstance(counts, int) and not isinstance(counts, bool):
-            counts = np.int32(min(max(counts, -(2**30)), 2**30))
-        elif isinstance(counts, (np.ndarray, np.integer, list, tuple)) and np.issubdtype(
-                np.asarray(counts).dtype, np.integer):
-            counts = np.clip(np.asarray(counts), -(2**30), 2**30).astype(np.int32)
-        counts = jnp.asarray(counts)
+        counts = integers_within(counts, -(2**30), 2**30)
         batch = self.block_table.shape[0]
         if not jnp.issubdtype(counts.dtype, jnp.integer) or counts.shape not in ((), (batch,)):
             raise TypeError(f"num_new must be an int or a ({batch},) integer array, got shape {tuple(counts.shape)} "

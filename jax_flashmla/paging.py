@@ -114,10 +114,10 @@ def fork_in_shard(free_pages, free_count, table, lengths, sources):
     the shard, j != i) becomes a copy of row j as it was: j's length, j's pages for its full pages (shared, named
     by both), and a page of its own holding a copy of j's partial last page, if j has one on a page of this
     shard. Row i's own pages go back to the stack unless another row names them. sources[i] outside the shard's
-    rows, or naming a row that is itself forked, leaves row i as it is (not granted); so does a pool without the
-    page it needs (rows served in order, as in reserve). -> (free_pages, free_count, table, lengths of the rows
-    forked, forked (rows,) bool, granted, copy_from, copy_to), the last two (rows,) the page copies the caller
-    must make (copy_to = -1 for none)."""
+    rows, or naming a row itself asked to become a copy, leaves row i as it is (not granted); so does a pool
+    without the page it needs (rows served in order, as in reserve). -> (free_pages, free_count, table, lengths
+    of the rows forked, forked (rows,) bool, granted, copy_from, copy_to), the last two (rows,) the page copies
+    the caller must make (copy_to = -1 for none)."""
     rows, max_pages = table.shape
     per_shard = free_pages.shape[0]
     asked = (sources >= 0) & (sources < rows) & (sources != jnp.arange(rows))

@@ -72,7 +72,8 @@ class PythonAllocator:
                 shared = [c for c in written if namers.get(int(self.table[row, c]), 0) > 1]
                 if any(c * PAGE_SIZE < start for c in shared):
                     continue  # a shared page holding older tokens: refused, blocking no one
-                missing = [c for c in range(-(-end // PAGE_SIZE)) if not self.own(shard, self.table[row, c]) or c in shared]
+                missing = [c for c in range(-(-end // PAGE_SIZE))
+                           if not self.own(shard, self.table[row, c]) or c in shared]
                 if not missing:
                     granted[row] = True
                 elif not blocked and len(missing) <= len(stack):
