@@ -45,6 +45,8 @@ def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int | None = N
         for sparse attention, which needs no schedule here: it returns (None, None). An FP8 cache without topk
         (dense decode of an FP8 cache) raises a NotImplementedError.
       num_sms: SMs to fill, 1 to 65535; defaults to the first GPU's count (132 when no GPU is visible).
+    The schedule charges each split the fixed cost of the kernel that num_q_tokens_per_head_k selects (2 blocks
+    for the narrow kernel's head groups of at most 32 query rows, 5 for wider ones: scheduler.split_overhead_for).
     Returns:
       (tile_scheduler_metadata (num_parts, 8) int32, num_splits (b + 1,) int32), or (None, None) when called
       with no argument or with topk.

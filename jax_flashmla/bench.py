@@ -95,6 +95,7 @@ from .device_timing import profile_calls_ms
 from .fp8_cache import FP8_TOKEN_BYTES, quantize_kv_cache
 from .indexer import index_scores, select_topk
 from .reference import gather_pages, visible_keys
+from .scheduler import split_overhead_for
 
 HEAD_DIM = 576
 HEAD_DIM_V = 512
@@ -594,6 +595,8 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
         **({"kernels_used": False} if config.sparse_topk else {}),  # XLA, whatever the GPU
         "head_dim": HEAD_DIM, "head_dim_v": HEAD_DIM_V, "page_size": PAGE_SIZE,
         "fixed_lengths": args.fixed_lengths, "seed": args.seed, "page_order": args.page_order,
+        # Blocks the schedule charged per split (scheduler.split_overhead_for; 5 for every row before 2026-12-06).
+        "split_overhead": None if config.sparse_topk else split_overhead_for(config.s_q * config.h_q // config.h_kv),
         "mean_len": mean_len, "min_len": int(lengths.min()), "max_len": int(lengths.max()),
         "layers": args.layers, "kv_cache_mb": k_cache.nbytes / args.layers / 1e6,  # the layer read
         "iters": args.iters, "repeats": args.repeats, "warmup": args.warmup, "baseline_iters": args.baseline_iters,

@@ -33,7 +33,8 @@ constexpr int kPageSize = 64;             // tokens per KV page, and the kernels
 constexpr int kRowBlock = 64;             // query rows per CTA of the decode grid
 constexpr int kMaxPagesPerSeq = 1 << 24;  // block_table columns: token positions stay below 2^30 in int32
 constexpr int kMetadataRowInts = 8;       // ints per tile_metadata row
-constexpr int kSplitOverheadBlocks = 5;   // scheduler's cost of a split's fixed work, in 64-token blocks
+constexpr int kSplitOverheadBlocks = 5;   // the most a split's fixed work is charged, in 64-token blocks (the
+                                          // seesaw's charge; SchedulerParams::split_overhead is each call's)
 // The scheduler sums a batch's blocks and overheads in int32; jax_flashmla/scheduler.py explains the limits.
 constexpr int kScheduleUnitLimit = 1 << 30;
 constexpr int kMaxScheduledBatch = kScheduleUnitLimit / (kSplitOverheadBlocks + 1);
@@ -61,6 +62,7 @@ struct SchedulerParams {
   int32_t* num_splits;           // (b + 1,)
   int batch;
   int num_parts;
+  int split_overhead;  // blocks charged per split, 1..kSplitOverheadBlocks (jax_flashmla/scheduler.py)
 };
 
 struct DecodeParams {

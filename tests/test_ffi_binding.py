@@ -17,7 +17,7 @@ import jax_flashmla as jfm
 
 SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "ffi"
 BUFFER_TYPES = {"ffi::Buffer<ffi::S32>": "i32", "ffi::Buffer<ffi::F32>": "f32", "ffi::AnyBuffer": None}
-ATTRIBUTE_TYPES = {"float": r"-?[0-9.e+-]+ : f32", "bool": r"true|false"}
+ATTRIBUTE_TYPES = {"float": r"-?[0-9.e+-]+ : f32", "bool": r"true|false", "int32_t": r"-?[0-9]+ : i32"}
 
 
 def without_comments(source: str) -> str:
@@ -101,8 +101,10 @@ def test_the_binding_parser_reads_every_handler():
     """The parse itself, without the extension: both targets, and the decode's known arity."""
     found = bindings()
     assert sorted(found) == ["jax_flashmla_mla_decode", "jax_flashmla_mla_metadata"]
-    assert found["jax_flashmla_mla_metadata"] == {"args": ["i32"], "rets": ["i32", "i32"], "attrs": {},
-                                                  "params": ["stream", "cache_seqlens", "tile_metadata", "num_splits"]}
+    assert found["jax_flashmla_mla_metadata"] == {"args": ["i32"], "rets": ["i32", "i32"],
+                                                  "attrs": {"split_overhead": "int32_t"},
+                                                  "params": ["stream", "cache_seqlens", "tile_metadata", "num_splits",
+                                                             "split_overhead"]}
     decode = found["jax_flashmla_mla_decode"]
     assert decode["args"] == [None, None, "i32", "i32", "i32", "i32", "i32"]
     assert decode["attrs"] == {"softmax_scale": "float", "causal": "bool", "poison_outputs": "bool"}

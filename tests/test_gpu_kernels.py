@@ -344,11 +344,14 @@ def test_metadata_kernel_matches_spec(rng_seed):
             if num_parts != 3:  # lengths near the int32 limits, which the scheduler clips (scheduler.py)
                 extreme = rng.random(batch) < 0.1
                 seqlens[extreme] = rng.choice(extremes, int(extreme.sum()))
-            got = jax.jit(lambda s, n=num_parts: jfm.primitives.mla_metadata_p.bind(s, num_parts=n))(jnp.asarray(seqlens))
             cpu_seqlens = jax.device_put(seqlens, jax.devices("cpu")[0])
-            want = jax.jit(lambda s, n=num_parts: scheduler.schedule(s, n))(cpu_seqlens)
-            np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]), err_msg=f"b={batch} P={num_parts}")
-            np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]), err_msg=f"b={batch} P={num_parts}")
+            for charge in (1, 2, 5):  # blocks charged per split: the least, the narrow kernel's, the seesaw's
+                got = jax.jit(lambda s, n=num_parts, c=charge: jfm.primitives.mla_metadata_p.bind(
+                    s, num_parts=n, split_overhead=c))(jnp.asarray(seqlens))
+                want = jax.jit(lambda s, n=num_parts, c=charge: scheduler.schedule(s, n, c))(cpu_seqlens)
+                what = f"b={batch} P={num_parts} charge={charge}"
+                np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]), err_msg=what)
+                np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]), err_msg=what)
 
 
 def test_vmap_over_layer_pools(rng_seed):

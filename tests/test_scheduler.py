@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import jax_flashmla as jfm
-from jax_flashmla.constants import PAGE_SIZE
-from jax_flashmla.scheduler import max_scheduled_blocks, num_parts_for, schedule
+from jax_flashmla.constants import NARROW_SPLIT_OVERHEAD_BLOCKS, PAGE_SIZE, SPLIT_OVERHEAD_BLOCKS
+from jax_flashmla.scheduler import max_scheduled_blocks, num_parts_for, schedule, split_overhead_for
 
 from cases import INT32_MAX, INT32_MIN
 
@@ -24,13 +24,18 @@ def coverage(metadata, seqlens):
     return n, chunks
 
 
+CHARGES = (1, NARROW_SPLIT_OVERHEAD_BLOCKS, SPLIT_OVERHEAD_BLOCKS)  # blocks charged per split: least, narrow, seesaw
+
+
 def random_schedule(seed):
-    """(seqlens, num_parts, metadata, num_splits) for a random batch: empty and negative lengths included."""
+    """(seqlens, num_parts, metadata, num_splits) for a random batch: empty and negative lengths included; the
+    charge per split cycles through CHARGES with the seed."""
     rng = np.random.default_rng(seed)
     batch, num_parts = int(rng.integers(1, 60)), int(rng.integers(1, 140))
     seqlens = rng.integers(-3, 5000, batch).astype(np.int32)
     seqlens[rng.random(batch) < 0.2] = 0
-    metadata, num_splits = (np.asarray(x) for x in jax.jit(schedule, static_argnums=1)(seqlens, num_parts))
+    metadata, num_splits = (np.asarray(x) for x in jax.jit(schedule, static_argnums=(1, 2))(
+        seqlens, num_parts, CHARGES[seed % len(CHARGES)]))
     return seqlens, num_parts, metadata, num_splits
 
 
@@ -67,8 +72,9 @@ def test_each_split_sequence_has_one_combining_part(trial):
     assert combined == split
 
 
+@pytest.mark.parametrize("charge", [1, SPLIT_OVERHEAD_BLOCKS])
 @pytest.mark.parametrize("batch,num_parts", [(1, 1), (4, 132), (63, 132), (64, 33), (128, 132), (1000, 7)])
-def test_lengths_near_int32_max(batch, num_parts):
+def test_lengths_near_int32_max(batch, num_parts, charge):
     """Lengths up to INT32_MAX are clipped to max_scheduled_blocks(b) pages, which keeps every count in int32:
     the schedule still covers each (clipped) sequence once, whatever the batch. Before the clip, a length of
     INT32_MAX made (L + 63) // 64 wrap and the schedule left the other sequences to no part."""
@@ -76,10 +82,11 @@ def test_lengths_near_int32_max(batch, num_parts):
     extremes = np.array([INT32_MAX, INT32_MAX - 63, 2**30 + 1, 2**30, 2**30 - 1, INT32_MIN, -1, 0, 1, 64, 65])
     seqlens = rng.choice(extremes, batch).astype(np.int32)
     seqlens[0] = INT32_MAX
-    metadata, num_splits = (np.asarray(x) for x in jax.jit(schedule, static_argnums=1)(seqlens, num_parts))
+    scheduled = jax.jit(schedule, static_argnums=(1, 2))
+    metadata, num_splits = (np.asarray(x) for x in scheduled(seqlens, num_parts, charge))
     check_every_block_once(seqlens, num_parts, metadata, num_splits)
-    everyone_long = np.full(batch, INT32_MAX, np.int32)  # the largest total: b * (cap + 5) units
-    metadata, num_splits = (np.asarray(x) for x in jax.jit(schedule, static_argnums=1)(everyone_long, num_parts))
+    everyone_long = np.full(batch, INT32_MAX, np.int32)  # the largest total: b * (cap + charge) units
+    metadata, num_splits = (np.asarray(x) for x in scheduled(everyone_long, num_parts, charge))
     check_every_block_once(everyone_long, num_parts, metadata, num_splits)
 
 
@@ -110,3 +117,40 @@ def test_num_parts_fill_the_sms():
     assert num_parts_for(4, 8, 64, 64) == 1
     md, splits = jfm.get_mla_metadata(jnp.array([5, 6], jnp.int32), 128, 1, num_sms=66)
     assert md.shape == (33, 8) and splits.shape == (3,)
+
+
+def test_charge_per_split_follows_the_kernel():
+    """Head groups of at most 32 query rows (the narrow kernel's) are charged 2 blocks a split, wider ones (the
+    seesaw's) 5; get_mla_metadata schedules with the charge of the rows it is given."""
+    assert [split_overhead_for(rows) for rows in (1, 16, 32, 33, 64, 256)] == [2, 2, 2, 5, 5, 5]
+    seqlens = jnp.asarray(np.random.default_rng(3).integers(0, 9000, 40), jnp.int32)
+    for rows, parts, charge in ((16, 132, 2), (32, 132, 2), (128, 66, 5)):
+        got = jfm.get_mla_metadata(seqlens, rows, 1, num_sms=132)
+        want = schedule(seqlens, parts, charge)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f"{rows} rows")
+    # The charges differ where it matters: the narrow one cuts the same batch at other blocks.
+    assert not np.array_equal(np.asarray(schedule(seqlens, 132, 2)[0]), np.asarray(schedule(seqlens, 132, 5)[0]))
+
+
+def test_a_smaller_charge_evens_the_parts_for_a_cheap_split():
+    """What the narrow kernel's charge buys (benchmarks/NOTES.md, version 2.22): where a split really costs about
+    one block, the busiest part's blocks plus splits exceed the mean by less with a charge of 2 than with 5."""
+    rng = np.random.default_rng([128, 4096])
+    seqlens = np.clip(rng.normal(4096, 2048, 128), 1, 8192).astype(np.int32)
+
+    def busiest_over_mean(charge):
+        metadata = np.asarray(schedule(jnp.asarray(seqlens), 132, charge)[0]).tolist()
+        n, _ = coverage(metadata, seqlens)
+        work = [sum((block_end if i == batch_end else n[i]) - (block_begin if i == batch_begin else 0) + 1
+                    for i in range(batch_begin, batch_end + 1))  # each split's blocks, and one block for the split
+                for batch_begin, block_begin, batch_end, block_end, *_ in metadata]
+        return max(work) / np.mean(work)
+
+    assert busiest_over_mean(2) < busiest_over_mean(5) - 0.02
+
+
+@pytest.mark.parametrize("charge", [0, 6, -1, True, 2.0, "2"])
+def test_a_charge_out_of_range_is_refused(charge):
+    with pytest.raises(ValueError, match=r"split_overhead must be an int in \[1, 5\]"):
+        schedule(jnp.asarray([5, 70], jnp.int32), 4, charge)

@@ -27,7 +27,8 @@ std::string dims_to_string(ffi::Span<const int64_t> dims) {
 }
 
 ffi::Error MetadataImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> cache_seqlens,
-                        ffi::ResultBuffer<ffi::S32> tile_metadata, ffi::ResultBuffer<ffi::S32> num_splits) {
+                        ffi::ResultBuffer<ffi::S32> tile_metadata, ffi::ResultBuffer<ffi::S32> num_splits,
+                        int32_t split_overhead) {
   const auto md_dims = tile_metadata->dimensions();
   const int64_t batch = cache_seqlens.element_count();
   if (md_dims.size() != 2 || md_dims[1] != kMetadataRowInts || num_splits->element_count() != batch + 1 || batch < 1)
@@ -38,8 +39,12 @@ ffi::Error MetadataImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> cache_seqlens
                                        std::to_string(kMaxScheduledBatch) + " sequences and " +
                                        std::to_string(kMaxScheduleParts) + " parts, got " + std::to_string(batch) +
                                        " and " + std::to_string(md_dims[0]));
+  if (split_overhead < 1 || split_overhead > kSplitOverheadBlocks)
+    return ffi::Error::InvalidArgument("jax_flashmla metadata: split_overhead must be in [1, " +
+                                       std::to_string(kSplitOverheadBlocks) + "], got " +
+                                       std::to_string(split_overhead));
   SchedulerParams params{cache_seqlens.typed_data(), tile_metadata->typed_data(), num_splits->typed_data(),
-                         static_cast<int>(batch), static_cast<int>(md_dims[0])};
+                         static_cast<int>(batch), static_cast<int>(md_dims[0]), split_overhead};
   return cuda_error(launch_scheduler(params, stream), "scheduler launch");
 }
 
@@ -132,7 +137,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashmlaMetadata, jax_flashmla::MetadataImpl,
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>(),
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int32_t>("split_overhead"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashmlaDecode, jax_flashmla::DecodeImpl,

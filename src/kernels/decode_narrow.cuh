@@ -544,6 +544,9 @@ struct Consumer {
         for (int n = 0; n < n_pages; ++n) {
           const int block = c.block_begin + n;
           JFM_TIMED(stall_wgmma, warpgroup_wait<0>());  // S(n); P V(n - 1) was waited for already
+#ifdef JFM_NARROW_STALLS
+          if (thread == 0 && pages_done == 0) clock_first_page();
+#endif
           warpgroup_fence_operand(tS);
           release(page, 0, 0);  // the rope tile
           int visible[kColumns];
@@ -591,6 +594,8 @@ struct Consumer {
       add_stall(kChunkEnds, stall_chunk_ends);
       add_stall(kPages, pages_done);
       add_stall(kCtas, 1);
+      add_stall(kChunks, chunks_done);
+      clock_cta_end();
     }
 #endif
   }
@@ -602,6 +607,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ char smem_raw[];
   SharedStorage<kN>& s = hopper::aligned_shared_storage<SharedStorage<kN>>(smem_raw);
   if (threadIdx.x == 0) {
+#ifdef JFM_NARROW_STALLS
+    clock_cta_start();
+#endif
 #pragma unroll 1
     for (int slot = 0; slot < SharedStorage<kN>::kSlots; ++slot) {
       initialize_barrier(s.full[slot], 1);

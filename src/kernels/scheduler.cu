@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kSchedulerThreads) scheduler_kernel(SchedulerP
   const int max_blocks = max_scheduled_blocks(p.batch);
   int cost = 0;
   for (int i = threadIdx.x; i < p.batch; i += blockDim.x)
-    cost += blocks_of(p.cache_seqlens[i], max_blocks) + kSplitOverheadBlocks;
+    cost += blocks_of(p.cache_seqlens[i], max_blocks) + p.split_overhead;
   partial_cost[threadIdx.x] = cost;
   __syncthreads();
   for (int stride = kSchedulerThreads / 2; stride > 0; stride /= 2) {
@@ -64,14 +64,14 @@ __global__ void __launch_bounds__(kSchedulerThreads) scheduler_kernel(SchedulerP
       for (int k = 0; k < count; ++k) {
         const int seq = base + k;
         const int n = blocks_of(staged[k], max_blocks);
-        const int first_unit = start + kSplitOverheadBlocks;
+        const int first_unit = start + p.split_overhead;
         const int first = (first_unit - (n == 0 ? 1 : 0)) / walk.part_size;
         const int last = (first_unit + n - 1) / walk.part_size;
         splits += last - first + 1;
         p.num_splits[seq + 1] = splits;
         for (; next_begin <= last; ++next_begin) walk.set_begin(next_begin, seq, n, first_unit, first);
         for (; next_end < first; ++next_end) walk.set_end(next_end, seq - 1, prev_n, prev_first_unit);
-        start += n + kSplitOverheadBlocks;
+        start += n + p.split_overhead;
         prev_n = n;
         prev_first_unit = first_unit;
       }
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kSchedulerThreads) scheduler_kernel(SchedulerP
 
 cudaError_t launch_scheduler(const SchedulerParams& params, cudaStream_t stream) {
   if (params.batch < 1 || params.batch > kMaxScheduledBatch || params.num_parts < 1 ||
-      params.num_parts > kMaxScheduleParts)
+      params.num_parts > kMaxScheduleParts || params.split_overhead < 1 || params.split_overhead > kSplitOverheadBlocks)
     return cudaErrorInvalidValue;
   scheduler_kernel<<<1, kSchedulerThreads, 0, stream>>>(params);
   return cudaGetLastError();
