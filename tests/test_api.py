@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import jaxprs_in_params
 import pytest
 
 import jax_flashmla as jfm
@@ -104,6 +105,41 @@ def test_metadata_under_vmap_equals_loop():
         want_md, want_splits = jfm.get_mla_metadata(seqlens[i], 16, 1)
         np.testing.assert_array_equal(md[i], want_md)
         np.testing.assert_array_equal(splits[i], want_splits)
+
+
+def metadata_charges(fn, *args):
+    """The split_overhead of every schedule the traced program computes (nested jaxprs included)."""
+    charges = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive is jfm.primitives.mla_metadata_p:
+                charges.append(eqn.params["split_overhead"])
+            for sub in jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return charges
+
+
+@pytest.mark.parametrize("h_q,s_q,charge", [(4, 2, 2), (16, 2, 2), (32, 1, 2), (16, 4, 5), (128, 2, 5)])
+def test_each_schedule_charges_the_kernel_of_its_query_rows(h_q, s_q, charge):
+    """Head groups of at most 32 query rows are the narrow kernel's: every schedule of their decode charges its
+    splits 2 blocks, wider ones 5, whether get_mla_metadata made it, the decode made it in the call, or vmap's
+    batching rule remade it for the folded batch."""
+    rng = np.random.default_rng([h_q, s_q])
+    p = make_problem(rng, batch=3, s_q=s_q, h_q=h_q, h_kv=1, seqlens=rng.integers(1, 300, 3).astype(np.int32),
+                     dtype=jnp.float32)
+
+    def scheduled_first(q, k_cache, table, seqlens):
+        md, splits = jfm.get_mla_metadata(seqlens, s_q * h_q, 1)
+        return jfm.flash_mla_with_kvcache(q, k_cache, table, seqlens, 512, md, splits)
+
+    args = (p.q, p.k_cache, p.block_table, p.cache_seqlens)
+    assert metadata_charges(scheduled_first, *args) == [charge]
+    assert metadata_charges(decode, *args) == [charge]
+    stacked = [jnp.stack([x, x]) for x in args]
+    assert set(metadata_charges(jax.vmap(scheduled_first), *stacked)) == {charge}
 
 
 def test_eager_equals_jit(rng_seed):
