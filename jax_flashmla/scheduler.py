@@ -42,7 +42,9 @@ def split_overhead_for(num_q_tokens_per_head_k: int) -> int:
     """What a split costs, in blocks, for the kernel that serves head groups of this many query rows on Hopper: the
     narrow kernel keeps its page stream going across a split's end (the next split's Q and pages load during the
     epilogue), so a split costs it less than the seesaw, and charging it the seesaw's 5 left its longest parts
-    finishing late (1-2% of the memory rows' time on an H100, benchmarks/NOTES.md version 2.22)."""
+    finishing late (1-2% of the memory rows' time on an H100, benchmarks/NOTES.md version 2.22). The rows alone
+    decide: where another kernel serves them (the JAX_FLASHMLA_DECODE_KERNEL switches, head dim 512, a GPU the
+    kernels were not built for), its splits are charged the same."""
     if num_q_tokens_per_head_k <= NARROW_MAX_QUERY_ROWS:
         return NARROW_SPLIT_OVERHEAD_BLOCKS
     return SPLIT_OVERHEAD_BLOCKS
@@ -65,9 +67,9 @@ def max_scheduled_blocks(batch: int) -> int:
     return min(MAX_PAGES_PER_SEQ, SCHEDULE_UNIT_LIMIT // batch - SPLIT_OVERHEAD_BLOCKS)
 
 
-def schedule(cache_seqlens: jnp.ndarray, num_parts: int, split_overhead: int = SPLIT_OVERHEAD_BLOCKS):
+def schedule(cache_seqlens: jnp.ndarray, num_parts: int, split_overhead: int):
     """Reference scheduler in jnp. cache_seqlens (b,) int32 -> (tile_metadata (P, 8), num_splits (b+1,)), each
-    split charged split_overhead blocks."""
+    split charged split_overhead blocks (no default: the charge belongs to the kernel, split_overhead_for)."""
     overhead = check_split_overhead(split_overhead)
     max_tokens = PAGE_SIZE * max_scheduled_blocks(cache_seqlens.shape[0])
     seqlens = jnp.clip(cache_seqlens.astype(jnp.int32), 0, max_tokens)  # (seqlens + 63) // 64 cannot overflow

@@ -37,6 +37,7 @@ constexpr int kSplitOverheadBlocks = 5;   // the most a split's fixed work is ch
                                           // seesaw's charge; SchedulerParams::split_overhead is each call's)
 // The scheduler sums a batch's blocks and overheads in int32; jax_flashmla/scheduler.py explains the limits.
 constexpr int kScheduleUnitLimit = 1 << 30;
+constexpr int kNarrowMaxQueryRows = 32;   // head groups of at most this many query rows run the narrow kernel
 constexpr int kMaxScheduledBatch = kScheduleUnitLimit / (kSplitOverheadBlocks + 1);
 constexpr int kMaxGridYZ = 65535;         // CUDA's limit on a launch grid's y and z dimensions
 constexpr int kMaxScheduleParts = kMaxGridYZ;  // the decode grid's z dimension

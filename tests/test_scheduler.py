@@ -72,7 +72,7 @@ def test_each_split_sequence_has_one_combining_part(trial):
     assert combined == split
 
 
-@pytest.mark.parametrize("charge", [1, SPLIT_OVERHEAD_BLOCKS])
+@pytest.mark.parametrize("charge", CHARGES)
 @pytest.mark.parametrize("batch,num_parts", [(1, 1), (4, 132), (63, 132), (64, 33), (128, 132), (1000, 7)])
 def test_lengths_near_int32_max(batch, num_parts, charge):
     """Lengths up to INT32_MAX are clipped to max_scheduled_blocks(b) pages, which keeps every count in int32:
@@ -101,13 +101,14 @@ def test_max_scheduled_blocks():
             max_scheduled_blocks(batch)
 
 
-def test_balanced_by_tokens():
+@pytest.mark.parametrize("charge", CHARGES)
+def test_balanced_by_tokens(charge):
     """One long sequence among short ones is cut into many splits; no part gets much more than its share."""
     seqlens = np.array([64 * 1000] + [64] * 31, np.int32)
-    metadata, num_splits = (np.asarray(x) for x in schedule(jnp.asarray(seqlens), 132))
+    metadata, num_splits = (np.asarray(x) for x in schedule(jnp.asarray(seqlens), 132, charge))
     assert num_splits[1] - num_splits[0] > 100
     work = [(md[3] - md[1]) if md[0] == md[2] else 0 for md in metadata]
-    assert max(work) <= -(-(1000 + 31 + 32 * 5) // 132) + 1
+    assert max(work) <= -(-(1000 + 31 + 32 * charge) // 132) + 1
 
 
 def test_num_parts_fill_the_sms():
@@ -152,5 +153,9 @@ def test_a_smaller_charge_evens_the_parts_for_a_cheap_split():
 
 @pytest.mark.parametrize("charge", [0, 6, -1, True, 2.0, "2"])
 def test_a_charge_out_of_range_is_refused(charge):
+    """By the spec and by the primitive's abstract evaluation (so at trace time, before any lowering)."""
+    seqlens = jnp.asarray([5, 70], jnp.int32)
     with pytest.raises(ValueError, match=r"split_overhead must be an int in \[1, 5\]"):
-        schedule(jnp.asarray([5, 70], jnp.int32), 4, charge)
+        schedule(seqlens, 4, charge)
+    with pytest.raises(ValueError, match=r"split_overhead must be an int in \[1, 5\]"):
+        jax.eval_shape(lambda s: jfm.primitives.mla_metadata_p.bind(s, num_parts=4, split_overhead=charge), seqlens)

@@ -187,6 +187,7 @@ def test_schedule_is_per_shard():
     jaxpr = jax.make_jaxpr(per_shard, axis_env=list(mesh.shape.items()))(*local).jaxpr
     schedule = [e for e in jaxpr.eqns if e.primitive.name == "jax_flashmla_mla_metadata"]
     assert len(schedule) == 1 and schedule[0].params["num_parts"] == 132
+    assert schedule[0].params["split_overhead"] == 5  # the shard's 64 heads x 1 query token: the seesaw's charge
     assert schedule[0].invars[0] is jaxpr.invars[3]  # the shard's own cache_seqlens (2,)
     assert schedule[0].invars[0].aval.shape == (2,)
 

@@ -212,6 +212,7 @@ def test_constants_match_the_cuda_side():
     assert cuda["kMaxPagesPerSeq"] == constants.MAX_PAGES_PER_SEQ
     assert cuda["kMetadataRowInts"] == constants.METADATA_ROW_INTS
     assert cuda["kSplitOverheadBlocks"] == constants.SPLIT_OVERHEAD_BLOCKS
+    assert cuda["kNarrowMaxQueryRows"] == constants.NARROW_MAX_QUERY_ROWS  # the schedule's charge follows it
     assert cuda["kScheduleUnitLimit"] == constants.SCHEDULE_UNIT_LIMIT
     assert cuda["kMaxGridYZ"] == constants.MAX_GRID_YZ
     assert "kMaxScheduleParts = kMaxGridYZ;" in header and constants.MAX_SCHEDULE_PARTS == constants.MAX_GRID_YZ

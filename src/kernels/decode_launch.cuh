@@ -99,7 +99,7 @@ cudaError_t launch_decode_typed(const DecodeParams& p, cudaStream_t stream) {
     if (decode_kernel_selected("hopper"))
       return launch_with_smem<hopper::decode_kernel<T>, hopper::kThreads, hopper::kSmemBytes>(device, grid, stream, p,
                                                                                              kv_map);
-    if (p.q_rows <= 32 && !decode_kernel_selected("seesaw"))
+    if (p.q_rows <= kNarrowMaxQueryRows && !decode_kernel_selected("seesaw"))
       return p.q_rows <= 16 ? launch_narrow<T, 16>(p, device, grid, stream, kv_map)
                             : launch_narrow<T, 32>(p, device, grid, stream, kv_map);
     CUtensorMap q_map{};  // unused where q_box_bytes is 0

@@ -595,7 +595,7 @@ struct Consumer {
       add_stall(kPages, pages_done);
       add_stall(kCtas, 1);
       add_stall(kChunks, chunks_done);
-      clock_cta_end();
+      clock_cta_end(pages_done > 0);
     }
 #endif
   }

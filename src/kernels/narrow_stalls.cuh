@@ -31,8 +31,9 @@ namespace narrow {
 enum StallCounter { kTotal, kTileWait, kWgmmaWait, kChunkEnds, kRingFull, kPages, kCtas, kChunks, kStallCounters };
 
 // One decode's clock readings (ns after kBase, the end of the print after the decode before, so that 132 of them
-// sum without overflow): each CTA's start (min, max) and consumer end (min, max, sum, count), its first S's end
-// (sum, over the CTAs that had a page). print_stalls turns them into spans and adds those to g_spans.
+// sum without overflow): each CTA's start (min, max); over the CTAs that had a page, its first S's end (sum) and
+// its consumer's end (min, max, sum, count). A part the schedule left empty (the last one, often) would end at
+// once and drag the ends' mean down. print_stalls turns them into spans and adds those to g_spans.
 enum Clock { kStartMin, kStartMax, kFirstSum, kFirstCtas, kEndMin, kEndMax, kEndSum, kEndCtas, kBase, kClocks };
 enum Span { kSpan, kStartSpread, kFirstPage, kEndSpread, kEndMeanToMax, kSpans };
 
@@ -63,7 +64,8 @@ static __device__ __forceinline__ void clock_first_page() {
   atomicAdd(&g_clocks[kFirstSum], since_base());
   atomicAdd(&g_clocks[kFirstCtas], 1ull);
 }
-static __device__ __forceinline__ void clock_cta_end() {
+static __device__ __forceinline__ void clock_cta_end(bool had_pages) {
+  if (!had_pages) return;
   const unsigned long long t = since_base();
   atomicMin(&g_clocks[kEndMin], t);
   atomicMax(&g_clocks[kEndMax], t);
@@ -75,15 +77,17 @@ static __device__ __forceinline__ void clock_cta_end() {
 // starts over. A decode of another shape (a bench's next row) starts over without printing: the counts then mix
 // two shapes.
 static __global__ void print_stalls(int width, int batch, int parts) {
-  // This decode's spans, from its clocks (every CTA ran and read them before this kernel started).
-  const unsigned long long ctas = g_clocks[kEndCtas] > 0 ? g_clocks[kEndCtas] : 1ull;
+  // This decode's spans, from its clocks (every CTA ran and read them before this kernel started). A decode in
+  // which no CTA had a page has no ends: its end spans are 0.
+  const bool ended = g_clocks[kEndCtas] > 0;
   const unsigned long long start = g_clocks[kStartMin];
-  const unsigned long long end_mean = g_clocks[kEndSum] / ctas;
+  const unsigned long long end_max = ended ? g_clocks[kEndMax] : start;
+  const unsigned long long end_min = ended ? g_clocks[kEndMin] : start;
+  const unsigned long long end_mean = ended ? g_clocks[kEndSum] / g_clocks[kEndCtas] : start;
   const unsigned long long first_mean =
       g_clocks[kFirstCtas] > 0 ? g_clocks[kFirstSum] / g_clocks[kFirstCtas] : start;
-  const unsigned long long spans[kSpans] = {g_clocks[kEndMax] - start, g_clocks[kStartMax] - start,
-                                            first_mean - start, g_clocks[kEndMax] - g_clocks[kEndMin],
-                                            g_clocks[kEndMax] - end_mean};
+  const unsigned long long spans[kSpans] = {end_max - start, g_clocks[kStartMax] - start, first_mean - start,
+                                            end_max - end_min, end_max - end_mean};
   const unsigned long long fresh[kClocks] = {~0ull, 0, 0, 0, ~0ull, 0, 0, 0, 0};
   for (int c = 0; c < kBase; ++c) g_clocks[c] = fresh[c];
 
@@ -103,8 +107,8 @@ static __global__ void print_stalls(int width, int batch, int parts) {
            static_cast<double>(g_stalls[kChunks]) / ctas_seen, share(kTileWait), share(kWgmmaWait), share(kChunkEnds),
            share(kRingFull));
     printf("NARROW_CLOCKS kN %d, b %d, %d parts, 32 decodes, us: first CTA start to last consumer end %.2f; CTA "
-           "starts spread over %.2f; first S done %.2f after the first start (mean); consumer ends spread over %.2f, "
-           "the last %.2f after the mean\n",
+           "starts spread over %.2f; first S done %.2f after the first start (mean); ends of the CTAs with pages "
+           "spread over %.2f, the last %.2f after their mean\n",
            width, batch, parts, us(kSpan), us(kStartSpread), us(kFirstPage), us(kEndSpread), us(kEndMeanToMax));
   }
   if (!same || g_stall_calls == 32) {
