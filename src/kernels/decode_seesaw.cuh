@@ -156,6 +156,23 @@ template <typename T>
 __device__ __forceinline__ void issue_chunk_loads(const DecodeParams& p, const CUtensorMap* kv_map, const QSource& q,
                                                   SharedStorage& s, int layer, uint64_t hint, const Chunk& c,
                                                   unsigned done, int thread) {
+#ifdef JFM_Q_FIRST  // an experiment: Q (which needs no block-table entry) first, and both entries read before any page
+  if (!(done & kPrimedQ)) {
+    if (q.box_bytes == 0)
+      hopper::issue_q_load<T>(p, s, c.seq, thread);
+    else if (thread == 0)
+      issue_q_boxes(p, q, s, c.seq);
+  }
+  if (thread != 0) return;
+  int page[2];
+#pragma unroll
+  for (int stage = 0; stage < 2; ++stage)
+    page[stage] = has_first_page(c, stage) && !(done & (kPrimedStage0 << stage)) ? first_page(p, c, stage) : -1;
+#pragma unroll
+  for (int stage = 0; stage < 2; ++stage)
+    if (has_first_page(c, stage) && !(done & (kPrimedStage0 << stage)))
+      load_tiles(p, kv_map, s, layer, hint, stage, page[stage], 0, kNumChunks - 1);
+#else
 #pragma unroll
   for (int stage = 0; stage < 2; ++stage)
     if (thread == 0 && has_first_page(c, stage) && !(done & (kPrimedStage0 << stage)))
@@ -165,6 +182,7 @@ __device__ __forceinline__ void issue_chunk_loads(const DecodeParams& p, const C
     hopper::issue_q_load<T>(p, s, c.seq, thread);
   else if (thread == 0)
     issue_q_boxes(p, q, s, c.seq);
+#endif
 }
 
 // The first two pages of the CTA's next chunk (next_chunk): where a stage has no page left in this chunk, its
@@ -641,6 +659,10 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   SharedStorage& s = aligned_shared_storage<SharedStorage>(smem_raw);
   const int warpgroup = warp_uniform_warpgroup();
   if (threadIdx.x == 0) {
+#ifdef JFM_PREFETCH_TENSOR_MAPS  // an experiment: the descriptors fetched while the barriers are set up
+    cute::prefetch_tma_descriptor(reinterpret_cast<const cute::TmaDescriptor*>(&kv_map));
+    if (q_box_bytes > 0) cute::prefetch_tma_descriptor(reinterpret_cast<const cute::TmaDescriptor*>(&q_map));
+#endif
 #pragma unroll
     for (int stage = 0; stage < 2; ++stage)
 #pragma unroll
