@@ -164,14 +164,16 @@ __device__ __forceinline__ void issue_chunk_loads(const DecodeParams& p, const C
       issue_q_boxes(p, q, s, c.seq);
   }
   if (thread != 0) return;
+  bool wanted[2];
   int page[2];
 #pragma unroll
-  for (int stage = 0; stage < 2; ++stage)
-    page[stage] = has_first_page(c, stage) && !(done & (kPrimedStage0 << stage)) ? first_page(p, c, stage) : -1;
+  for (int stage = 0; stage < 2; ++stage) {
+    wanted[stage] = has_first_page(c, stage) && !(done & (kPrimedStage0 << stage));
+    page[stage] = wanted[stage] ? first_page(p, c, stage) : 0;
+  }
 #pragma unroll
   for (int stage = 0; stage < 2; ++stage)
-    if (has_first_page(c, stage) && !(done & (kPrimedStage0 << stage)))
-      load_tiles(p, kv_map, s, layer, hint, stage, page[stage], 0, kNumChunks - 1);
+    if (wanted[stage]) load_tiles(p, kv_map, s, layer, hint, stage, page[stage], 0, kNumChunks - 1);
 #else
 #pragma unroll
   for (int stage = 0; stage < 2; ++stage)
