@@ -4,15 +4,8 @@
 # clocks not locked, for the stall reasons side by side and by source line (scripts/stall_by_line.py needs a
 # listing: nvdisasm is on the GPU machine, not on the CI machine). About 6 minutes with FlashMLA's build.
 cd "$(dirname "$0")/.."
-source scripts/gpu_env.sh
-t0=$SECONDS
-python3 -c "import pathlib, sys; sys.path.insert(0, 'scripts'); import flashmla_ab; \
-flashmla_ab.build_flashmla(pathlib.Path('.fm').resolve(), pathlib.Path('/tmp/flashmla_ab_build'), 10)" \
-  > $OUT/build_flashmla.log 2>&1 &
-fm=$!
-python3 -m pip install -q --no-build-isolation --no-deps . > $OUT/build.log 2>&1; echo "build rc=$? t=$((SECONDS-t0))"
-python3 -c "import jax_flashmla as j; assert j.kernels_available(), j.why_kernels_unavailable()" || { tail -n 30 $OUT/build.log; exit 1; }
-wait $fm; echo "FlashMLA build rc=$? t=$((SECONDS-t0))"
+source scripts/device_build.sh --flashmla
+wait_flashmla
 mkdir -p /tmp/fp
 # The script decodes each side once to compare, then 2 more times each: the 2nd launch of each kernel is a warm one.
 for k in "seesaw::decode_kernel" "flash_fwd_splitkv"; do
