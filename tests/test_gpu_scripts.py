@@ -112,3 +112,37 @@ def test_stall_by_line_fetch_finds_the_branch_target_and_what_it_jumped_over(tmp
     assert "51 in the kernel, 51 in the function" in lines[2]
     target = next(line for line in lines if line.split()[0] == "0x40")
     assert target.split()[1:6] == ["50", "98.0%", "1.00", "2", "12"]
+
+
+def run_device_build(tmp_path, kernels_usable, *args):
+    """scripts/device_build.sh sourced by a stand-in driver, with python3 and nvidia-smi stubbed as shell functions
+    (the build and the import check are python3 calls; FlashMLA's build too)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    driver = f"""
+nvidia-smi() {{ echo stub-gpu; }}
+python3() {{
+  if [ "$1" = -c ] && [[ "$2" == *kernels_available* ]]; then return {0 if kernels_usable else 1}; fi
+  echo "stub python3 $1"
+}}
+OUT={tmp_path}
+source scripts/device_build.sh {" ".join(args)}
+wait_flashmla
+echo "driver goes on t0=$t0"
+"""
+    return subprocess.run(["bash", "-c", driver], capture_output=True, text=True, cwd=root)
+
+
+def test_device_build_goes_on_with_a_usable_extension_and_waits_for_flashmla(tmp_path):
+    result = run_device_build(tmp_path, True, "--flashmla")
+    assert result.returncode == 0, result.stderr
+    assert "build rc=0" in result.stdout
+    assert "FlashMLA build rc=0" in result.stdout and "driver goes on t0=" in result.stdout
+    assert (tmp_path / "build.log").exists() and (tmp_path / "build_flashmla.log").exists()
+
+
+def test_device_build_stops_the_driver_when_the_extension_is_unusable(tmp_path):
+    """Else the driver would go on to time the pure-JAX fallback as if it were the kernels."""
+    result = run_device_build(tmp_path, False)
+    assert result.returncode == 1
+    assert "driver goes on" not in result.stdout
+    assert not (tmp_path / "build_flashmla.log").exists()
