@@ -69,17 +69,17 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   float lse_own = lane < count ? p.lse_accum[slot(lane)] : -INFINITY;  // split `lane`'s, of the first 32
   float max_lse = lse_own;
   for (int t = 32 + lane; t < count; t += 32) max_lse = fmaxf(max_lse, p.lse_accum[slot(t)]);
-  float current[16], next[16];
+  float current[16], ahead[16] = {};  // ahead: split t + 1 (set, so the last trip copies a defined value)
   load_partial(0, current);
   for (int offset = 16; offset > 0; offset /= 2) max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
   if (max_lse != -INFINITY) {
     for (int t = 0; t < count; ++t) {
-      if (t + 1 < count) load_partial(t + 1, next);
+      if (t + 1 < count) load_partial(t + 1, ahead);
       const float lse_t = t < 32 ? __shfl_sync(0xffffffffu, lse_own, t) : p.lse_accum[slot(t)];
       const float w = expf(lse_t - max_lse);  // exp(-inf) = 0 for empty splits
       weight_sum += w;
 #pragma unroll
-      for (int j = 0; j < 16; ++j) o[j] = fmaf(w, current[j], o[j]), current[j] = next[j];
+      for (int j = 0; j < 16; ++j) o[j] = fmaf(w, current[j], o[j]), current[j] = ahead[j];
     }
   }
 #else
