@@ -55,8 +55,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   // This lane's 16 values of split t's partial O.
   auto load_partial = [&](int t, float (&v)[16]) {
     const float4* part = reinterpret_cast<const float4*>(p.o_accum + slot(t) * kHeadDimV);
-    const float4 a = part[lane * 2], b = part[lane * 2 + 1], c = part[64 + lane * 2], d = part[64 + lane * 2 + 1];
-    const float4 q[4] = {a, b, c, d};
+    const float4 q[4] = {part[lane * 2], part[lane * 2 + 1], part[64 + lane * 2], part[64 + lane * 2 + 1]};
 #pragma unroll
     for (int k = 0; k < 4; ++k) v[4 * k] = q[k].x, v[4 * k + 1] = q[k].y, v[4 * k + 2] = q[k].z, v[4 * k + 3] = q[k].w;
   };

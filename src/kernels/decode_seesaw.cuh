@@ -152,17 +152,22 @@ __device__ __forceinline__ int first_page(const DecodeParams& p, const Chunk& c,
 // (kPrimedStage0/1, kPrimedQ) name the loads already issued: the last pairs of the previous chunk issue the
 // pages, its epilogue Q.
 constexpr unsigned kPrimedStage0 = 1, kPrimedStage1 = 2, kPrimedQ = 4;
+// Q, unless `done` says it was issued: by A's threads (cp.async) or thread 0 (TMA boxes).
+template <typename T>
+__device__ __forceinline__ void issue_q_unless_done(const DecodeParams& p, const QSource& q, SharedStorage& s,
+                                                    const Chunk& c, unsigned done, int thread) {
+  if (done & kPrimedQ) return;
+  if (q.box_bytes == 0)
+    hopper::issue_q_load<T>(p, s, c.seq, thread);
+  else if (thread == 0)
+    issue_q_boxes(p, q, s, c.seq);
+}
 template <typename T>
 __device__ __forceinline__ void issue_chunk_loads(const DecodeParams& p, const CUtensorMap* kv_map, const QSource& q,
                                                   SharedStorage& s, int layer, uint64_t hint, const Chunk& c,
                                                   unsigned done, int thread) {
 #ifdef JFM_Q_FIRST  // an experiment: Q (which needs no block-table entry) first, and both entries read before any page
-  if (!(done & kPrimedQ)) {
-    if (q.box_bytes == 0)
-      hopper::issue_q_load<T>(p, s, c.seq, thread);
-    else if (thread == 0)
-      issue_q_boxes(p, q, s, c.seq);
-  }
+  issue_q_unless_done<T>(p, q, s, c, done, thread);
   if (thread != 0) return;
   bool wanted[2];
   int page[2];
@@ -179,11 +184,7 @@ __device__ __forceinline__ void issue_chunk_loads(const DecodeParams& p, const C
   for (int stage = 0; stage < 2; ++stage)
     if (thread == 0 && has_first_page(c, stage) && !(done & (kPrimedStage0 << stage)))
       load_tiles(p, kv_map, s, layer, hint, stage, first_page(p, c, stage), 0, kNumChunks - 1);
-  if (done & kPrimedQ) return;
-  if (q.box_bytes == 0)
-    hopper::issue_q_load<T>(p, s, c.seq, thread);
-  else if (thread == 0)
-    issue_q_boxes(p, q, s, c.seq);
+  issue_q_unless_done<T>(p, q, s, c, done, thread);
 #endif
 }
 
