@@ -7,11 +7,16 @@ Usage: python3 scripts/stall_by_line.py NCU_SASS.csv LISTING --kernel NAME --fil
                 matches). Build the cubin here with the flags of CMakeLists.txt, e.g.
                 nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr --use_fast_math
                      -lineinfo -Isrc -I<cutlass include> -cubin -o k.cubin src/kernels/decode_bf16.cu
+                Where the CUDA toolkit has no nvdisasm (the CI machine), the `nvidia-cuda-nvdisasm` wheel has
+                one (nvidia/cu13/bin/nvdisasm): 13.2's lists nvcc 13.0's sm_90a cubins, and this tree's local
+                build gave the same SASS as the GPU machine's (NOTES.md, version 2.24).
   --kernel      a substring of the kernel's mangled name (e.g. seesaw13decode_kernelI13__nv_bfloat16)
   --file/--lines  the function to attribute to: an instruction counts for the innermost line of FILE in
                 [FIRST, LAST] among its inlining chain (a helper called from that function counts for the call).
 Unlike scripts/stall_hotspots.py (one row per instruction), this says which statement of a warpgroup's loop
 the samples belong to, e.g. how much of a GEMM issue is back-pressure (HGMMA) and how much a TMA wait (BRA).
+  --executed    rank the lines by the warp instructions they executed (summed over their instructions), with
+                the opcodes that make them up: where one build issues more than another for the same work.
   --fetch       instead, where the warps of the function wait for instructions (`no_instructions`): its hot code
                 (instructions executed at least P/2 times, P the count most of its instructions ran: once per
                 loop trip and warp) and the instructions with the most such samples, each with the run of code
@@ -24,7 +29,7 @@ import collections
 import os
 import re
 
-from stall_hotspots import read_sass_csv
+from stall_hotspots import mnemonic, read_sass_csv
 
 
 def parse_listing(path, kernel):
@@ -77,6 +82,7 @@ def main():
     parser.add_argument("--lines", required=True, help="FIRST-LAST")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--fetch", action="store_true", help="the instruction-fetch stalls and the hot code")
+    parser.add_argument("--executed", action="store_true", help="rank lines by instructions executed")
     args = parser.parse_args()
     first, last = (int(x) for x in args.lines.split("-"))
     code = parse_listing(args.listing, args.kernel)
@@ -89,16 +95,29 @@ def main():
 
     samples, ops, why, executed = (collections.Counter(), collections.defaultdict(collections.Counter),
                                    collections.defaultdict(collections.Counter), collections.Counter())
+    issued, issued_ops = collections.Counter(), collections.defaultdict(collections.Counter)
     for _, r, line in rows:
         key = "elsewhere" if line is None else line
         n = int(r[col["Warp Stall Sampling (All Samples)"]] or 0)
+        runs = int(r[col["Instructions Executed"]] or 0)
         samples[key] += n
         ops[key][opcode(r[col["Source"]])] += n
-        executed[key] = max(executed[key], int(r[col["Instructions Executed"]] or 0))
+        executed[key] = max(executed[key], runs)
+        issued[key] += runs
+        issued_ops[key][mnemonic(r[col["Source"]])] += runs
         for reason in reasons:
             why[key][reason[len("stall_"):]] += int(r[col[reason]] or 0)
     total = sum(samples.values()) or 1
     source = open(next(p for p in [args.file, f"src/kernels/{args.file}"] if os.path.exists(p))).read().split("\n")
+    if args.executed:
+        all_issued = sum(issued.values()) or 1
+        print(f"{len(body)} instructions, {sum(issued.values())} warp instructions executed")
+        print(f"{'line':>9} {'executed':>11} {'share':>6}  statement / opcodes by instructions executed")
+        for key, n in issued.most_common(args.top):
+            text = source[key - 1].strip()[:70] if isinstance(key, int) and key <= len(source) else ""
+            top_ops = ", ".join(f"{o} {c}" for o, c in issued_ops[key].most_common(5))
+            print(f"{key:>9} {n:>11} {n / all_issued:>6.1%}  {text}\n{'':>29}{top_ops}")
+        return
     print(f"{len(body)} instructions, {total} stall samples")
     print(f"{'line':>9} {'samples':>8} {'share':>6} {'executed':>9}  statement / top opcodes / top reasons")
     for key, n in samples.most_common(args.top):

@@ -75,10 +75,9 @@ def test_summarize_builds_means_each_builds_rounds_against_the_first(tmp_path):
     assert empty.stdout.startswith("no bench results")
 
 
-def test_stall_by_line_fetch_finds_the_branch_target_and_what_it_jumped_over(tmp_path):
-    """scripts/stall_by_line.py --fetch on a made-up listing and profile: P is the count most instructions ran,
-    the hot code is what ran at least P/2 times, and a no-instruction stall is shown with the run before it that
-    ran less than half as often (the cold code the hot path jumped over)."""
+def write_made_up_profile(tmp_path):
+    """A made-up listing (nvdisasm -gi) and SASS profile (ncu's source page) of one small kernel: lines 10-12 of
+    k.cuh, where line 10 branches over line 11 most of the time."""
     listing = tmp_path / "k.sass"
     listing.write_text("\n".join([
         ".text._Z6kernelv:",
@@ -87,23 +86,36 @@ def test_stall_by_line_fetch_finds_the_branch_target_and_what_it_jumped_over(tmp
         "        /*0010*/               @P0 BRA `(.L_x_1) ;",
         '\t//## File "/src/k.cuh", line 11',
         "        /*0020*/                   FMUL R3, R3, R4 ;",
-        "        /*0030*/                   FMUL R5, R5, R4 ;",
+        "        /*0030*/                   FMUL.FTZ R5, R5, R4 ;",
         ".L_x_1:",
         '\t//## File "/src/k.cuh", line 12',
         "        /*0040*/                   IADD3 R6, R6, 0x1, RZ ;",
         "        /*0050*/                   EXIT ;",
     ]) + "\n")
-    columns = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed", "stall_no_inst"]
-    rows = [("0x7f0000000000", "MOV R1, R2", 3, 100, 1), ("0x7f0000000010", "@P0 BRA 0x7f0000000040", 2, 100, 0),
-            ("0x7f0000000020", "FMUL R3, R3, R4", 1, 5, 0), ("0x7f0000000030", "FMUL R5, R5, R4", 0, 5, 0),
-            ("0x7f0000000040", "IADD3 R6, R6, 0x1, RZ", 60, 100, 50), ("0x7f0000000050", "EXIT", 1, 100, 0)]
+    columns = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed", "stall_no_inst",
+               "stall_wait"]
+    rows = [("0x7f0000000000", "MOV R1, R2", 3, 100, 1, 2), ("0x7f0000000010", "@P0 BRA 0x7f0000000040", 2, 100, 0, 2),
+            ("0x7f0000000020", "FMUL R3, R3, R4", 1, 5, 0, 1), ("0x7f0000000030", "FMUL.FTZ R5, R5, R4", 0, 5, 0, 0),
+            ("0x7f0000000040", "IADD3 R6, R6, 0x1, RZ", 60, 100, 50, 10), ("0x7f0000000050", "EXIT", 1, 100, 0, 1)]
     profile = tmp_path / "k.csv"
     profile.write_text('"Kernel Name","kernel()",\n' + ",".join(f'"{c}"' for c in columns) + "\n" +
                        "".join(",".join(f'"{v}"' for v in row) + "\n" for row in rows))
+    return profile, listing
+
+
+def run_profile_script(tmp_path, name, *args):
     root = pathlib.Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, str(root / "scripts" / "stall_by_line.py"), str(profile), str(listing),
-                             "--kernel", "_Z6kernelv", "--file", "k.cuh", "--lines", "10-12", "--fetch"],
-                            capture_output=True, text=True, cwd=tmp_path)
+    return subprocess.run([sys.executable, str(root / "scripts" / name), *map(str, args)], capture_output=True,
+                          text=True, cwd=tmp_path)
+
+
+def test_stall_by_line_fetch_finds_the_branch_target_and_what_it_jumped_over(tmp_path):
+    """scripts/stall_by_line.py --fetch on a made-up listing and profile: P is the count most instructions ran,
+    the hot code is what ran at least P/2 times, and a no-instruction stall is shown with the run before it that
+    ran less than half as often (the cold code the hot path jumped over)."""
+    profile, listing = write_made_up_profile(tmp_path)
+    result = run_profile_script(tmp_path, "stall_by_line.py", profile, listing, "--kernel", "_Z6kernelv", "--file",
+                                "k.cuh", "--lines", "10-12", "--fetch")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert not lines[0].startswith("WARNING"), lines[0]
@@ -112,6 +124,41 @@ def test_stall_by_line_fetch_finds_the_branch_target_and_what_it_jumped_over(tmp
     assert "51 in the kernel, 51 in the function" in lines[2]
     target = next(line for line in lines if line.split()[0] == "0x40")
     assert target.split()[1:6] == ["50", "98.0%", "1.00", "2", "12"]
+
+
+def test_stall_by_line_executed_sums_each_lines_instructions(tmp_path):
+    """--executed ranks the lines by the warp instructions their SASS executed, summed (line 10: 100 + 100), with
+    the opcodes by the same count, modifiers dropped (FMUL and FMUL.FTZ are one)."""
+    profile, listing = write_made_up_profile(tmp_path)
+    (tmp_path / "k.cuh").write_text("\n" * 9 + "if (x) {\n  y *= z;\n}\n")
+    result = run_profile_script(tmp_path, "stall_by_line.py", profile, listing, "--kernel", "_Z6kernelv", "--file",
+                                "k.cuh", "--lines", "10-12", "--executed")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "6 instructions, 410 warp instructions executed"
+    by_line = {int(line.split()[0]): line for line in lines[2::2]}
+    assert [by_line[n].split()[1:3] for n in (10, 11, 12)] == [["200", "48.8%"], ["10", "2.4%"], ["200", "48.8%"]]
+    assert lines[2] != by_line[11]  # ranked: the lines of 200 first
+    assert lines[lines.index(by_line[11]) + 1].split() == ["FMUL", "10"]
+    assert "y *= z;" in by_line[11]
+
+
+def test_stall_hotspots_mix_totals_each_opcode(tmp_path):
+    """scripts/stall_hotspots.py --mix: per opcode without predicate or modifiers, the instructions executed and
+    the share of the samples, and the kernel's stall reasons; one block per CSV."""
+    profile, _ = write_made_up_profile(tmp_path)
+    result = run_profile_script(tmp_path, "stall_hotspots.py", "--mix", profile, profile)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("== ") for line in lines) == 2
+    assert lines[0].endswith("410 warp instructions executed, 67 stall samples")
+    assert lines[1].split(": ", 1)[1] == "no_inst 76.1%, wait 23.9%"
+    fmul = next(line for line in lines if line.split()[0] == "FMUL")
+    assert fmul.split()[1:4] == ["10", "2.4%", "1.5%"]
+    bra = next(line for line in lines if line.split()[0] == "BRA")
+    assert bra.split()[1] == "100"
+    one = run_profile_script(tmp_path, "stall_hotspots.py", profile, profile)
+    assert one.returncode == 2 and "one CSV, unless --mix" in one.stderr
 
 
 def run_device_build(tmp_path, kernels_usable, *args):

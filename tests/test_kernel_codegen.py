@@ -108,21 +108,3 @@ def test_narrow_stall_counters_keep_the_wgmma_pipelined(tmp_path, cuda_build_too
         assert not [note for note in info["notes"] if SERIALIZED in note or "(C7517)" in note], (name, info["notes"])
         assert info["spill_stores"] == 0, (name, info)
     assert any("print_stalls" in name for name in kernels), list(kernels)
-
-
-def test_next_experiment_build_keeps_the_wgmma_pipelined(tmp_path, cuda_build_tools):
-    """The build benchmarks/NOTES.md (version 2.23) prepares for its next A/B: the tensor maps prefetched, the
-    seesaw's Q issued first, the combine's loads ahead. It compiles, with the decode kernels held to the default
-    build's rules, before a device call is spent on it."""
-    defines = ("-DJFM_PREFETCH_TENSOR_MAPS", "-DJFM_Q_FIRST", "-DJFM_COMBINE_LOADS_AHEAD")
-    kernels = _kernels(_ptxas_report(ROOT / "src", tmp_path, cuda_build_tools, defines=defines))
-    decode = {name: info for name, info in kernels.items() if ("seesaw" in name or "narrow" in name)}
-    assert len(decode) == 3, list(kernels)
-    for name, info in decode.items():
-        assert not [note for note in info["notes"] if SERIALIZED in note], (name, info["notes"])
-        assert info["spill_stores"] == 0 and info["registers"] <= 255, (name, info)
-    nvcc, cutlass = cuda_build_tools
-    combine = subprocess.run([nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
-                              "--use_fast_math", *defines, f"-I{ROOT / 'src'}", "-c", "-o", str(tmp_path / "combine.o"),
-                              str(ROOT / "src" / "kernels" / "combine.cu")], capture_output=True, text=True, timeout=600)
-    assert combine.returncode == 0, combine.stderr[-4000:]

@@ -52,50 +52,23 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const Decod
   const int count = next - first;
 
   auto slot = [&](int t) { return (static_cast<size_t>(first + t) * p.h_kv + head_kv) * p.q_rows + row; };
-  // This lane's 16 values of split t's partial O.
-  auto load_partial = [&](int t, float (&v)[16]) {
-    const float4* part = reinterpret_cast<const float4*>(p.o_accum + slot(t) * kHeadDimV);
-    const float4 q[4] = {part[lane * 2], part[lane * 2 + 1], part[64 + lane * 2], part[64 + lane * 2 + 1]};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) v[4 * k] = q[k].x, v[4 * k + 1] = q[k].y, v[4 * k + 2] = q[k].z, v[4 * k + 3] = q[k].w;
-  };
-  float o[16] = {};
-  float weight_sum = 0.f;
-#ifdef JFM_COMBINE_LOADS_AHEAD  // an experiment (NOTES.md, version 2.23): the same sums in the same order, with
-                                // the loads one split ahead and split 0's issued with the LSEs, so that the tail
-                                // after the decode is about one memory round trip instead of one per split and one
-                                // more for the LSEs
-  float lse_own = lane < count ? p.lse_accum[slot(lane)] : -INFINITY;  // split `lane`'s, of the first 32
-  float max_lse = lse_own;
-  for (int t = 32 + lane; t < count; t += 32) max_lse = fmaxf(max_lse, p.lse_accum[slot(t)]);
-  float current[16], ahead[16] = {};  // ahead: split t + 1 (set, so the last trip copies a defined value)
-  load_partial(0, current);
-  for (int offset = 16; offset > 0; offset /= 2) max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
-  if (max_lse != -INFINITY) {
-    for (int t = 0; t < count; ++t) {
-      if (t + 1 < count) load_partial(t + 1, ahead);
-      const float lse_t = t < 32 ? __shfl_sync(0xffffffffu, lse_own, t) : p.lse_accum[slot(t)];
-      const float w = expf(lse_t - max_lse);  // exp(-inf) = 0 for empty splits
-      weight_sum += w;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) o[j] = fmaf(w, current[j], o[j]), current[j] = ahead[j];
-    }
-  }
-#else
   float max_lse = -INFINITY;
   for (int t = lane; t < count; t += 32) max_lse = fmaxf(max_lse, p.lse_accum[slot(t)]);
   for (int offset = 16; offset > 0; offset /= 2) max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
+
+  float o[16] = {};
+  float weight_sum = 0.f;
   if (max_lse != -INFINITY) {
     for (int t = 0; t < count; ++t) {
       const float w = expf(p.lse_accum[slot(t)] - max_lse);  // exp(-inf) = 0 for empty splits
       weight_sum += w;
-      float v[16];
-      load_partial(t, v);
+      const float4* part = reinterpret_cast<const float4*>(p.o_accum + slot(t) * kHeadDimV);
+      const float4 a = part[lane * 2], b = part[lane * 2 + 1], c = part[64 + lane * 2], d = part[64 + lane * 2 + 1];
+      const float v[16] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w, c.x, c.y, c.z, c.w, d.x, d.y, d.z, d.w};
 #pragma unroll
       for (int j = 0; j < 16; ++j) o[j] = fmaf(w, v[j], o[j]);
     }
   }
-#endif
   const bool seen = weight_sum > 0.f;
   const float inv = seen ? 1.f / weight_sum : 0.f;
 #pragma unroll

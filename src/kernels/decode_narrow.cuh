@@ -610,9 +610,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #ifdef JFM_NARROW_STALLS
     clock_cta_start();
 #endif
-#ifdef JFM_PREFETCH_TENSOR_MAPS  // an experiment: the descriptor fetched while the barriers are set up
-    cute::prefetch_tma_descriptor(reinterpret_cast<const cute::TmaDescriptor*>(&kv_map));
-#endif
 #pragma unroll 1
     for (int slot = 0; slot < SharedStorage<kN>::kSlots; ++slot) {
       initialize_barrier(s.full[slot], 1);

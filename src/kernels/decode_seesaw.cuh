@@ -152,40 +152,19 @@ __device__ __forceinline__ int first_page(const DecodeParams& p, const Chunk& c,
 // (kPrimedStage0/1, kPrimedQ) name the loads already issued: the last pairs of the previous chunk issue the
 // pages, its epilogue Q.
 constexpr unsigned kPrimedStage0 = 1, kPrimedStage1 = 2, kPrimedQ = 4;
-// Q, unless `done` says it was issued: by A's threads (cp.async) or thread 0 (TMA boxes).
 template <typename T>
-__device__ __forceinline__ void issue_q_unless_done(const DecodeParams& p, const QSource& q, SharedStorage& s,
-                                                    const Chunk& c, unsigned done, int thread) {
+__device__ __forceinline__ void issue_chunk_loads(const DecodeParams& p, const CUtensorMap* kv_map, const QSource& q,
+                                                  SharedStorage& s, int layer, uint64_t hint, const Chunk& c,
+                                                  unsigned done, int thread) {
+#pragma unroll
+  for (int stage = 0; stage < 2; ++stage)
+    if (thread == 0 && has_first_page(c, stage) && !(done & (kPrimedStage0 << stage)))
+      load_tiles(p, kv_map, s, layer, hint, stage, first_page(p, c, stage), 0, kNumChunks - 1);
   if (done & kPrimedQ) return;
   if (q.box_bytes == 0)
     hopper::issue_q_load<T>(p, s, c.seq, thread);
   else if (thread == 0)
     issue_q_boxes(p, q, s, c.seq);
-}
-template <typename T>
-__device__ __forceinline__ void issue_chunk_loads(const DecodeParams& p, const CUtensorMap* kv_map, const QSource& q,
-                                                  SharedStorage& s, int layer, uint64_t hint, const Chunk& c,
-                                                  unsigned done, int thread) {
-#ifdef JFM_Q_FIRST  // an experiment: Q (which needs no block-table entry) first, and both entries read before any page
-  issue_q_unless_done<T>(p, q, s, c, done, thread);
-  if (thread != 0) return;
-  bool wanted[2];
-  int page[2];
-#pragma unroll
-  for (int stage = 0; stage < 2; ++stage) {
-    wanted[stage] = has_first_page(c, stage) && !(done & (kPrimedStage0 << stage));
-    page[stage] = wanted[stage] ? first_page(p, c, stage) : 0;
-  }
-#pragma unroll
-  for (int stage = 0; stage < 2; ++stage)
-    if (wanted[stage]) load_tiles(p, kv_map, s, layer, hint, stage, page[stage], 0, kNumChunks - 1);
-#else
-#pragma unroll
-  for (int stage = 0; stage < 2; ++stage)
-    if (thread == 0 && has_first_page(c, stage) && !(done & (kPrimedStage0 << stage)))
-      load_tiles(p, kv_map, s, layer, hint, stage, first_page(p, c, stage), 0, kNumChunks - 1);
-  issue_q_unless_done<T>(p, q, s, c, done, thread);
-#endif
 }
 
 // The first two pages of the CTA's next chunk (next_chunk): where a stage has no page left in this chunk, its
@@ -662,10 +641,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const DecodeParams 
   SharedStorage& s = aligned_shared_storage<SharedStorage>(smem_raw);
   const int warpgroup = warp_uniform_warpgroup();
   if (threadIdx.x == 0) {
-#ifdef JFM_PREFETCH_TENSOR_MAPS  // an experiment: the descriptors fetched while the barriers are set up
-    cute::prefetch_tma_descriptor(reinterpret_cast<const cute::TmaDescriptor*>(&kv_map));
-    if (q_box_bytes > 0) cute::prefetch_tma_descriptor(reinterpret_cast<const cute::TmaDescriptor*>(&q_map));
-#endif
 #pragma unroll
     for (int stage = 0; stage < 2; ++stage)
 #pragma unroll
