@@ -5,6 +5,8 @@
 #        JAX_FLASHMLA_DECODE_KERNEL=seesaw scripts/profile_decode.sh LOG_DIR   the seesaw on both rows
 #        JAX_FLASHMLA_DECODE_KERNEL=hopper scripts/profile_decode.sh LOG_DIR   the single-softmax kernel
 #        PROFILE_ROWS=compute_bound scripts/profile_decode.sh LOG_DIR          one row only
+#        NCU_CLOCK_CONTROL=none scripts/profile_decode.sh LOG_DIR              clocks not locked (ncu's default
+#          locks them at base), to compare with a profile taken that way (FlashMLA's, NOTES.md version 2.24)
 # Writes LOG_DIR/ncu_<row>.txt (all sections: throughput, pipes, shared memory, warp stalls), ncu_<row>.sass.csv
 # (stall samples per SASS instruction; scripts/stall_hotspots.py ranks them, scripts/stall_by_line.py sums them
 # per kernel source line) and .ncu-rep files.
@@ -17,7 +19,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 profile() {  # profile NAME BENCH_FLAGS...
   local name=$1; shift
   # Skip the warm-up launches; profile one decode launch of the timed loop.
-  ncu --kernel-name decode_kernel --launch-skip 3 --launch-count 1 \
+  ncu --kernel-name decode_kernel --launch-skip 3 --launch-count 1 ${NCU_CLOCK_CONTROL:+--clock-control "$NCU_CLOCK_CONTROL"} \
       --set full --import-source yes \
       --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__cycles_elapsed.avg.per_second \
       -o "$LOG_DIR/ncu_$name" -f \
