@@ -193,3 +193,42 @@ def test_device_build_stops_the_driver_when_the_extension_is_unusable(tmp_path):
     assert result.returncode == 1
     assert "driver goes on" not in result.stdout
     assert not (tmp_path / "build_flashmla.log").exists()
+
+
+def test_device_grid_merges_the_records_after_each_seqlen_and_keeps_its_deadline(tmp_path):
+    """scripts/device_grid.sh with the bench stood in for by a python3 on PATH: after each s_k the tables and all
+    records so far are in OUT_DIR, merged into one JSON; with a deadline already past after the first s_k, the
+    others are not started."""
+    real_python = sys.executable
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = -m ] && [ "$2" = jax_flashmla.bench ]; then
+  s_k=$4 out=${{12}}
+  mkdir -p "$out"
+  echo "[{{\\"s_k\\": $s_k}}]" > "$out/results.json"
+  echo "  128 $s_k 1 16 row"
+  [ "$s_k" = 4096 ] && sleep 2
+  exit 0
+fi
+exec {real_python} "$@"
+""")
+    fake.chmod(0o755)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    out = tmp_path / "out"
+    out.mkdir()
+    full = subprocess.run(["bash", str(root / "scripts" / "device_grid.sh"), str(out), "30"], capture_output=True,
+                          text=True, cwd=root, env=env)
+    assert full.returncode == 0, full.stderr
+    assert [line.split()[1] for line in full.stdout.splitlines() if line.startswith("s_k ")] == \
+        ["4096", "8192", "16384", "32768"]
+    assert "4 records" in full.stdout
+    assert sorted(r["s_k"] for r in json.loads((out / "h100_grid.json").read_text())) == [4096, 8192, 16384, 32768]
+    assert len((out / "grid_tables.txt").read_text().splitlines()) == 4
+    cut = subprocess.run(["bash", str(root / "scripts" / "device_grid.sh"), str(out), "30", "1"], capture_output=True,
+                         text=True, cwd=root, env=env)
+    assert cut.returncode == 0, cut.stderr
+    assert "deadline: s_k 8192 not run" in cut.stdout
+    assert [r["s_k"] for r in json.loads((out / "h100_grid.json").read_text())] == [4096]

@@ -7,15 +7,8 @@
 #   mkdir -p .fm && git --git-dir=/work/.mirror/deepseek-ai+FlashMLA/repo archive 9241ae3 csrc | tar -x -C .fm
 # and `echo /.fm/ >> .git/info/exclude` (likewise /.whl/ and /.exp/).
 cd "$(dirname "$0")/.."
-source scripts/gpu_env.sh
-t0=$SECONDS
-nvidia-smi --query-gpu=name,driver_version,power.limit --format=csv,noheader
-python3 -c "import pathlib, sys; sys.path.insert(0, 'scripts'); import flashmla_ab; \
-flashmla_ab.build_flashmla(pathlib.Path('.fm').resolve(), pathlib.Path('/tmp/flashmla_ab_build'), 10)" \
-  > $OUT/build_flashmla.log 2>&1 &
-python3 -m pip install -q --no-build-isolation --no-deps . > $OUT/build.log 2>&1; echo "build rc=$? t=$((SECONDS-t0))"
-python3 -c "import jax_flashmla as j; assert j.kernels_available(), j.why_kernels_unavailable()" || { tail -n 30 $OUT/build.log; exit 1; }
-wait; echo "FlashMLA build t=$((SECONDS-t0)) $(tail -n 1 $OUT/build_flashmla.log | cut -c1-120)"
+source scripts/device_build.sh --flashmla
+wait_flashmla
 timeout 300 python3 scripts/flashmla_ab.py .fm --seqlen 4096,16384 --pairs 1x16,2x16,2x128 --rounds 2 \
   --out /tmp/ab > /tmp/ab.log 2>&1
 echo "A/B rc=$? t=$((SECONDS-t0))"; grep "^s_k" /tmp/ab.log; cp /tmp/ab.log /tmp/ab/flashmla_ab.json $OUT/ 2>/dev/null
