@@ -10,6 +10,7 @@ spills 16 bytes, as it long has; the seesaw and narrow kernels are held to none.
 copies scripts/trace_chunk_timeline.py writes, and for the narrow kernel's stall counters
 (-DJFM_NARROW_STALLS), whose records must not change what they measure: a printf in the decode kernel
 serialized it (C7510) until the records moved to a printing kernel of their own.
+It also compiles the combine kernel with and without its experiment macros, which the GPU sessions time.
 """
 
 import pathlib
@@ -23,13 +24,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SERIALIZED = "wgmma.mma_async instructions are serialized"
 
 
-def _ptxas_report(src: pathlib.Path, out_dir: pathlib.Path, tools, defines=()) -> str:
+def _ptxas_report(src: pathlib.Path, out_dir: pathlib.Path, tools, defines=(), source="decode_bf16.cu") -> str:
     nvcc, cutlass = tools
     # The flags of CMakeLists.txt's jfm_kernels target, for sm_90a.
     command = [nvcc, "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "--expt-relaxed-constexpr",
                "--use_fast_math", "-lineinfo", *defines, f"-I{src}", f"-I{cutlass / 'include'}",
-               f"-I{cutlass / 'tools' / 'util' / 'include'}", "-cubin", "-o", str(out_dir / "decode_bf16.cubin"),
-               "-Xptxas", "-v", str(src / "kernels" / "decode_bf16.cu")]
+               f"-I{cutlass / 'tools' / 'util' / 'include'}", "-cubin", "-o", str(out_dir / "kernels.cubin"),
+               "-Xptxas", "-v", str(src / "kernels" / source)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stderr + result.stdout
@@ -108,3 +109,17 @@ def test_narrow_stall_counters_keep_the_wgmma_pipelined(tmp_path, cuda_build_too
         assert not [note for note in info["notes"] if SERIALIZED in note or "(C7517)" in note], (name, info["notes"])
         assert info["spill_stores"] == 0, (name, info)
     assert any("print_stalls" in name for name in kernels), list(kernels)
+
+
+def test_combine_experiment_build_gets_its_registers(tmp_path, cuda_build_tools):
+    """The combine's experiment macros (src/kernels/combine.cu; benchmarks/NOTES.md version 2.25) compile, and do
+    what they are timed for: the default combine stays at 64 registers, the build with an explicit minimum of one
+    CTA per SM gets more (with them ptxas issues several splits' loads ahead), neither spills."""
+    default = _kernels(_ptxas_report(ROOT / "src", tmp_path, cuda_build_tools, source="combine.cu"))
+    experiment = _kernels(_ptxas_report(ROOT / "src", tmp_path, cuda_build_tools, source="combine.cu",
+                                        defines=("-DJFM_COMBINE_EARLY_EXIT", "-DJFM_COMBINE_MIN_BLOCKS=1")))
+    for build, limit in ((default, lambda r: r == 64), (experiment, lambda r: r > 64)):
+        combines = {name: info for name, info in build.items() if "combine_kernel" in name}
+        assert len(combines) == 2, list(build)  # bf16 and fp16
+        for name, info in combines.items():
+            assert info["spill_stores"] == 0 and limit(info["registers"]), (name, info)

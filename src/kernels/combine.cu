@@ -37,13 +37,28 @@ constexpr int kHeadDimV = 512;
 // still runs: it reads only the schedule (written by kernels that finished before the decode began) until
 // griddepcontrol.wait has seen the decode finish and its results become visible. Every thread waits, those with
 // nothing to merge too, so this grid never finishes before the decode. Otherwise the wait returns at once.
+// Two experiments, off by default until measured on the whole grid (benchmarks/NOTES.md, version 2.25):
+// JFM_COMBINE_EARLY_EXIT lets CTAs with nothing to merge leave before the wait; JFM_COMBINE_MIN_BLOCKS gives the
+// launch bounds a minimum of CTAs per SM. With an explicit 1, ptxas allocates about 120 registers, not 64, and issues
+// several splits' loads ahead of their sums, instead of one round trip per split.
+#ifdef JFM_COMBINE_MIN_BLOCKS
+#define JFM_COMBINE_BOUNDS __launch_bounds__(kCombineWarps * 32, JFM_COMBINE_MIN_BLOCKS)
+#else
+#define JFM_COMBINE_BOUNDS __launch_bounds__(kCombineWarps * 32)
+#endif
 template <typename T>
-__global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const DecodeParams p) {
+__global__ void JFM_COMBINE_BOUNDS combine_kernel(const DecodeParams p) {
   const int32_t* md = p.tile_metadata + static_cast<size_t>(blockIdx.x) * kMetadataRowInts;
   const int seq = md[0], head_kv = blockIdx.y;
   const int row = blockIdx.z * kCombineWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool merges = md[4] == 1 && seq >= 0 && seq < p.batch && row < p.q_rows;
   const int first = merges ? p.num_splits[seq] : 0, next = merges ? p.num_splits[seq + 1] : 0;
+#ifdef JFM_COMBINE_EARLY_EXIT
+  // A CTA with nothing to merge leaves now instead of holding registers beside the decode until it ends; CTA 0
+  // always waits, so that the grid still never finishes before the decode.
+  const bool block_merges = __syncthreads_or(merges);
+  if (!block_merges && blockIdx.x + blockIdx.y + blockIdx.z != 0) return;
+#endif
 #ifndef JFM_PROBE_COMBINE_NO_WAIT  // a probe build without the wait, to show test_dependent_combine_launch can fail
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
