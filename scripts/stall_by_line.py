@@ -29,7 +29,7 @@ import collections
 import os
 import re
 
-from stall_hotspots import mnemonic, read_sass_csv
+from stall_hotspots import mnemonic, opcode, read_sass_csv
 
 
 def parse_listing(path, kernel):
@@ -50,11 +50,6 @@ def parse_listing(path, kernel):
             code[int(ins.group(1), 16)] = (ins.group(3).rstrip(";"), last)
             pending = []
     return code
-
-
-def opcode(source):
-    words = source.strip().split()
-    return words[1] if words[0].startswith("@") else words[0]
 
 
 def attribute(code, col, body, file, first, last):

@@ -13,7 +13,6 @@ the roles' regions of the code rather than single lines.
 import argparse
 import collections
 import csv
-import re
 
 
 def read_sass_csv(path):
@@ -25,10 +24,16 @@ def read_sass_csv(path):
     return {name: i for i, name in enumerate(header)}, rows[header_at + 1:]
 
 
+def opcode(source):
+    """The opcode of a SASS line with its modifiers, without its predicate: "@!P1 HGMMA.64x64x16.F32 ..." ->
+    "HGMMA.64x64x16.F32"."""
+    words = source.strip().split()
+    return words[1] if words[0].startswith("@") else words[0]
+
+
 def mnemonic(source):
-    """The opcode of a SASS line without predicate or modifiers: "@!P1 HGMMA.64x64x16.F32 ..." -> "HGMMA"."""
-    words = re.sub(r"^@!?U?P\w+\s+", "", source.strip()).split()
-    return words[0].split(".")[0] if words else "?"
+    """The opcode without its modifiers: "@!P1 HGMMA.64x64x16.F32 ..." -> "HGMMA"."""
+    return opcode(source).split(".")[0] if source.strip() else "?"
 
 
 def opcode_mix(path, top):
