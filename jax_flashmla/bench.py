@@ -516,6 +516,9 @@ def environment() -> dict:
         # decode's programmatic dependent from commit 967ed70 on (benchmarks/h100.json of 2026-12-05 was timed so),
         # after the decode before it.
         "combine_env": os.environ.get("JAX_FLASHMLA_COMBINE"),
+        # JAX_FLASHMLA_COMBINE_SLICES=2 or 4: warps per query row in the combine, forced; None: by the schedule's
+        # shape (src/kernels/combine.cu, from 2026-12-06's version 2.26 on; one warp a row before).
+        "combine_slices_env": os.environ.get("JAX_FLASHMLA_COMBINE_SLICES"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "method": METHOD,
     }
@@ -793,6 +796,8 @@ def main(argv=None) -> int:
         print(f"JAX_FLASHMLA_DECODE_KERNEL={env['decode_kernel_env']}: that kernel where it applies")
     if env["combine_env"]:
         print(f"JAX_FLASHMLA_COMBINE={env['combine_env']}: how the splits are merged")
+    if env["combine_slices_env"]:
+        print(f"JAX_FLASHMLA_COMBINE_SLICES={env['combine_slices_env']}: warps per query row in the combine")
     print(peaks_note)
     print(f"{len(rows)} rows, {args.dtype}, {args.iters} iters x {args.repeats} repeats, warm-up {args.warmup}")
     if args.iters < MIN_REPORTED_ITERS:

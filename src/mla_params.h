@@ -41,7 +41,7 @@ constexpr int kNarrowMaxQueryRows = 32;   // head groups of at most this many qu
 constexpr int kMaxScheduledBatch = kScheduleUnitLimit / (kSplitOverheadBlocks + 1);
 constexpr int kMaxGridYZ = 65535;         // CUDA's limit on a launch grid's y and z dimensions
 constexpr int kMaxScheduleParts = kMaxGridYZ;  // the decode grid's z dimension
-constexpr int kMaxQueryRows = 8 * kMaxGridYZ;  // q_rows: the combine grid's z dimension, 8 rows a CTA
+constexpr int kMaxQueryRows = 8 * kMaxGridYZ;  // q_rows (the combine's CTAs loop over rows beyond its grid's z)
 
 // The most blocks of one sequence the scheduler counts (lengths beyond are clipped), for 1 <= batch <=
 // kMaxScheduledBatch. A block table wider than this would leave blocks the decode reads unscheduled, so the

@@ -18,10 +18,10 @@ from jax_flashmla.reference import mla_decode_reference
 
 TINY = ["--batch", "2", "--seqlen", "512", "--iters", "5", "--warmup", "1", "--repeats", "3"]
 FIELDS = {"device_kind", "platform", "kernels_available", "kernels_used", "jax_version", "jaxlib_version",
-          "jax_flashmla_version", "decode_kernel_env", "combine_env", "date_utc", "method", "batch", "s_k", "s_q",
-          "h_q", "h_kv", "causal", "dtype", "mean_len", "kernel_ms", "e2e_ms", "flops", "bytes", "tflops", "gbps",
-          "roofline_pct", "baseline_ms", "speedup", "reportable", "baseline_iters", "kernel_timing", "loop_ms",
-          "baseline_timing", "baseline_loop_ms", "kernel_tail_ms"}  # fmt: skip
+          "jax_flashmla_version", "decode_kernel_env", "combine_env", "combine_slices_env", "date_utc", "method",
+          "batch", "s_k", "s_q", "h_q", "h_kv", "causal", "dtype", "mean_len", "kernel_ms", "e2e_ms", "flops", "bytes",
+          "tflops", "gbps", "roofline_pct", "baseline_ms", "speedup", "reportable", "baseline_iters", "kernel_timing",
+          "loop_ms", "baseline_timing", "baseline_loop_ms", "kernel_tail_ms"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

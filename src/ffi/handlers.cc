@@ -82,7 +82,7 @@ ffi::Error DecodeImpl(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_ca
     return ffi::Error::InvalidArgument("jax_flashmla decode: block_table " + dims_to_string(bd) +
                                        " is wider than the split-KV scheduler counts for this batch");
   const int64_t q_rows = s_q * h_q / h_kv;
-  // Launch grids: parts and KV heads are z and y dimensions, and the combine's z dimension covers the rows.
+  // Launch grids: parts and KV heads are z and y dimensions (the combine loops over rows beyond its z dimension).
   if (num_parts < 1 || num_parts > kMaxScheduleParts || h_kv > kMaxGridYZ || q_rows > kMaxQueryRows)
     return ffi::Error::InvalidArgument("jax_flashmla decode: beyond CUDA's grid limits, tile_metadata " +
                                        dims_to_string(md) + ", q " + dims_to_string(qd) + ", h_kv " +

@@ -1,4 +1,4 @@
-// 16-bit element types: 8-wide loads/stores between shared/global memory and float registers.
+// 16-bit element types: 4- and 8-wide loads/stores between shared/global memory and float registers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -34,6 +34,15 @@ __device__ __forceinline__ void unpack8(const uint4& v, float* out) {
     out[2 * i] = f.x;
     out[2 * i + 1] = f.y;
   }
+}
+
+template <typename T>
+__device__ __forceinline__ uint2 pack4(const float* in) {
+  uint2 v;
+  auto* pairs = reinterpret_cast<typename Element<T>::Pair*>(&v);
+  pairs[0] = Element<T>::from_float2(in[0], in[1]);
+  pairs[1] = Element<T>::from_float2(in[2], in[3]);
+  return v;
 }
 
 template <typename T>
