@@ -30,8 +30,9 @@ def _kernels_must_be_there():
 @contextlib.contextmanager
 def launch_environment(**variables):
     """Sets JAX_FLASHMLA_DECODE_KERNEL / JAX_FLASHMLA_COMBINE / JAX_FLASHMLA_COMBINE_SLICES (decode_kernel=...,
-    combine=..., combine_slices=...), which the decode handler reads at each launch, and restores them on exit. JAX's compiled executables are dropped on entry and
-    on exit, so that no CUDA graph XLA captured under one setting replays its kernels under another."""
+    combine=..., combine_slices=...), which the decode handler reads at each launch, and restores them on exit.
+    JAX's compiled executables are dropped on entry and on exit, so that no CUDA graph XLA captured under one
+    setting replays its kernels under another."""
     names = {f"JAX_FLASHMLA_{name.upper()}": value for name, value in variables.items()}
     saved = {name: os.environ.get(name) for name in names}
     os.environ.update(names)

@@ -46,8 +46,8 @@ struct CombineShape {
 };
 
 // Merges splits [first, first + count) of one query row's slice: the splits in index order, each output element
-// the same chain of fmaf as one warp per row gives (so the bits do not depend on kSlices). Every split's partial
-// load is independent of the LSEs, so the first batch is issued before the LSE maximum is known.
+// one chain of fmaf whatever kSlices (so the bits do not depend on it). Every split's partial load is independent
+// of the LSEs, so the first batch is issued before the LSE maximum is known.
 template <typename T, int kSlices>
 __device__ __forceinline__ void merge_row(const DecodeParams& p, int seq, int head_kv, int row, int slice, int lane,
                                           int first, int count) {
@@ -164,7 +164,14 @@ cudaError_t launch_combine_typed(const DecodeParams& p, cudaStream_t stream, boo
   dependent.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
   const int row_blocks = (p.q_rows + CombineShape<kSlices>::kRowsPerCta - 1) / CombineShape<kSlices>::kRowsPerCta;
-  config.gridDim = dim3(by_sequence ? p.batch : p.num_parts, p.h_kv, std::min(row_blocks, kMaxGridYZ));
+#ifdef JFM_COMBINE_PART_ROW_BLOCKS  // experiment (NOTES.md version 2.26, Next 0): a part column's CTAs each take this
+                                    // many row blocks in turn, fewer CTAs where none fits beside the decode
+  const int blocks_per_cta = by_sequence ? 1 : JFM_COMBINE_PART_ROW_BLOCKS;
+#else
+  const int blocks_per_cta = 1;
+#endif
+  const int grid_rows = std::min((row_blocks + blocks_per_cta - 1) / blocks_per_cta, kMaxGridYZ);
+  config.gridDim = dim3(by_sequence ? p.batch : p.num_parts, p.h_kv, grid_rows);
   config.blockDim = dim3(kCombineWarps * 32);
   config.stream = stream;
   config.attrs = &dependent;
@@ -174,7 +181,7 @@ cudaError_t launch_combine_typed(const DecodeParams& p, cudaStream_t stream, boo
 
 // How many warps share a query row: 4 where sequences have many splits each (batches of at most half the parts, such
 // as b 8 with 132 parts: about 16 splits a sequence), 2 elsewhere. Measured on an H100 against one warp a row
-// (benchmarks/NOTES.md, version 2.26): 4 slices took 0.4-18% off the b 8 rows and up to 2.8% onto b 128 ones, 2
+// (benchmarks/NOTES.md, version 2.26): 4 slices took 0.4-18% off the b 8 rows and up to 3.2% onto b 128 ones, 2
 // slices 0.2% or less either way on b 128's memory rows. JAX_FLASHMLA_COMBINE_SLICES=2 or 4 forces a count.
 int combine_slices(const DecodeParams& p) {
   if (environment_says("JAX_FLASHMLA_COMBINE_SLICES", "2")) return 2;
