@@ -3,6 +3,7 @@
 // Also home of the element-type dispatch for the decode launcher.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/element.cuh"
 #include "kernels/launch_environment.h"
@@ -35,13 +36,15 @@ constexpr int kFloatsInFlight = 32;
 
 // kSlices warps share a query row, each merging kHeadDimV / kSlices of its dims: more slices, more warps, and more
 // splits' loads in flight per warp for the same registers. The launcher picks the count from the schedule's shape.
-// (One warp a row, 16 floats a lane and two splits ahead, was slower than both: benchmarks/NOTES.md, version 2.26.)
+// (One warp a row, 16 floats a lane and two splits ahead, was slower than two or four: NOTES.md, version 2.26.)
 template <int kSlices>
 struct CombineShape {
-  static_assert(kSlices == 2 || kSlices == 4, "a lane holds 8 or 4 floats of a row");
+  static_assert(kSlices == 2 || kSlices == 4 || kSlices == 8, "a lane holds 8, 4 or 2 floats of a row");
   static constexpr int kRowsPerCta = kCombineWarps / kSlices;
   static constexpr int kLaneFloats = kHeadDimV / kSlices / 32;
-  static constexpr int kLaneVectors = kLaneFloats / 4;  // float4 loads per lane and split
+  static constexpr int kVectorFloats = kLaneFloats < 4 ? kLaneFloats : 4;  // floats per load
+  using Vector = std::conditional_t<kVectorFloats == 4, float4, float2>;
+  static constexpr int kLaneVectors = kLaneFloats / kVectorFloats;  // loads per lane and split
   static constexpr int kSplitsAhead = kFloatsInFlight / kLaneFloats;
 };
 
@@ -55,12 +58,13 @@ __device__ __forceinline__ void merge_row(const DecodeParams& p, int seq, int he
   const auto slot = [&](int t) { return (static_cast<size_t>(first + t) * p.h_kv + head_kv) * p.q_rows + row; };
   const int lane_offset = slice * (kHeadDimV / kSlices) + lane * Shape::kLaneFloats;  // first float of this lane
 
-  float4 partial[Shape::kSplitsAhead][Shape::kLaneVectors];
+  using Vector = typename Shape::Vector;
+  Vector partial[Shape::kSplitsAhead][Shape::kLaneVectors];
   const auto load_batch = [&](int base) {
 #pragma unroll
     for (int k = 0; k < Shape::kSplitsAhead; ++k) {
       if (base + k >= count) break;
-      const float4* src = reinterpret_cast<const float4*>(p.o_accum + slot(base + k) * kHeadDimV + lane_offset);
+      const Vector* src = reinterpret_cast<const Vector*>(p.o_accum + slot(base + k) * kHeadDimV + lane_offset);
 #pragma unroll
       for (int v = 0; v < Shape::kLaneVectors; ++v) partial[k][v] = src[v];
     }
@@ -95,11 +99,14 @@ __device__ __forceinline__ void merge_row(const DecodeParams& p, int seq, int he
         weight_sum += w;
 #pragma unroll
         for (int v = 0; v < Shape::kLaneVectors; ++v) {
-          const float4 x = partial[k][v];
-          o[4 * v] = fmaf(w, x.x, o[4 * v]);
-          o[4 * v + 1] = fmaf(w, x.y, o[4 * v + 1]);
-          o[4 * v + 2] = fmaf(w, x.z, o[4 * v + 2]);
-          o[4 * v + 3] = fmaf(w, x.w, o[4 * v + 3]);
+          float* lane_o = o + Shape::kVectorFloats * v;
+          const Vector x = partial[k][v];
+          lane_o[0] = fmaf(w, x.x, lane_o[0]);
+          lane_o[1] = fmaf(w, x.y, lane_o[1]);
+          if constexpr (Shape::kVectorFloats == 4) {
+            lane_o[2] = fmaf(w, x.z, lane_o[2]);
+            lane_o[3] = fmaf(w, x.w, lane_o[3]);
+          }
         }
       }
     }
@@ -112,7 +119,9 @@ __device__ __forceinline__ void merge_row(const DecodeParams& p, int seq, int he
   const int s_idx = row / group, head = head_kv * group + row % group;
   T* out = static_cast<T*>(p.out) + ((static_cast<size_t>(seq) * p.s_q + s_idx) * p.h_q + head) * kHeadDimV +
            lane_offset;
-  if constexpr (Shape::kLaneFloats == 4) {
+  if constexpr (Shape::kLaneFloats == 2) {
+    *reinterpret_cast<typename Element<T>::Pair*>(out) = Element<T>::from_float2(o[0], o[1]);
+  } else if constexpr (Shape::kLaneFloats == 4) {
     *reinterpret_cast<uint2*>(out) = pack4<T>(o);
   } else {
 #pragma unroll
@@ -182,18 +191,23 @@ cudaError_t launch_combine_typed(const DecodeParams& p, cudaStream_t stream, boo
 // How many warps share a query row: 4 where sequences have many splits each (batches of at most half the parts, such
 // as b 8 with 132 parts: about 16 splits a sequence), 2 elsewhere. Measured on an H100 against one warp a row
 // (benchmarks/NOTES.md, version 2.26): 4 slices took 0.4-18% off the b 8 rows and up to 3.2% onto b 128 ones, 2
-// slices 0.2% or less either way on b 128's memory rows. JAX_FLASHMLA_COMBINE_SLICES=2 or 4 forces a count.
+// slices 0.2% or less either way on b 128's memory rows. JAX_FLASHMLA_COMBINE_SLICES=2 or 4 forces a count; =8 (16
+// splits in flight, one round trip for most b 8 rows) is an experiment, not yet run on a GPU.
 int combine_slices(const DecodeParams& p) {
   if (environment_says("JAX_FLASHMLA_COMBINE_SLICES", "2")) return 2;
   if (environment_says("JAX_FLASHMLA_COMBINE_SLICES", "4")) return 4;
+  if (environment_says("JAX_FLASHMLA_COMBINE_SLICES", "8")) return 8;  // an experiment, NOTES.md version 2.26
   return 2 * static_cast<long long>(p.batch) <= p.num_parts ? 4 : 2;
 }
 
 template <typename T>
 cudaError_t launch_combine_sliced(const DecodeParams& p, cudaStream_t stream) {
   const bool by_sequence = p.batch <= p.num_parts;
-  return combine_slices(p) == 4 ? launch_combine_typed<T, 4>(p, stream, by_sequence)
-                                : launch_combine_typed<T, 2>(p, stream, by_sequence);
+  switch (combine_slices(p)) {
+    case 8: return launch_combine_typed<T, 8>(p, stream, by_sequence);
+    case 4: return launch_combine_typed<T, 4>(p, stream, by_sequence);
+    default: return launch_combine_typed<T, 2>(p, stream, by_sequence);
+  }
 }
 
 }  // namespace
