@@ -121,3 +121,12 @@ def test_combine_kernels_stay_within_64_registers(tmp_path, cuda_build_tools):
     assert len(combines) == 6, list(kernels)
     for name, info in combines.items():
         assert info["spill_stores"] == 0 and info["registers"] <= 64, (name, info)
+
+
+@pytest.mark.parametrize("source,define", [("combine.cu", "-DJFM_COMBINE_PART_ROW_BLOCKS=2"),
+                                           ("scheduler.cu", "-DJFM_MIN_PART_UNITS=8")])
+def test_experiment_builds_compile(tmp_path, cuda_build_tools, source, define):
+    """The experiments that benchmarks/NOTES.md version 2.26's next steps time through scripts/compare_builds.sh
+    still compile, so a GPU session does not lose its call to a build error; their kernels do not spill."""
+    kernels = _kernels(_ptxas_report(ROOT / "src", tmp_path, cuda_build_tools, source=source, defines=(define,)))
+    assert kernels and all(info["spill_stores"] == 0 for info in kernels.values()), kernels

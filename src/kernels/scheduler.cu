@@ -48,7 +48,13 @@ __global__ void __launch_bounds__(kSchedulerThreads) scheduler_kernel(SchedulerP
     __syncthreads();
   }
   const int total = partial_cost[0];
+#ifdef JFM_MIN_PART_UNITS  // experiment (benchmarks/NOTES.md version 2.26, Next 2): parts of at least this many units,
+                           // so that a small batch is cut into fewer splits. scheduler.py does not know it, so
+                           // test_metadata_kernel_matches_spec fails in such a build.
+  const Walker walk{p.tile_metadata, max((total + p.num_parts - 1) / p.num_parts, JFM_MIN_PART_UNITS)};
+#else
   const Walker walk{p.tile_metadata, (total + p.num_parts - 1) / p.num_parts};
+#endif
 
   for (int i = threadIdx.x; i < p.num_parts * kMetadataRowInts; i += blockDim.x) p.tile_metadata[i] = 0;
   __syncthreads();
