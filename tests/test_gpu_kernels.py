@@ -69,6 +69,13 @@ def kernel_call(q, k_cache, block_table, cache_seqlens, attn_sink=None, *, causa
                                       attn_sink=attn_sink, poison_outputs=True)
 
 
+def assert_same_bits(got, want, err_msg):
+    """got and want are the same array bit for bit (NaNs included): compared as unsigned integers of their width."""
+    want = np.asarray(want)
+    bits = np.uint16 if want.dtype.itemsize == 2 else np.uint32
+    np.testing.assert_array_equal(np.asarray(got).view(bits), want.view(bits), err_msg=err_msg)
+
+
 def check_against_reference(problem, causal, dtype, kernel_q=None):
     """kernel_q: the kernel's q where it differs from the reference's only in rows that must not matter."""
     p = problem
@@ -187,9 +194,7 @@ def test_dependent_combine_launch(kernel, h_q, s_q, dtype, launch_switches, rng_
     launch_switches(combine="dependent")  # which also drops what was compiled under the other setting
     for call in range(4):  # a race shows only sometimes: several calls
         for i, (want, got) in enumerate(zip(plain, three_decodes(*args))):
-            bits = np.uint16 if want.dtype.itemsize == 2 else np.uint32
-            np.testing.assert_array_equal(np.asarray(got).view(bits), want.view(bits),
-                                          err_msg=f"call {call}, result {i}")
+            assert_same_bits(got, want, f"call {call}, result {i}")
     check_against_reference(p, True, dtype)
 
 
@@ -214,8 +219,7 @@ def test_combine_slices_give_the_same_bits(batch, h_q, s_q, dtype, launch_switch
                                                               causal=True)]
     for slices in ("4", "8"):
         for want, got in zip(results["2"], results[slices]):
-            bits = np.uint16 if want.dtype.itemsize == 2 else np.uint32
-            np.testing.assert_array_equal(got.view(bits), want.view(bits), err_msg=f"{slices} warps a row")
+            assert_same_bits(got, want, f"{slices} warps a row")
     check_against_reference(p, True, dtype)
 
 

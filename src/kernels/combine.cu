@@ -46,6 +46,7 @@ struct CombineShape {
   using Vector = std::conditional_t<kVectorFloats == 4, float4, float2>;
   static constexpr int kLaneVectors = kLaneFloats / kVectorFloats;  // loads per lane and split
   static constexpr int kSplitsAhead = kFloatsInFlight / kLaneFloats;
+  __host__ __device__ static int row_blocks(int q_rows) { return (q_rows + kRowsPerCta - 1) / kRowsPerCta; }
 };
 
 // Merges splits [first, first + count) of one query row's slice: the splits in index order, each output element
@@ -159,12 +160,19 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 4) combine_kernel(const De
 #endif
   // One split was written straight to out; a range outside the buffers means metadata for other lengths.
   if (!has_seq || !several_splits_inside(first, next, p.batch + p.num_parts)) return;
-  const int row_blocks = (p.q_rows + Shape::kRowsPerCta - 1) / Shape::kRowsPerCta;
+  const int row_blocks = Shape::row_blocks(p.q_rows);
   for (int block = blockIdx.z; block < row_blocks; block += gridDim.z) {
     const int row = block * Shape::kRowsPerCta + warp / kSlices;
     if (row < p.q_rows) merge_row<T, kSlices>(p, seq, head_kv, row, warp % kSlices, lane, first, next - first);
   }
 }
+
+// Row blocks each CTA of a part column takes in turn. An experiment (NOTES.md version 2.26, Next 0) builds with
+// -DJFM_COMBINE_PART_ROW_BLOCKS=2: fewer CTAs where none fits beside the decode.
+#ifndef JFM_COMBINE_PART_ROW_BLOCKS
+#define JFM_COMBINE_PART_ROW_BLOCKS 1
+#endif
+constexpr int kPartRowBlocksPerCta = JFM_COMBINE_PART_ROW_BLOCKS;
 
 template <typename T, int kSlices>
 cudaError_t launch_combine_typed(const DecodeParams& p, cudaStream_t stream, bool by_sequence) {
@@ -172,13 +180,8 @@ cudaError_t launch_combine_typed(const DecodeParams& p, cudaStream_t stream, boo
   dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   dependent.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
-  const int row_blocks = (p.q_rows + CombineShape<kSlices>::kRowsPerCta - 1) / CombineShape<kSlices>::kRowsPerCta;
-#ifdef JFM_COMBINE_PART_ROW_BLOCKS  // experiment (NOTES.md version 2.26, Next 0): a part column's CTAs each take this
-                                    // many row blocks in turn, fewer CTAs where none fits beside the decode
-  const int blocks_per_cta = by_sequence ? 1 : JFM_COMBINE_PART_ROW_BLOCKS;
-#else
-  const int blocks_per_cta = 1;
-#endif
+  const int row_blocks = CombineShape<kSlices>::row_blocks(p.q_rows);
+  const int blocks_per_cta = by_sequence ? 1 : kPartRowBlocksPerCta;
   const int grid_rows = std::min((row_blocks + blocks_per_cta - 1) / blocks_per_cta, kMaxGridYZ);
   config.gridDim = dim3(by_sequence ? p.batch : p.num_parts, p.h_kv, grid_rows);
   config.blockDim = dim3(kCombineWarps * 32);
