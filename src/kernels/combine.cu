@@ -3,7 +3,6 @@
 // Also home of the element-type dispatch for the decode launcher.
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 
 #include "kernels/element.cuh"
 #include "kernels/launch_environment.h"
@@ -36,15 +35,14 @@ constexpr int kFloatsInFlight = 32;
 
 // kSlices warps share a query row, each merging kHeadDimV / kSlices of its dims: more slices, more warps, and more
 // splits' loads in flight per warp for the same registers. The launcher picks the count from the schedule's shape.
-// (One warp a row, 16 floats a lane and two splits ahead, was slower than two or four: NOTES.md, version 2.26.)
+// (One warp a row, 16 floats a lane and two splits ahead, was slower than two or four; eight warps, 2 floats a lane
+// and sixteen splits ahead, gained nothing at b 8: NOTES.md, versions 2.26 and 2.27.)
 template <int kSlices>
 struct CombineShape {
-  static_assert(kSlices == 2 || kSlices == 4 || kSlices == 8, "a lane holds 8, 4 or 2 floats of a row");
+  static_assert(kSlices == 2 || kSlices == 4, "a lane holds 8 or 4 floats of a row");
   static constexpr int kRowsPerCta = kCombineWarps / kSlices;
   static constexpr int kLaneFloats = kHeadDimV / kSlices / 32;
-  static constexpr int kVectorFloats = kLaneFloats < 4 ? kLaneFloats : 4;  // floats per load
-  using Vector = std::conditional_t<kVectorFloats == 4, float4, float2>;
-  static constexpr int kLaneVectors = kLaneFloats / kVectorFloats;  // loads per lane and split
+  static constexpr int kLaneVectors = kLaneFloats / 4;  // float4 loads per lane and split
   static constexpr int kSplitsAhead = kFloatsInFlight / kLaneFloats;
   __host__ __device__ static int row_blocks(int q_rows) { return (q_rows + kRowsPerCta - 1) / kRowsPerCta; }
 };
@@ -59,13 +57,12 @@ __device__ __forceinline__ void merge_row(const DecodeParams& p, int seq, int he
   const auto slot = [&](int t) { return (static_cast<size_t>(first + t) * p.h_kv + head_kv) * p.q_rows + row; };
   const int lane_offset = slice * (kHeadDimV / kSlices) + lane * Shape::kLaneFloats;  // first float of this lane
 
-  using Vector = typename Shape::Vector;
-  Vector partial[Shape::kSplitsAhead][Shape::kLaneVectors];
+  float4 partial[Shape::kSplitsAhead][Shape::kLaneVectors];
   const auto load_batch = [&](int base) {
 #pragma unroll
     for (int k = 0; k < Shape::kSplitsAhead; ++k) {
       if (base + k >= count) break;
-      const Vector* src = reinterpret_cast<const Vector*>(p.o_accum + slot(base + k) * kHeadDimV + lane_offset);
+      const float4* src = reinterpret_cast<const float4*>(p.o_accum + slot(base + k) * kHeadDimV + lane_offset);
 #pragma unroll
       for (int v = 0; v < Shape::kLaneVectors; ++v) partial[k][v] = src[v];
     }
@@ -100,14 +97,12 @@ __device__ __forceinline__ void merge_row(const DecodeParams& p, int seq, int he
         weight_sum += w;
 #pragma unroll
         for (int v = 0; v < Shape::kLaneVectors; ++v) {
-          float* lane_o = o + Shape::kVectorFloats * v;
-          const Vector x = partial[k][v];
+          float* lane_o = o + 4 * v;
+          const float4 x = partial[k][v];
           lane_o[0] = fmaf(w, x.x, lane_o[0]);
           lane_o[1] = fmaf(w, x.y, lane_o[1]);
-          if constexpr (Shape::kVectorFloats == 4) {
-            lane_o[2] = fmaf(w, x.z, lane_o[2]);
-            lane_o[3] = fmaf(w, x.w, lane_o[3]);
-          }
+          lane_o[2] = fmaf(w, x.z, lane_o[2]);
+          lane_o[3] = fmaf(w, x.w, lane_o[3]);
         }
       }
     }
@@ -120,9 +115,7 @@ __device__ __forceinline__ void merge_row(const DecodeParams& p, int seq, int he
   const int s_idx = row / group, head = head_kv * group + row % group;
   T* out = static_cast<T*>(p.out) + ((static_cast<size_t>(seq) * p.s_q + s_idx) * p.h_q + head) * kHeadDimV +
            lane_offset;
-  if constexpr (Shape::kLaneFloats == 2) {
-    *reinterpret_cast<typename Element<T>::Pair*>(out) = Element<T>::from_float2(o[0], o[1]);
-  } else if constexpr (Shape::kLaneFloats == 4) {
+  if constexpr (Shape::kLaneFloats == 4) {
     *reinterpret_cast<uint2*>(out) = pack4<T>(o);
   } else {
 #pragma unroll
@@ -167,22 +160,13 @@ __global__ void __launch_bounds__(kCombineWarps * 32, 4) combine_kernel(const De
   }
 }
 
-// Row blocks each CTA of a part column takes in turn. An experiment (NOTES.md version 2.26, Next 0) builds with
-// -DJFM_COMBINE_PART_ROW_BLOCKS=2: fewer CTAs where none fits beside the decode.
-#ifndef JFM_COMBINE_PART_ROW_BLOCKS
-#define JFM_COMBINE_PART_ROW_BLOCKS 1
-#endif
-constexpr int kPartRowBlocksPerCta = JFM_COMBINE_PART_ROW_BLOCKS;
-
 template <typename T, int kSlices>
 cudaError_t launch_combine_typed(const DecodeParams& p, cudaStream_t stream, bool by_sequence) {
   cudaLaunchAttribute dependent{};
   dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   dependent.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config{};
-  const int row_blocks = CombineShape<kSlices>::row_blocks(p.q_rows);
-  const int blocks_per_cta = by_sequence ? 1 : kPartRowBlocksPerCta;
-  const int grid_rows = std::min((row_blocks + blocks_per_cta - 1) / blocks_per_cta, kMaxGridYZ);
+  const int grid_rows = std::min(CombineShape<kSlices>::row_blocks(p.q_rows), kMaxGridYZ);
   config.gridDim = dim3(by_sequence ? p.batch : p.num_parts, p.h_kv, grid_rows);
   config.blockDim = dim3(kCombineWarps * 32);
   config.stream = stream;
@@ -194,12 +178,10 @@ cudaError_t launch_combine_typed(const DecodeParams& p, cudaStream_t stream, boo
 // How many warps share a query row: 4 where sequences have many splits each (batches of at most half the parts, such
 // as b 8 with 132 parts: about 16 splits a sequence), 2 elsewhere. Measured on an H100 against one warp a row
 // (benchmarks/NOTES.md, version 2.26): 4 slices took 0.4-18% off the b 8 rows and up to 3.2% onto b 128 ones, 2
-// slices 0.2% or less either way on b 128's memory rows. JAX_FLASHMLA_COMBINE_SLICES=2 or 4 forces a count; =8 (16
-// splits in flight, one round trip for most b 8 rows) is an experiment, not yet run on a GPU.
+// slices 0.2% or less either way on b 128's memory rows. JAX_FLASHMLA_COMBINE_SLICES=2 or 4 forces a count.
 int combine_slices(const DecodeParams& p) {
   if (environment_says("JAX_FLASHMLA_COMBINE_SLICES", "2")) return 2;
   if (environment_says("JAX_FLASHMLA_COMBINE_SLICES", "4")) return 4;
-  if (environment_says("JAX_FLASHMLA_COMBINE_SLICES", "8")) return 8;  // an experiment, NOTES.md version 2.26
   return 2 * static_cast<long long>(p.batch) <= p.num_parts ? 4 : 2;
 }
 
@@ -207,7 +189,6 @@ template <typename T>
 cudaError_t launch_combine_sliced(const DecodeParams& p, cudaStream_t stream) {
   const bool by_sequence = p.batch <= p.num_parts;
   switch (combine_slices(p)) {
-    case 8: return launch_combine_typed<T, 8>(p, stream, by_sequence);
     case 4: return launch_combine_typed<T, 4>(p, stream, by_sequence);
     default: return launch_combine_typed<T, 2>(p, stream, by_sequence);
   }

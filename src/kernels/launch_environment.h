@@ -4,8 +4,8 @@
 //   JAX_FLASHMLA_COMBINE        how the combine kernel, which merges a sequence's splits, is launched: as a
 //                               programmatic dependent of the decode (unset or =dependent, combine.cu), or
 //                               after the decode has finished (=separate);
-//   JAX_FLASHMLA_COMBINE_SLICES how many warps merge one query row (=2 or =4, or =8 as an experiment; unset: by
-//                               the schedule's shape, combine.cu).
+//   JAX_FLASHMLA_COMBINE_SLICES how many warps merge one query row (=2 or =4; unset: by the schedule's shape,
+//                               combine.cu).
 #pragma once
 
 #include <cstdlib>

@@ -9,13 +9,6 @@ namespace {
 
 constexpr int kSchedulerThreads = 256;
 constexpr int kStageInts = 4096;  // lengths staged per round
-// The fewest units a part gets: by default none beyond the spec's even cut. An experiment (benchmarks/NOTES.md
-// version 2.26, Next 2) builds with -DJFM_MIN_PART_UNITS=N, so that a small batch is cut into fewer splits;
-// scheduler.py does not know it, so test_metadata_kernel_matches_spec fails in such a build.
-#ifndef JFM_MIN_PART_UNITS
-#define JFM_MIN_PART_UNITS 1
-#endif
-constexpr int kMinPartUnits = JFM_MIN_PART_UNITS;
 
 // Lengths are clipped to max_blocks pages first, so that nothing below overflows int32 (scheduler.py).
 __device__ __forceinline__ int blocks_of(int seqlen, int max_blocks) {
@@ -56,7 +49,7 @@ __global__ void __launch_bounds__(kSchedulerThreads) scheduler_kernel(SchedulerP
   }
   const int total = partial_cost[0];
   const int even_part = (total + p.num_parts - 1) / p.num_parts;  // at least 1: total >= batch * split_overhead
-  const Walker walk{p.tile_metadata, kMinPartUnits > 1 ? max(even_part, kMinPartUnits) : even_part};
+  const Walker walk{p.tile_metadata, even_part};
 
   for (int i = threadIdx.x; i < p.num_parts * kMetadataRowInts; i += blockDim.x) p.tile_metadata[i] = 0;
   __syncthreads();
