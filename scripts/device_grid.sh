@@ -18,10 +18,11 @@ for S in 4096 8192 16384 32768; do
   timeout "$TIMEOUT" python3 -m jax_flashmla.bench --seqlen $S --repeats 3 --warmup 1 --baseline-iters 2 \
     --out "$WORK/b$S" > "$WORK/grid_b$S.txt" 2>&1
   echo "s_k $S rc=$? t=$SECONDS"; grep -E "^ *[0-9]+ +[0-9]+ " "$WORK/grid_b$S.txt"
-  cat "$WORK"/grid_b*.txt > "$OUT_DIR/grid_tables.txt"
+  for T in 4096 8192 16384 32768; do cat "$WORK/grid_b$T.txt" 2>/dev/null; done > "$OUT_DIR/grid_tables.txt"
   python3 -c "
-import glob, json, sys
-records = [r for f in sorted(glob.glob(sys.argv[1] + '/b*/results.json')) for r in json.load(open(f))]
+import glob, json, re, sys
+files = sorted(glob.glob(sys.argv[1] + '/b*/results.json'), key=lambda f: int(re.search(r'/b([0-9]+)/', f).group(1)))
+records = [r for f in files for r in json.load(open(f))]
 json.dump(records, open(sys.argv[2], 'w'), indent=1)
 print(len(records), 'records')" "$WORK" "$OUT_DIR/h100_grid.json"
 done
