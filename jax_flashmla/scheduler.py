@@ -145,5 +145,5 @@ def schedule(cache_seqlens: jnp.ndarray, num_parts: int, split_overhead: int, ta
     block_end = jnp.where(has_end, jnp.minimum(n[be], piece_end - first_block_unit[be]), 0)
     split_begin = jnp.where(has_begin, ranks - first[bb], 0)
     zeros = jnp.zeros_like(row)
-    rows = [batch_begin, block_begin, batch_end, block_end, split_begin] + [zeros] * (METADATA_ROW_INTS - 5)
-    return jnp.stack(rows, axis=1).astype(jnp.int32), num_splits
+    fields = [batch_begin, block_begin, batch_end, block_end, split_begin] + [zeros] * (METADATA_ROW_INTS - 5)
+    return jnp.stack(fields, axis=1).astype(jnp.int32), num_splits
