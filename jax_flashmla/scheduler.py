@@ -111,13 +111,12 @@ def schedule(cache_seqlens: jnp.ndarray, num_parts: int, split_overhead: int, ta
 
     def rank(unit):
         part = unit // part_size
-        return pieces_per_part * part + (unit - part * part_size >= part_size - tail).astype(jnp.int32) * (tail > 0)
+        return pieces_per_part * part + (unit - part * part_size >= part_size - tail).astype(jnp.int32)  # 0 if t = 0
 
     def piece_bounds(r):  # [start, end) of piece r on the line
         part, second = r // pieces_per_part, r % pieces_per_part
         begin = part * part_size + second * (part_size - tail)
-        return begin, jnp.where(pieces_per_part == 1, begin + part_size,
-                                jnp.where(second == 0, begin + part_size - tail, begin + tail))
+        return begin, jnp.where(second == 0, begin + part_size - tail, begin + tail)  # t = 0: one piece a part
 
     first_block_unit = start + overhead
     first = rank(first_block_unit - (n == 0).astype(jnp.int32))

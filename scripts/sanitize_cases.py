@@ -1,10 +1,11 @@
 """A few decode problems for compute-sanitizer (memcheck, racecheck), run without pytest.
 
 Covers the scheduler, split-KV decode and combine kernels on: varied lengths with an empty sequence, sequences
-split over several CTAs, a schedule with a second wave of tail rows, causal s_q > 1, h_kv = 2, head dim 512, a layer read in place from a stacked pool, and
-hostile runtime values (lengths past the table up to INT32_MAX, negative lengths, out-of-range and
-negative page ids, schedules computed for other lengths or made of arbitrary integers). Each result is also
-checked against the reference, except those of the hostile schedules, which are undefined.
+split over several CTAs, a schedule with a second wave of tail rows, causal s_q > 1, h_kv = 2, head dim 512, a
+layer read in place from a stacked pool, and hostile runtime values (lengths past the table up to INT32_MAX,
+negative lengths, out-of-range and negative page ids, schedules computed for other lengths or made of arbitrary
+integers). Each result is also checked against the reference, except those of the hostile schedules, which are
+undefined.
 Usage: python scripts/sanitize_cases.py [small]
 """
 

@@ -10,7 +10,7 @@ spills 16 bytes, as it long has; the seesaw and narrow kernels are held to none.
 copies scripts/trace_chunk_timeline.py writes, and for the narrow kernel's stall counters
 (-DJFM_NARROW_STALLS), whose records must not change what they measure: a printf in the decode kernel
 serialized it (C7510) until the records moved to a printing kernel of their own.
-It also compiles the combine kernel with and without its experiment macros, which the GPU sessions time.
+It also holds every combine kernel instantiation to 64 registers without spills.
 """
 
 import pathlib

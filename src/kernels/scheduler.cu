@@ -165,11 +165,12 @@ void schedule_on_host(const SchedulerParams& p) {
   for (int part = 0; part < p.num_parts; ++part) idle_row(p.tile_metadata + part * kMetadataRowInts);
 }
 
+// What launch_scheduler (and the host test) refuses: with a second wave the rows are the parts, then their tails.
 bool scheduler_params_valid(const SchedulerParams& params) {
   return params.batch >= 1 && params.batch <= kMaxScheduledBatch && params.num_parts >= 1 &&
          params.num_parts <= kMaxScheduleParts && params.split_overhead >= 1 &&
-         params.split_overhead <= kSplitOverheadBlocks && params.tail_units >= 0 && params.tail_units <= kMaxTailUnits &&
-         (params.tail_units == 0 || params.num_parts % 2 == 0);
+         params.split_overhead <= kSplitOverheadBlocks && params.tail_units >= 0 &&
+         params.tail_units <= kMaxTailUnits && (params.tail_units == 0 || params.num_parts % 2 == 0);
 }
 
 }  // namespace
