@@ -9,10 +9,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from . import sharding, validation
-from .constants import BLOCK_M, DEFAULT_NUM_SMS, MAX_SCHEDULE_PARTS
+from .constants import DEFAULT_NUM_SMS
 from .primitives import bind_schedule, device_num_sms
 from .reference import apply_attention_sink
-from .scheduler import num_parts_for, schedule_rows
 from .sparse_xla import compute_dtype, sparse_decode, sparse_prefill
 
 
@@ -29,7 +28,7 @@ def _default_num_sms() -> int:
 
 def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int | None = None, num_heads_k: int | None = None,
                      num_heads_q: int | None = None, is_fp8_kvcache: bool = False, topk: int | None = None, *,
-                     num_sms: int | None = None, tail_units: int = 0):
+                     num_sms: int | None = None):
     """Split-KV schedule for one decode step; compute once per step and pass to every layer.
 
     The arguments are FlashMLA's, in its order, so either of its call forms ports unchanged:
@@ -46,10 +45,6 @@ def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int | None = N
         for sparse attention, which needs no schedule here: it returns (None, None). An FP8 cache without topk
         (dense decode of an FP8 cache) raises a NotImplementedError.
       num_sms: SMs to fill, 1 to 65535; defaults to the first GPU's count (132 when no GPU is visible).
-      tail_units: 0 (the default), or 1 to 64 for an experimental second wave (scheduler.py): each part hands its
-        last tail_units blocks (schedule units) to a tail part that runs on whichever SM frees first, and the
-        metadata has twice the rows. Not yet timed on a GPU (benchmarks/NOTES.md, version 2.27); a decode under
-        vmap or a mesh computes its own schedule without it.
     The schedule charges each split the fixed cost of the kernel that num_q_tokens_per_head_k selects (2 blocks
     for the narrow kernel's head groups of at most 32 query rows, 5 for wider ones: scheduler.split_overhead_for).
     Returns:
@@ -76,14 +71,9 @@ def get_mla_metadata(cache_seqlens=None, num_q_tokens_per_head_k: int | None = N
                         f"{', '.join(missing)}")
     validation.check_seqlens(cache_seqlens)
     validation.check_metadata_args(num_q_tokens_per_head_k, num_heads_k, num_sms, num_heads_q)
-    num_sms = _default_num_sms() if num_sms is None else num_sms
-    rows = schedule_rows(num_parts_for(num_sms, num_heads_k, num_q_tokens_per_head_k, BLOCK_M), tail_units)
-    if rows > MAX_SCHEDULE_PARTS:
-        raise ValueError(f"tail_units={tail_units} doubles the schedule's rows to {rows} for num_sms={num_sms}; "
-                         f"the decode grid takes at most {MAX_SCHEDULE_PARTS}")
     # The schedule covers the whole batch: under Explicit mesh axes the lengths are gathered first.
-    return bind_schedule(sharding.gathered(cache_seqlens), num_sms=num_sms, num_heads_k=num_heads_k,
-                         num_q_tokens_per_head_k=num_q_tokens_per_head_k, tail_units=tail_units)
+    return bind_schedule(sharding.gathered(cache_seqlens), num_sms=_default_num_sms() if num_sms is None else num_sms,
+                         num_heads_k=num_heads_k, num_q_tokens_per_head_k=num_q_tokens_per_head_k)
 
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int, tile_scheduler_metadata=None,

@@ -90,7 +90,7 @@ import numpy as np
 from . import __version__, kernels_available, why_kernels_unavailable
 from .api import flash_mla_with_kvcache, get_mla_metadata
 from .cache import indices_in_kvcache
-from .constants import MAX_TAIL_UNITS, PAGE_SIZE
+from .constants import PAGE_SIZE
 from .device_timing import profile_calls_ms
 from .fp8_cache import FP8_TOKEN_BYTES, quantize_kv_cache
 from .indexer import index_scores, select_topk
@@ -218,10 +218,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--layers", type=int, default=1,
                    help="layers in the KV pool (default 1: FlashMLA's one-layer k_cache); with N > 1 the decode "
                    "reads the last layer of the stack in place, and e2e_sliced_ms times slicing it out instead")
-    g.add_argument("--tail-units", type=int, default=0,
-                   help="get_mla_metadata's tail_units for the timed decode (default 0): each part hands its last N "
-                   "units to a second wave of parts (an experiment, jax_flashmla/scheduler.py); the e2e column "
-                   "keeps the default schedule")
     t = p.add_argument_group("timing and output")
     t.add_argument("--warmup", type=int, default=2,
                    help="untimed calls of each function; the first compiles (default 2)")
@@ -266,10 +262,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--h-q values must be multiples of --h-kv {args.h_kv}")
     if args.sparse_topk is not None and args.sparse_topk < 1:
         p.error(f"--sparse-topk must be >= 1, got {args.sparse_topk}")
-    if not 0 <= args.tail_units <= MAX_TAIL_UNITS:
-        p.error(f"--tail-units must be in [0, {MAX_TAIL_UNITS}], got {args.tail_units}")
-    if args.tail_units and args.sparse_topk:
-        p.error("--tail-units applies to the dense decode only: sparse attention takes no split-KV schedule")
     if args.sparse_topk and args.causal != "off":
         p.error("--causal applies to the dense decode only: sparse attention takes no causal mask")
     if args.fp8 and not args.sparse_topk:
@@ -555,7 +547,7 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
         sliced = jax.jit(lambda q, pools, indices: _sparse_decode(q, pools[layer], indices, fp8=config.fp8))
     else:
         q_rows = config.s_q * config.h_q // config.h_kv
-        metadata = jax.block_until_ready(get_mla_metadata(seqlens, q_rows, config.h_kv, tail_units=args.tail_units))
+        metadata = jax.block_until_ready(get_mla_metadata(seqlens, q_rows, config.h_kv))
         decode = functools.partial(_decode_with_metadata, causal=config.causal, layer=layer)
         timed_args, e2e_args = (q, k_cache, table, seqlens, *metadata), (q, k_cache, table, seqlens)
         e2e = jax.jit(functools.partial(_decode_end_to_end, causal=config.causal, layer=layer))
@@ -608,8 +600,6 @@ def bench_row(config: RowConfig, args: argparse.Namespace, key) -> dict:
         "fixed_lengths": args.fixed_lengths, "seed": args.seed, "page_order": args.page_order,
         # Blocks the schedule charged per split (scheduler.split_overhead_for; 5 for every row before 2026-12-06).
         "split_overhead": None if config.sparse_topk else split_overhead_for(config.s_q * config.h_q // config.h_kv),
-        # get_mla_metadata's second wave for kernel_ms (--tail-units; 0 for every row before 2026-12-06 09:00 UTC).
-        "tail_units": None if config.sparse_topk else args.tail_units,
         "mean_len": mean_len, "min_len": int(lengths.min()), "max_len": int(lengths.max()),
         "layers": args.layers, "kv_cache_mb": k_cache.nbytes / args.layers / 1e6,  # the layer read
         "iters": args.iters, "repeats": args.repeats, "warmup": args.warmup, "baseline_iters": args.baseline_iters,
@@ -808,8 +798,6 @@ def main(argv=None) -> int:
         print(f"JAX_FLASHMLA_COMBINE={env['combine_env']}: how the splits are merged")
     if env["combine_slices_env"]:
         print(f"JAX_FLASHMLA_COMBINE_SLICES={env['combine_slices_env']}: warps per query row in the combine")
-    if args.tail_units:
-        print(f"--tail-units {args.tail_units}: the timed decode's schedule has a second wave (scheduler.py)")
     print(peaks_note)
     print(f"{len(rows)} rows, {args.dtype}, {args.iters} iters x {args.repeats} repeats, warm-up {args.warmup}")
     if args.iters < MIN_REPORTED_ITERS:

@@ -10,7 +10,6 @@ NARROW_MAX_QUERY_ROWS = 32  # head groups of at most this many query rows run th
 NARROW_SPLIT_OVERHEAD_BLOCKS = 2  # the narrow kernel's charge: its splits cost it less (benchmarks/NOTES.md, 2.22)
 SCHEDULE_UNIT_LIMIT = 2**30  # the scheduler sums a batch's blocks and overheads in int32, up to this
 MAX_SCHEDULED_BATCH = SCHEDULE_UNIT_LIMIT // (SPLIT_OVERHEAD_BLOCKS + 1)  # sequences: each counts one block at least
-MAX_TAIL_UNITS = 64  # the most units a part may hand to its tail part (scheduler.py: the second wave)
 MAX_GRID_YZ = 65535  # CUDA's limit on a launch grid's y and z dimensions
 MAX_SCHEDULE_PARTS = MAX_GRID_YZ  # tile_scheduler_metadata rows: the decode grid's z dimension
 MAX_QUERY_ROWS = 8 * MAX_GRID_YZ  # s_q * h_q / h_kv: the combine grid's z dimension, 8 rows a CTA

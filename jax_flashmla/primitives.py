@@ -1,7 +1,7 @@
 """JAX primitives for MLA decode: abstract evaluation, lowering per platform, and batching.
 
 Two primitives, both internal (jax_flashmla.api is the public face):
-  mla_metadata_p  cache_seqlens -> (tile_metadata, num_splits)      params: num_parts, split_overhead, tail_units
+  mla_metadata_p  cache_seqlens -> (tile_metadata, num_splits)      params: num_parts, split_overhead
   mla_decode_p    q, k_cache, block_table, cache_seqlens, tile_metadata, num_splits, layer
                   -> (out, lse, o_accum, lse_accum)                               params below
 k_cache is one layer's pool (num_pages, 64, h_kv, d), or a stacked pool (num_layers, num_pages, 64, h_kv, d)
@@ -46,28 +46,26 @@ mla_metadata_p.def_impl(functools.partial(dispatch.apply_primitive, mla_metadata
 
 
 @mla_metadata_p.def_abstract_eval
-def _metadata_abstract_eval(cache_seqlens, *, num_parts, split_overhead, tail_units):
+def _metadata_abstract_eval(cache_seqlens, *, num_parts, split_overhead):
     # The public functions checked their own shapes; a batching rule folds vmap's axis into the batch.
-    rows = scheduler.schedule_rows(num_parts, tail_units)
-    validation.check_schedule_fits(cache_seqlens.shape[0], num_parts=rows, where=_FOLDED)
+    validation.check_schedule_fits(cache_seqlens.shape[0], num_parts=num_parts, where=_FOLDED)
     scheduler.check_split_overhead(split_overhead)
-    return (ShapedArray((rows, METADATA_ROW_INTS), jnp.int32),
+    return (ShapedArray((num_parts, METADATA_ROW_INTS), jnp.int32),
             ShapedArray((cache_seqlens.shape[0] + 1,), jnp.int32))
 
 
-def _metadata_reference(cache_seqlens, *, num_parts, split_overhead, tail_units):
-    return scheduler.schedule(cache_seqlens, num_parts, split_overhead, tail_units)
+def _metadata_reference(cache_seqlens, *, num_parts, split_overhead):
+    return scheduler.schedule(cache_seqlens, num_parts, split_overhead)
 
 
 _metadata_reference_lowering = mlir.lower_fun(_metadata_reference, multiple_results=True)
 mlir.register_lowering(mla_metadata_p, _metadata_reference_lowering)
 
 
-def _metadata_batch(args, dims, *, num_parts, split_overhead, tail_units):
+def _metadata_batch(args, dims, *, num_parts, split_overhead):
     (seqlens,), (dim,) = args, dims
     seqlens = jnp.moveaxis(seqlens, dim, 0)
-    schedule_one = functools.partial(_metadata_reference, num_parts=num_parts, split_overhead=split_overhead,
-                                     tail_units=tail_units)
+    schedule_one = functools.partial(_metadata_reference, num_parts=num_parts, split_overhead=split_overhead)
     return jax.vmap(schedule_one)(seqlens), (0, 0)
 
 
@@ -79,15 +77,12 @@ def device_num_sms(device) -> int:
     return int(getattr(device, "core_count", None) or DEFAULT_NUM_SMS)
 
 
-def bind_schedule(cache_seqlens, *, num_sms: int, num_heads_k: int, num_q_tokens_per_head_k: int,
-                  tail_units: int = 0):
+def bind_schedule(cache_seqlens, *, num_sms: int, num_heads_k: int, num_q_tokens_per_head_k: int):
     """The split-KV schedule sized to fill num_sms SMs: (tile_metadata, num_splits). get_mla_metadata and each
-    shard of a partitioned decode (sharding.py) both go through here; tail_units > 0 adds scheduler.py's second
-    wave (get_mla_metadata only)."""
+    shard of a partitioned decode (sharding.py) both go through here."""
     num_parts = scheduler.num_parts_for(num_sms, num_heads_k, num_q_tokens_per_head_k, BLOCK_M)
     return mla_metadata_p.bind(cache_seqlens, num_parts=num_parts,
-                               split_overhead=scheduler.split_overhead_for(num_q_tokens_per_head_k),
-                               tail_units=tail_units)
+                               split_overhead=scheduler.split_overhead_for(num_q_tokens_per_head_k))
 
 # ----------------------------------------------------------------------------------------------------
 # Decode
@@ -190,9 +185,8 @@ def _decode_batch(args, dims, **params):
     flat_seqlens = cache_seqlens.reshape(size * batch)
     num_parts = tile_metadata.shape[-2]
     q_rows = q.shape[2] * q.shape[3] // k_cache.shape[-2]  # s_q * h_q / h_kv, as get_mla_metadata was given
-    # A schedule of as many rows without a second wave: as valid for the folded batch, whatever the caller's was.
     flat_md, flat_splits = mla_metadata_p.bind(flat_seqlens, num_parts=num_parts,
-                                               split_overhead=scheduler.split_overhead_for(q_rows), tail_units=0)
+                                               split_overhead=scheduler.split_overhead_for(q_rows))
     out, lse, o_accum, *_ = mla_decode_p.bind(
         q.reshape(size * batch, *q.shape[2:]), k_cache, block_table.reshape(size * batch, -1), flat_seqlens,
         flat_md, flat_splits, layer, **params)
@@ -215,13 +209,11 @@ def _register_cuda_lowerings():
 
     # On GPUs the kernels were not built for (not sm_90), the cuda platform gets the reference too: a custom
     # call there would fail to launch.
-    def metadata_rule(ctx, cache_seqlens, *, num_parts, split_overhead, tail_units):
+    def metadata_rule(ctx, cache_seqlens, *, num_parts, split_overhead):
         if not _extension.kernels_available():
             return _metadata_reference_lowering(ctx, cache_seqlens, num_parts=num_parts,
-                                                split_overhead=split_overhead, tail_units=tail_units)
-        # The handler takes num_parts from the output's rows and tail_units (rows = 2 * num_parts with a tail).
-        return metadata_ffi(ctx, cache_seqlens, split_overhead=np.int32(split_overhead),
-                            tail_units=np.int32(tail_units))
+                                                split_overhead=split_overhead)
+        return metadata_ffi(ctx, cache_seqlens, split_overhead=np.int32(split_overhead))
 
     def decode_rule(ctx, *operands, head_dim_v, softmax_scale, causal, poison_outputs):
         params = dict(head_dim_v=head_dim_v, softmax_scale=softmax_scale, causal=causal,

@@ -18,18 +18,7 @@ and the part arithmetic (part * S, below T + num_parts) inside int32 for any int
 block the decode reads: the decode clips L_i to 64 * max_pages_per_seq, and validation refuses a block table
 wider than max_scheduled_blocks(b).
 
-A second wave (tail_units = u > 0, off by default; an experiment, benchmarks/NOTES.md version 2.27): the parts
-finish at different times, the SMs streaming at unequal rates, and the last one sets the kernel's end. So each
-part p hands the last t = min(u, S // 2) units of its piece of the line to a tail part, row num_parts + p: rows
-0..num_parts-1 fill the SMs once, and the GPU starts each tail row on whichever SM frees first (it starts a
-grid's CTAs in about index order, which CUDA does not promise: a different order costs time, not correctness),
-so the SMs that finish early take more of the tail. On the line the pieces alternate, the big piece of part p
-(S - t units), then its tail (t units); a sequence's splits are numbered in that line order. When t is 0 (S < 2,
-a short batch) the tail rows are idle. Every split still holds at least one block, a tail adds at most one
-split per part (so the splits stay within b + rows), and every bound is a part's bound or inside one (so the
-int32 argument above holds).
-
-Outputs (FlashMLA's names): tile_scheduler_metadata (schedule_rows(num_parts, tail_units), 8) int32 rows
+Outputs (FlashMLA's names): tile_scheduler_metadata (num_parts, 8) int32 rows
 [batch_begin, block_begin, batch_end, block_end, split_begin, 0, 0, 0] and num_splits (b + 1,) int32 prefix
 sums of the per-sequence split counts. src/mla_params.h documents how the kernels read them.
 """
@@ -39,9 +28,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from .constants import (MAX_PAGES_PER_SEQ, MAX_SCHEDULED_BATCH, MAX_TAIL_UNITS, METADATA_ROW_INTS,
-                        NARROW_MAX_QUERY_ROWS, NARROW_SPLIT_OVERHEAD_BLOCKS, PAGE_SIZE, SCHEDULE_UNIT_LIMIT,
-                        SPLIT_OVERHEAD_BLOCKS)
+from .constants import (MAX_PAGES_PER_SEQ, MAX_SCHEDULED_BATCH, METADATA_ROW_INTS, NARROW_MAX_QUERY_ROWS,
+                        NARROW_SPLIT_OVERHEAD_BLOCKS, PAGE_SIZE, SCHEDULE_UNIT_LIMIT, SPLIT_OVERHEAD_BLOCKS)
 
 
 def num_parts_for(num_sms: int, num_heads_k: int, num_q_tokens_per_head_k: int, block_m: int) -> int:
@@ -79,25 +67,10 @@ def max_scheduled_blocks(batch: int) -> int:
     return min(MAX_PAGES_PER_SEQ, SCHEDULE_UNIT_LIMIT // batch - SPLIT_OVERHEAD_BLOCKS)
 
 
-def check_tail_units(tail_units) -> int:
-    """The second wave's units per part as an int in [0, MAX_TAIL_UNITS] (0: no second wave)."""
-    if isinstance(tail_units, bool) or not isinstance(tail_units, (int, np.integer)) or not (
-            0 <= tail_units <= MAX_TAIL_UNITS):
-        raise ValueError(f"tail_units must be an int in [0, {MAX_TAIL_UNITS}], got {tail_units!r}")
-    return int(tail_units)
-
-
-def schedule_rows(num_parts: int, tail_units: int) -> int:
-    """Rows of tile_scheduler_metadata: the parts, and as many tail parts with a second wave."""
-    return num_parts * (2 if check_tail_units(tail_units) else 1)
-
-
-def schedule(cache_seqlens: jnp.ndarray, num_parts: int, split_overhead: int, tail_units: int = 0):
-    """Reference scheduler in jnp. cache_seqlens (b,) int32 -> (tile_metadata (R, 8), num_splits (b+1,)), each
-    split charged split_overhead blocks (no default: the charge belongs to the kernel, split_overhead_for);
-    R = schedule_rows(num_parts, tail_units)."""
+def schedule(cache_seqlens: jnp.ndarray, num_parts: int, split_overhead: int):
+    """Reference scheduler in jnp. cache_seqlens (b,) int32 -> (tile_metadata (P, 8), num_splits (b+1,)), each
+    split charged split_overhead blocks (no default: the charge belongs to the kernel, split_overhead_for)."""
     overhead = check_split_overhead(split_overhead)
-    rows = schedule_rows(num_parts, tail_units)
     max_tokens = PAGE_SIZE * max_scheduled_blocks(cache_seqlens.shape[0])
     seqlens = jnp.clip(cache_seqlens.astype(jnp.int32), 0, max_tokens)  # (seqlens + 63) // 64 cannot overflow
     n = (seqlens + PAGE_SIZE - 1) // PAGE_SIZE  # blocks per sequence
@@ -105,44 +78,24 @@ def schedule(cache_seqlens: jnp.ndarray, num_parts: int, split_overhead: int, ta
     start = jnp.cumsum(cost) - cost  # C_i
     total = jnp.sum(cost)
     part_size = (total + num_parts - 1) // num_parts  # S
-    # The pieces in line order (rank r): pieces_per_part of them a part, the tail piece of part p last.
-    tail = jnp.minimum(jnp.int32(tail_units), part_size // 2)  # t
-    pieces_per_part = jnp.where(tail > 0, 2, 1)
-
-    def rank(unit):
-        part = unit // part_size
-        return pieces_per_part * part + (unit - part * part_size >= part_size - tail).astype(jnp.int32)  # 0 if t = 0
-
-    def piece_bounds(r):  # [start, end) of piece r on the line
-        part, second = r // pieces_per_part, r % pieces_per_part
-        begin = part * part_size + second * (part_size - tail)
-        return begin, jnp.where(second == 0, begin + part_size - tail, begin + tail)  # t = 0: one piece a part
-
     first_block_unit = start + overhead
-    first = rank(first_block_unit - (n == 0).astype(jnp.int32))
-    last = rank(first_block_unit + n - 1)
+    first = (first_block_unit - (n == 0).astype(jnp.int32)) // part_size
+    last = (first_block_unit + n - 1) // part_size
     splits = last - first + 1
     num_splits = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(splits).astype(jnp.int32)])
 
-    row = jnp.arange(rows, dtype=jnp.int32)
-    # Row -> piece: rows 0..num_parts-1 hold the parts' first pieces, the rest their tails (idle without a tail).
-    is_tail_row = row >= num_parts
-    ranks = jnp.where(is_tail_row, 2 * (row - num_parts) + 1, pieces_per_part * row)
-    live = ~is_tail_row | (tail > 0)
+    parts = jnp.arange(num_parts, dtype=jnp.int32)
     batch = seqlens.shape[0]
-    batch_begin = jnp.searchsorted(last, ranks, side="left").astype(jnp.int32)  # first i with last_i >= r
-    batch_end = (jnp.searchsorted(first, ranks, side="right") - 1).astype(jnp.int32)  # last i, first_i <= r
-    batch_begin = jnp.where(live, batch_begin, batch)
-    batch_end = jnp.where(live, batch_end, batch - 1)
+    batch_begin = jnp.searchsorted(last, parts, side="left").astype(jnp.int32)  # first i with last_i >= p
+    batch_end = (jnp.searchsorted(first, parts, side="right") - 1).astype(jnp.int32)  # last i, first_i <= p
     bb = jnp.clip(batch_begin, 0, batch - 1)
     be = jnp.clip(batch_end, 0, batch - 1)
     busy = batch_begin <= batch_end  # idle parts get rows [b_begin, 0, b_end, 0, 0, ...]
     has_begin = busy & (batch_begin < batch)
     has_end = busy & (batch_end >= 0)
-    piece_begin, piece_end = piece_bounds(ranks)
-    block_begin = jnp.where(has_begin, jnp.maximum(piece_begin - first_block_unit[bb], 0), 0)
-    block_end = jnp.where(has_end, jnp.minimum(n[be], piece_end - first_block_unit[be]), 0)
-    split_begin = jnp.where(has_begin, ranks - first[bb], 0)
-    zeros = jnp.zeros_like(row)
-    fields = [batch_begin, block_begin, batch_end, block_end, split_begin] + [zeros] * (METADATA_ROW_INTS - 5)
-    return jnp.stack(fields, axis=1).astype(jnp.int32), num_splits
+    block_begin = jnp.where(has_begin, jnp.maximum(parts * part_size - first_block_unit[bb], 0), 0)
+    block_end = jnp.where(has_end, jnp.minimum(n[be], (parts + 1) * part_size - first_block_unit[be]), 0)
+    split_begin = jnp.where(has_begin, parts - first[bb], 0)
+    zeros = jnp.zeros_like(parts)
+    rows = [batch_begin, block_begin, batch_end, block_end, split_begin] + [zeros] * (METADATA_ROW_INTS - 5)
+    return jnp.stack(rows, axis=1).astype(jnp.int32), num_splits

@@ -16,8 +16,7 @@
 //     [batch_begin, block_begin, batch_end, block_end, split_begin, 0, 0, 0]
 //     part p walks batches batch_begin..batch_end (inclusive; idle if batch_begin > batch_end), blocks
 //     [block_begin, n) of the first, [0, block_end) of the last, all blocks of those between;
-//     split_begin is the first batch's local split index. Splits are numbered in the line's order, which is the
-//     rows' order except with a second wave (SchedulerParams::tail_units), whose tail rows follow every part's.
+//     split_begin is the first batch's local split index.
 //   num_splits (b + 1) int32: prefix sums; batch i has num_splits[i+1] - num_splits[i] splits.
 // Split-KV partials (extra custom-call results sized by the caller, so XLA owns the memory):
 //   o_accum   (b + num_parts, h_kv, q_rows, dv) float32    lse_accum (b + num_parts, h_kv, q_rows) float32
@@ -42,7 +41,6 @@ constexpr int kNarrowMaxQueryRows = 32;   // head groups of at most this many qu
 constexpr int kMaxScheduledBatch = kScheduleUnitLimit / (kSplitOverheadBlocks + 1);
 constexpr int kMaxGridYZ = 65535;         // CUDA's limit on a launch grid's y and z dimensions
 constexpr int kMaxScheduleParts = kMaxGridYZ;  // the decode grid's z dimension
-constexpr int kMaxTailUnits = 64;               // jax_flashmla/constants.py MAX_TAIL_UNITS
 constexpr int kMaxQueryRows = 8 * kMaxGridYZ;  // q_rows (the combine's CTAs loop over rows beyond its grid's z)
 
 // The most blocks of one sequence the scheduler counts (lengths beyond are clipped), for 1 <= batch <=
@@ -66,7 +64,6 @@ struct SchedulerParams {
   int batch;
   int num_parts;
   int split_overhead;  // blocks charged per split, 1..kSplitOverheadBlocks (jax_flashmla/scheduler.py)
-  int tail_units;      // 0, or 1..kMaxTailUnits: a second wave, num_parts = 2 x the first wave's (scheduler.py)
 };
 
 struct DecodeParams {

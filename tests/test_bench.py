@@ -106,22 +106,9 @@ def test_stacked_pool_rows_time_the_sliced_call_too(tmp_path, capsys):
     assert r["kv_cache_mb"] == pytest.approx(2 * 512 * 576 * 2 / 1e6)  # one layer: what a decode reads
 
 
-def test_tail_units_reach_the_timed_schedule(tmp_path, capsys, monkeypatch):
-    """--tail-units N: the timed decode's metadata comes from get_mla_metadata(..., tail_units=N), which the
-    record names; without the flag it is 0."""
-    seen = []
-    real = bench.get_mla_metadata
-    monkeypatch.setattr(bench, "get_mla_metadata", lambda *a, **k: seen.append(k.get("tail_units")) or real(*a, **k))
-    assert bench.main([*TINY, "--s-q", "1", "--h-q", "16", "--no-baseline", "--tail-units", "3", "--out",
-                       str(tmp_path)]) == 0
-    assert "--tail-units 3" in capsys.readouterr().out and seen == [3]
-    (r,) = json.loads((tmp_path / "results.json").read_text())
-    assert r["tail_units"] == 3
-
-
 def test_one_layer_rows_have_no_sliced_time(run):
     for r in json.loads((run / "results.json").read_text()):
-        assert r["layers"] == 1 and r["e2e_sliced_ms"] is None and r["tail_units"] == 0
+        assert r["layers"] == 1 and r["e2e_sliced_ms"] is None
     assert "sliced" not in bench.format_table(json.loads((run / "results.json").read_text()))
 
 
@@ -260,7 +247,6 @@ def test_sparse_indices_are_distinct_positions_of_each_sequence():
     ["--sparse-topk", "0"], ["--fp8"], ["--indexer"], ["--sparse-topk", "64", "--causal", "on"],
     ["--iters", "1"], ["--baseline-iters", "1"], ["--layers", "0"], ["--causal", "maybe"], ["--dtype", "float32"], ["--batch", "0"], ["--seqlen", "12x"],
     ["--h-q", "16", "--h-kv", "3"], ["--s-q", "9", "--seqlen", "4"], ["--peak-gbps", "0"], ["--bogus"],
-    ["--tail-units", "-1"], ["--tail-units", "65"], ["--tail-units", "2", "--sparse-topk", "64"],
 ])  # fmt: skip
 def test_cli_rejects_bad_flags(flags):
     with pytest.raises(SystemExit) as exc:

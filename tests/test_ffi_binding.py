@@ -102,9 +102,9 @@ def test_the_binding_parser_reads_every_handler():
     found = bindings()
     assert sorted(found) == ["jax_flashmla_mla_decode", "jax_flashmla_mla_metadata"]
     assert found["jax_flashmla_mla_metadata"] == {"args": ["i32"], "rets": ["i32", "i32"],
-                                                  "attrs": {"split_overhead": "int32_t", "tail_units": "int32_t"},
+                                                  "attrs": {"split_overhead": "int32_t"},
                                                   "params": ["stream", "cache_seqlens", "tile_metadata", "num_splits",
-                                                             "split_overhead", "tail_units"]}
+                                                             "split_overhead"]}
     decode = found["jax_flashmla_mla_decode"]
     assert decode["args"] == [None, None, "i32", "i32", "i32", "i32", "i32"]
     assert decode["attrs"] == {"softmax_scale": "float", "causal": "bool", "poison_outputs": "bool"}

@@ -61,10 +61,10 @@ def reference_f32(q, k_cache, block_table, cache_seqlens, *, causal, softmax_sca
                                 head_dim_v=512, softmax_scale=softmax_scale, causal=causal)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "tail_units"))
-def kernel_call(q, k_cache, block_table, cache_seqlens, attn_sink=None, *, causal, tail_units=0):
+@functools.partial(jax.jit, static_argnames=("causal",))
+def kernel_call(q, k_cache, block_table, cache_seqlens, attn_sink=None, *, causal):
     h_q, h_kv = q.shape[2], k_cache.shape[2]
-    md, splits = jfm.get_mla_metadata(cache_seqlens, q.shape[1] * h_q // h_kv, h_kv, tail_units=tail_units)
+    md, splits = jfm.get_mla_metadata(cache_seqlens, q.shape[1] * h_q // h_kv, h_kv)
     return jfm.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, 512, md, splits, causal=causal,
                                       attn_sink=attn_sink, poison_outputs=True)
 
@@ -76,12 +76,11 @@ def assert_same_bits(got, want, err_msg):
     np.testing.assert_array_equal(np.asarray(got).view(bits), want.view(bits), err_msg=err_msg)
 
 
-def check_against_reference(problem, causal, dtype, kernel_q=None, tail_units=0):
-    """kernel_q: the kernel's q where it differs from the reference's only in rows that must not matter;
-    tail_units: the schedule's second wave (get_mla_metadata)."""
+def check_against_reference(problem, causal, dtype, kernel_q=None):
+    """kernel_q: the kernel's q where it differs from the reference's only in rows that must not matter."""
     p = problem
     out, lse = kernel_call(p.q if kernel_q is None else kernel_q, p.k_cache, p.block_table, p.cache_seqlens,
-                           causal=causal, tail_units=tail_units)
+                           causal=causal)
     # The float32 reference materialises (b, h_q, s_q, T) scores: evaluate it 16 sequences at a time.
     chunks = [reference_f32(p.q[i:i + 16], p.k_cache, p.block_table[i:i + 16], p.cache_seqlens[i:i + 16],
                             causal=causal, softmax_scale=p.q.shape[-1] ** -0.5) for i in range(0, p.q.shape[0], 16)]
@@ -221,22 +220,6 @@ def test_combine_slices_give_the_same_bits(batch, h_q, s_q, dtype, launch_switch
     for want, got in zip(results["2"], results["4"]):
         assert_same_bits(got, want, "4 warps a row")
     check_against_reference(p, True, dtype)
-
-
-@pytest.mark.parametrize("tail", [1, 3])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("batch,h_q,s_q,s_k", [(40, 16, 1, 1024), (5, 16, 2, 140), (12, 128, 2, 700)],
-                         ids=["narrow", "narrow_short", "seesaw"])
-def test_decode_with_a_second_wave(batch, h_q, s_q, s_k, dtype, tail, rng_seed):
-    """A schedule with tail rows (get_mla_metadata's tail_units): the rows after the first wave hold each part's
-    last units, so a sequence's splits are not in row order and more sequences are split. Causal, against the
-    reference; the short batch leaves parts too short to cut, and its tail rows idle."""
-    rng = np.random.default_rng([rng_seed, batch, h_q, tail])
-    seqlens = lengths(rng, batch, s_k, True, zero_one=True)
-    p = make_problem(rng, batch=batch, s_q=s_q, h_q=h_q, h_kv=1, seqlens=seqlens, dtype=dtype)
-    md, splits = jfm.get_mla_metadata(p.cache_seqlens, s_q * h_q, 1, tail_units=tail)
-    assert md.shape[0] % 2 == 0 and (np.asarray(md)[md.shape[0] // 2:, 4] > 0).any() == (batch != 5)
-    check_against_reference(p, True, dtype, tail_units=tail)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -392,13 +375,11 @@ def test_metadata_kernel_matches_spec(rng_seed):
                 extreme = rng.random(batch) < 0.1
                 seqlens[extreme] = rng.choice(extremes, int(extreme.sum()))
             cpu_seqlens = jax.device_put(seqlens, jax.devices("cpu")[0])
-            # Blocks charged per split (the least, the narrow kernel's, the seesaw's), each with a second wave of
-            # tail parts of some units (0: none) in turn.
-            for charge, tail in ((1, 0), (2, 0), (5, 0), (1, 1), (2, 3), (5, 64)):
-                got = jax.jit(lambda s, n=num_parts, c=charge, t=tail: jfm.primitives.mla_metadata_p.bind(
-                    s, num_parts=n, split_overhead=c, tail_units=t))(jnp.asarray(seqlens))
-                want = jax.jit(lambda s, n=num_parts, c=charge, t=tail: scheduler.schedule(s, n, c, t))(cpu_seqlens)
-                what = f"b={batch} P={num_parts} charge={charge} tail={tail}"
+            for charge in (1, 2, 5):  # blocks charged per split: the least, the narrow kernel's, the seesaw's
+                got = jax.jit(lambda s, n=num_parts, c=charge: jfm.primitives.mla_metadata_p.bind(
+                    s, num_parts=n, split_overhead=c))(jnp.asarray(seqlens))
+                want = jax.jit(lambda s, n=num_parts, c=charge: scheduler.schedule(s, n, c))(cpu_seqlens)
+                what = f"b={batch} P={num_parts} charge={charge}"
                 np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]), err_msg=what)
                 np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]), err_msg=what)
 

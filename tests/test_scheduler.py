@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 
 import jax_flashmla as jfm
-from jax_flashmla.constants import MAX_TAIL_UNITS, NARROW_SPLIT_OVERHEAD_BLOCKS, PAGE_SIZE, SPLIT_OVERHEAD_BLOCKS
-from jax_flashmla.scheduler import max_scheduled_blocks, num_parts_for, schedule, schedule_rows, split_overhead_for
+from jax_flashmla.constants import NARROW_SPLIT_OVERHEAD_BLOCKS, PAGE_SIZE, SPLIT_OVERHEAD_BLOCKS
+from jax_flashmla.scheduler import max_scheduled_blocks, num_parts_for, schedule, split_overhead_for
 
 from cases import INT32_MAX, INT32_MIN
 
 
 def coverage(metadata, seqlens):
-    """Per sequence, the (block_begin, block_end, local split) chunks the parts will process, in split order (the
-    line's order: with a second wave the tail rows come after every part's row)."""
+    """Per sequence, the (block_begin, block_end, local split) chunks the parts will process."""
     n = -(-np.clip(np.asarray(seqlens, np.int64), 0, PAGE_SIZE * max_scheduled_blocks(len(seqlens))) // PAGE_SIZE)
     chunks = {i: [] for i in range(len(seqlens))}
     for batch_begin, block_begin, batch_end, block_end, split_begin, *rest in metadata:
@@ -25,29 +24,22 @@ def coverage(metadata, seqlens):
         for i in range(batch_begin, batch_end + 1):
             chunks[i].append((block_begin if i == batch_begin else 0, block_end if i == batch_end else n[i],
                               split_begin if i == batch_begin else 0))
-    return n, {i: sorted(got, key=lambda chunk: chunk[2]) for i, got in chunks.items()}
+    return n, chunks
 
 
 CHARGES = (1, NARROW_SPLIT_OVERHEAD_BLOCKS, SPLIT_OVERHEAD_BLOCKS)  # blocks charged per split: least, narrow, seesaw
 
 
-TAILS = (0, 1, 2, 3, 64)  # units each part hands to a second wave: none, a few, the most
-
-
 def random_schedule(seed):
-    """(seqlens, rows, metadata, num_splits) for a random batch: empty and negative lengths included; the charge
-    per split cycles through CHARGES with the seed, the second wave through TAILS; every seventh batch is so short
-    that a part has fewer than two units (no tail to cut)."""
+    """(seqlens, num_parts, metadata, num_splits) for a random batch: empty and negative lengths included; the
+    charge per split cycles through CHARGES with the seed."""
     rng = np.random.default_rng(seed)
     batch, num_parts = int(rng.integers(1, 60)), int(rng.integers(1, 140))
     seqlens = rng.integers(-3, 5000, batch).astype(np.int32)
     seqlens[rng.random(batch) < 0.2] = 0
-    if seed % 7 == 3:
-        seqlens = rng.integers(0, 3, batch).astype(np.int32)
-    tail = TAILS[seed % len(TAILS)]
-    metadata, num_splits = (np.asarray(x) for x in jax.jit(schedule, static_argnums=(1, 2, 3))(
-        seqlens, num_parts, CHARGES[seed % len(CHARGES)], tail))
-    return seqlens, schedule_rows(num_parts, tail), metadata, num_splits
+    metadata, num_splits = (np.asarray(x) for x in jax.jit(schedule, static_argnums=(1, 2))(
+        seqlens, num_parts, CHARGES[seed % len(CHARGES)]))
+    return seqlens, num_parts, metadata, num_splits
 
 
 @pytest.mark.parametrize("trial", range(40))
@@ -83,10 +75,9 @@ def test_each_split_sequence_has_one_combining_part(trial):
     assert combined == split
 
 
-@pytest.mark.parametrize("tail", [0, 3])
 @pytest.mark.parametrize("charge", CHARGES)
 @pytest.mark.parametrize("batch,num_parts", [(1, 1), (4, 132), (63, 132), (64, 33), (128, 132), (1000, 7)])
-def test_lengths_near_int32_max(batch, num_parts, charge, tail):
+def test_lengths_near_int32_max(batch, num_parts, charge):
     """Lengths up to INT32_MAX are clipped to max_scheduled_blocks(b) pages, which keeps every count in int32:
     the schedule still covers each (clipped) sequence once, whatever the batch. Before the clip, a length of
     INT32_MAX made (L + 63) // 64 wrap and the schedule left the other sequences to no part."""
@@ -94,13 +85,12 @@ def test_lengths_near_int32_max(batch, num_parts, charge, tail):
     extremes = np.array([INT32_MAX, INT32_MAX - 63, 2**30 + 1, 2**30, 2**30 - 1, INT32_MIN, -1, 0, 1, 64, 65])
     seqlens = rng.choice(extremes, batch).astype(np.int32)
     seqlens[0] = INT32_MAX
-    scheduled = jax.jit(schedule, static_argnums=(1, 2, 3))
-    rows = schedule_rows(num_parts, tail)
-    metadata, num_splits = (np.asarray(x) for x in scheduled(seqlens, num_parts, charge, tail))
-    check_every_block_once(seqlens, rows, metadata, num_splits)
+    scheduled = jax.jit(schedule, static_argnums=(1, 2))
+    metadata, num_splits = (np.asarray(x) for x in scheduled(seqlens, num_parts, charge))
+    check_every_block_once(seqlens, num_parts, metadata, num_splits)
     everyone_long = np.full(batch, INT32_MAX, np.int32)  # the largest total: b * (cap + charge) units
-    metadata, num_splits = (np.asarray(x) for x in scheduled(everyone_long, num_parts, charge, tail))
-    check_every_block_once(everyone_long, rows, metadata, num_splits)
+    metadata, num_splits = (np.asarray(x) for x in scheduled(everyone_long, num_parts, charge))
+    check_every_block_once(everyone_long, num_parts, metadata, num_splits)
 
 
 def test_max_scheduled_blocks():
@@ -171,72 +161,13 @@ def test_a_charge_out_of_range_is_refused(charge):
     with pytest.raises(ValueError, match=r"split_overhead must be an int in \[1, 5\]"):
         schedule(seqlens, 4, charge)
     with pytest.raises(ValueError, match=r"split_overhead must be an int in \[1, 5\]"):
-        jax.eval_shape(lambda s: jfm.primitives.mla_metadata_p.bind(s, num_parts=4, split_overhead=charge,
-                                                                    tail_units=0), seqlens)
-
-
-def test_second_wave_hands_each_part_s_last_units_to_its_tail_row():
-    """With tail_units t the first num_parts rows are the parts as without a tail, less their last t units each,
-    and row num_parts + p holds part p's last t units: the rows after the SMs' first wave, for whichever SM frees
-    first. With t = 0 the schedule is the one without the argument."""
-    seqlens = jnp.asarray(np.random.default_rng(5).integers(0, 9000, 128), jnp.int32)
-    plain_md, plain_splits = (np.asarray(x) for x in schedule(seqlens, 132, 2))
-    md, splits = (np.asarray(x) for x in schedule(seqlens, 132, 2, 0))
-    assert np.array_equal(md, plain_md) and np.array_equal(splits, plain_splits)
-    md, splits = (np.asarray(x) for x in schedule(seqlens, 132, 2, 3))
-    assert md.shape == (264, 8)
-    check_every_block_once(np.asarray(seqlens), 264, md, splits)
-    n, _ = coverage(md.tolist(), np.asarray(seqlens))
-
-    def blocks(row):  # blocks a row processes
-        batch_begin, block_begin, batch_end, block_end = row[:4]
-        return sum((block_end if i == batch_end else n[i]) - (block_begin if i == batch_begin else 0)
-                   for i in range(batch_begin, batch_end + 1))
-
-    # A tail piece of 3 units holds at most 3 blocks (none where its units are a split's charge alone), and each
-    # part's row and its tail's hold the blocks the part held without a tail.
-    assert all(0 <= blocks(row) <= 3 for row in md[132:]) and sum(blocks(row) for row in md[132:]) > 300
-    for part in range(132):
-        assert blocks(md[part]) + blocks(md[132 + part]) == blocks(plain_md[part])
-    assert splits[-1] <= plain_splits[-1] + 132  # at most one more split a part
-
-
-def test_second_wave_idle_when_parts_are_too_short_to_cut():
-    """A part of fewer than two units keeps them: the tail rows are idle (the canonical [b, 0, b - 1, 0, 0])."""
-    md, splits = (np.asarray(x) for x in schedule(jnp.asarray([1, 0, 64], jnp.int32), 40, 2, 5))
-    plain_md, plain_splits = (np.asarray(x) for x in schedule(jnp.asarray([1, 0, 64], jnp.int32), 40, 2))
-    assert np.array_equal(md[:40], plain_md) and np.array_equal(splits, plain_splits)
-    assert (md[40:] == [3, 0, 2, 0, 0, 0, 0, 0]).all()
-
-
-@pytest.mark.parametrize("tail", [-1, MAX_TAIL_UNITS + 1, True, 2.0, "2"])
-def test_a_tail_out_of_range_is_refused(tail):
-    seqlens = jnp.asarray([5, 70], jnp.int32)
-    message = rf"tail_units must be an int in \[0, {MAX_TAIL_UNITS}\]"
-    with pytest.raises(ValueError, match=message):
-        schedule(seqlens, 4, 2, tail)
-    with pytest.raises(ValueError, match=message):
-        jfm.get_mla_metadata(seqlens, 16, 1, tail_units=tail)
-    with pytest.raises(ValueError, match=message):
-        jax.eval_shape(lambda s: jfm.primitives.mla_metadata_p.bind(s, num_parts=4, split_overhead=2,
-                                                                    tail_units=tail), seqlens)
-
-
-def test_get_mla_metadata_with_a_second_wave():
-    seqlens = jnp.asarray(np.random.default_rng(6).integers(0, 9000, 40), jnp.int32)
-    md, splits = jfm.get_mla_metadata(seqlens, 16, 1, num_sms=132, tail_units=2)
-    want_md, want_splits = schedule(seqlens, 132, 2, 2)
-    assert md.shape == (264, 8)
-    np.testing.assert_array_equal(np.asarray(md), np.asarray(want_md))
-    np.testing.assert_array_equal(np.asarray(splits), np.asarray(want_splits))
-    with pytest.raises(ValueError, match=r"tail_units=2 doubles the schedule's rows to 80000 for num_sms=40000"):
-        jfm.get_mla_metadata(seqlens, 16, 1, num_sms=40000, tail_units=2)
+        jax.eval_shape(lambda s: jfm.primitives.mla_metadata_p.bind(s, num_parts=4, split_overhead=charge), seqlens)
 
 
 def test_cuda_walk_on_the_host_matches_spec(tmp_path, cuda_build_tools):
     """src/kernels/scheduler.cu's walk (the code its kernel's thread 0 runs), compiled for the host by
-    tests/host/scheduler_walk.cu, gives the spec's integers: random batches, lengths near the int32 limits, short
-    lines, every charge, with and without the second wave. (The kernel itself is compared on a GPU by
+    tests/host/scheduler_walk.cu, gives the spec's integers: random batches, lengths near the int32 limits, lines
+    so short that parts hold a unit or two, every charge. (The kernel itself is compared on a GPU by
     test_metadata_kernel_matches_spec.)"""
     nvcc, _ = cuda_build_tools
     root = pathlib.Path(__file__).resolve().parents[1]
@@ -257,18 +188,18 @@ def test_cuda_walk_on_the_host_matches_spec(tmp_path, cuda_build_tools):
         if trial % 4 == 2:
             extreme = rng.random(batch) < 0.2
             seqlens[extreme] = rng.choice(extremes, int(extreme.sum()))
-        cases.append((seqlens, num_parts, CHARGES[trial % 3], TAILS[trial % len(TAILS)]))
-    cases.append((np.full(5000, 4096, np.int32), 132, 2, 2))  # more lengths than the kernel stages at once
-    stdin = "".join(f"{len(s)} {schedule_rows(p, t)} {c} {t} {' '.join(map(str, s))}\n" for s, p, c, t in cases)
-    stdin += "3 5 2 1 1 2 3\n"  # an odd row count with a tail: refused, as by launch_scheduler
+        cases.append((seqlens, num_parts, CHARGES[trial % 3]))
+    cases.append((np.full(5000, 4096, np.int32), 132, 2))  # more lengths than the kernel stages at once
+    stdin = "".join(f"{len(s)} {p} {c} {' '.join(map(str, s))}\n" for s, p, c in cases)
+    stdin += "3 5 6 1 2 3\n"  # a charge past the limit: refused, as by launch_scheduler
     run = subprocess.run([binary], input=stdin, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
     assert len(lines) == len(cases) + 1 and lines[-1] == "invalid"
-    scheduled = jax.jit(schedule, static_argnums=(1, 2, 3))
-    for (seqlens, num_parts, charge, tail), line in zip(cases, lines):
+    scheduled = jax.jit(schedule, static_argnums=(1, 2))
+    for (seqlens, num_parts, charge), line in zip(cases, lines):
         got = np.array(line.split(), np.int64)
-        md, splits = (np.asarray(x) for x in scheduled(seqlens, num_parts, charge, tail))
-        what = f"b={len(seqlens)} P={num_parts} charge={charge} tail={tail}"
+        md, splits = (np.asarray(x) for x in scheduled(seqlens, num_parts, charge))
+        what = f"b={len(seqlens)} P={num_parts} charge={charge}"
         np.testing.assert_array_equal(got[:md.size].reshape(md.shape), md, err_msg=what)
         np.testing.assert_array_equal(got[md.size:], splits, err_msg=what)

@@ -28,7 +28,7 @@ std::string dims_to_string(ffi::Span<const int64_t> dims) {
 
 ffi::Error MetadataImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> cache_seqlens,
                         ffi::ResultBuffer<ffi::S32> tile_metadata, ffi::ResultBuffer<ffi::S32> num_splits,
-                        int32_t split_overhead, int32_t tail_units) {
+                        int32_t split_overhead) {
   const auto md_dims = tile_metadata->dimensions();
   const int64_t batch = cache_seqlens.element_count();
   if (md_dims.size() != 2 || md_dims[1] != kMetadataRowInts || num_splits->element_count() != batch + 1 || batch < 1)
@@ -43,13 +43,8 @@ ffi::Error MetadataImpl(cudaStream_t stream, ffi::Buffer<ffi::S32> cache_seqlens
     return ffi::Error::InvalidArgument("jax_flashmla metadata: split_overhead must be in [1, " +
                                        std::to_string(kSplitOverheadBlocks) + "], got " +
                                        std::to_string(split_overhead));
-  if (tail_units < 0 || tail_units > kMaxTailUnits || (tail_units > 0 && md_dims[0] % 2))
-    return ffi::Error::InvalidArgument("jax_flashmla metadata: tail_units must be in [0, " +
-                                       std::to_string(kMaxTailUnits) + "], with an even number of rows when positive"
-                                       " (the parts, then their tails); got " + std::to_string(tail_units) + " and " +
-                                       std::to_string(md_dims[0]) + " rows");
   SchedulerParams params{cache_seqlens.typed_data(), tile_metadata->typed_data(), num_splits->typed_data(),
-                         static_cast<int>(batch), static_cast<int>(md_dims[0]), split_overhead, tail_units};
+                         static_cast<int>(batch), static_cast<int>(md_dims[0]), split_overhead};
   return cuda_error(launch_scheduler(params, stream), "scheduler launch");
 }
 
@@ -143,8 +138,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashmlaMetadata, jax_flashmla::MetadataImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int32_t>("split_overhead")
-                                  .Attr<int32_t>("tail_units"),
+                                  .Attr<int32_t>("split_overhead"),
                               {ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashmlaDecode, jax_flashmla::DecodeImpl,

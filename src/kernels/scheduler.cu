@@ -1,8 +1,7 @@
-// Split-KV scheduler: the CUDA twin of jax_flashmla/scheduler.py (that file explains the algorithm, the second
-// wave of tail parts included; the GPU tests check both produce identical integers, and tests/host/
-// scheduler_walk.cu runs the same walk on the host against it). One CTA: the threads stage the lengths in shared
-// memory and sum the costs; one thread then walks the sequences in order, which is O(b + num_parts) and a few
-// microseconds for realistic batches.
+// Split-KV scheduler: the CUDA twin of jax_flashmla/scheduler.py (that file explains the algorithm; the GPU
+// tests check both produce identical integers, and tests/host/scheduler_walk.cu runs the same walk on the host
+// against it). One CTA: the threads stage the lengths in shared memory and sum the costs; one thread then walks
+// the sequences in order, which is O(b + num_parts) and a few microseconds for realistic batches.
 #include "mla_params.h"
 
 namespace jax_flashmla {
@@ -16,75 +15,43 @@ __host__ __device__ __forceinline__ int blocks_of(int seqlen, int max_blocks) {
   return (min(max(seqlen, 0), max_blocks * kPageSize) + kPageSize - 1) / kPageSize;
 }
 
-// Where the line's units go. Without a second wave (kTail false) piece r is part r, units [r S, (r + 1) S). With
-// one (scheduler.py) each part's last `tail` units are a piece of their own: the pieces alternate on the line,
-// part p's big piece (rank 2p) then its tail (rank 2p + 1, metadata row num_parts + p). Splits and the walk
-// below go by rank.
-template <bool kTail>
+// Part p holds the line's units [p S, (p + 1) S), S = part_size.
 struct Walker {
   int32_t* metadata;
   int part_size;
-  int tail;       // units each part hands to its tail part; 0 where the line is too short (part_size < 2)
-  int num_parts;  // the first wave's parts
 
-  __host__ __device__ bool split_parts() const { return kTail && tail > 0; }
-  __host__ __device__ int pieces() const { return split_parts() ? 2 * num_parts : num_parts; }
-  __host__ __device__ int rank(int unit) const {
-    const int part = unit / part_size;
-    if (!split_parts()) return part;
-    return 2 * part + (unit - part * part_size >= part_size - tail ? 1 : 0);
+  __host__ __device__ int32_t* row(int part) const { return metadata + part * kMetadataRowInts; }
+  // Part `part`'s first sequence is `seq` (first block at unit `first_unit`, first part `first`).
+  __host__ __device__ void set_begin(int part, int seq, int first_unit, int first) const {
+    row(part)[0] = seq;
+    row(part)[1] = max(part * part_size - first_unit, 0);
+    row(part)[4] = part - first;
   }
-  __host__ __device__ int piece_begin(int r) const {
-    if (!split_parts()) return r * part_size;
-    return (r / 2) * part_size + (r % 2) * (part_size - tail);
-  }
-  __host__ __device__ int piece_end(int r) const {
-    if (!split_parts()) return (r + 1) * part_size;
-    return r % 2 == 0 ? (r / 2 + 1) * part_size - tail : (r / 2 + 1) * part_size;
-  }
-  __host__ __device__ int32_t* row(int r) const {
-    const int metadata_row = !split_parts() ? r : (r % 2 == 0 ? r / 2 : num_parts + r / 2);
-    return metadata + metadata_row * kMetadataRowInts;
-  }
-  // Piece r's first sequence is `seq` (first block at unit `first_unit`, first piece `first`).
-  __host__ __device__ void set_begin(int r, int seq, int first_unit, int first) const {
-    row(r)[0] = seq;
-    row(r)[1] = max(piece_begin(r) - first_unit, 0);
-    row(r)[4] = r - first;
-  }
-  // Piece r's last sequence is `seq` (n blocks, first block at unit `first_unit`).
-  __host__ __device__ void set_end(int r, int seq, int n, int first_unit) const {
-    row(r)[2] = seq;
-    row(r)[3] = min(n, piece_end(r) - first_unit);
+  // Part `part`'s last sequence is `seq` (n blocks, first block at unit `first_unit`).
+  __host__ __device__ void set_end(int part, int seq, int n, int first_unit) const {
+    row(part)[2] = seq;
+    row(part)[3] = min(n, (part + 1) * part_size - first_unit);
   }
 };
 
-// The schedule's shape once the total cost is known: the first wave's part size, and each part's tail.
-template <bool kTail>
-__host__ __device__ Walker<kTail> make_walker(const SchedulerParams& p, int total) {
-  const int parts = kTail ? p.num_parts / 2 : p.num_parts;  // the first wave; launch_scheduler checked the rows
-  const int even_part = (total + parts - 1) / parts;        // at least 1: total >= batch * split_overhead
-  return Walker<kTail>{p.tile_metadata, even_part, kTail ? min(p.tail_units, even_part / 2) : 0, parts};
-}
-
 // The sequential walk over the sequences in order (thread 0 of the kernel; the host test runs it too), carried
-// across the kernel's staging rounds. next_begin and next_end are piece ranks.
-template <bool kTail>
+// across the kernel's staging rounds. `total` is the line's length: every sequence's blocks and charge.
 struct SequenceWalk {
-  Walker<kTail> walk;
+  Walker walk;
   int32_t* num_splits;
-  int batch, num_rows, split_overhead, max_blocks;
+  int batch, num_parts, split_overhead, max_blocks;
   int start = 0, splits = 0, next_begin = 0, next_end = 0, prev_n = 0, prev_first_unit = 0;
 
-  __host__ __device__ SequenceWalk(const Walker<kTail>& w, const SchedulerParams& p)
-      : walk(w), num_splits(p.num_splits), batch(p.batch), num_rows(p.num_parts), split_overhead(p.split_overhead),
-        max_blocks(max_scheduled_blocks(p.batch)) {}
+  __host__ __device__ SequenceWalk(const SchedulerParams& p, int total)
+      // The part size is at least 1: total >= batch * split_overhead.
+      : walk{p.tile_metadata, (total + p.num_parts - 1) / p.num_parts}, num_splits(p.num_splits), batch(p.batch),
+        num_parts(p.num_parts), split_overhead(p.split_overhead), max_blocks(max_scheduled_blocks(p.batch)) {}
 
   __host__ __device__ void add(int seq, int seqlen) {
     const int n = blocks_of(seqlen, max_blocks);
     const int first_unit = start + split_overhead;
-    const int first = walk.rank(first_unit - (n == 0 ? 1 : 0));
-    const int last = walk.rank(first_unit + n - 1);
+    const int first = (first_unit - (n == 0 ? 1 : 0)) / walk.part_size;
+    const int last = (first_unit + n - 1) / walk.part_size;
     splits += last - first + 1;
     num_splits[seq + 1] = splits;
     for (; next_begin <= last; ++next_begin) walk.set_begin(next_begin, seq, first_unit, first);
@@ -94,18 +61,11 @@ struct SequenceWalk {
     prev_first_unit = first_unit;
   }
 
-  // After the last sequence: the pieces past the line's end, and the tail rows of a line too short to cut
-  // (tail 0), hold no piece and are left idle ([batch, 0, batch - 1, 0, 0] once idle_row has run).
+  // After the last sequence: the parts past the line's end hold nothing ([batch, 0, batch - 1, 0, 0] once
+  // idle_row has run).
   __host__ __device__ void finish() {
-    const int pieces = walk.pieces();
-    for (; next_begin < pieces; ++next_begin) walk.row(next_begin)[0] = batch;
-    for (; next_end < pieces; ++next_end) walk.set_end(next_end, batch - 1, prev_n, prev_first_unit);
-    if constexpr (kTail) {
-      for (int r = pieces; r < num_rows; ++r) {
-        walk.metadata[r * kMetadataRowInts] = batch;
-        walk.metadata[r * kMetadataRowInts + 2] = batch - 1;
-      }
-    }
+    for (; next_begin < num_parts; ++next_begin) walk.row(next_begin)[0] = batch;
+    for (; next_end < num_parts; ++next_end) walk.set_end(next_end, batch - 1, prev_n, prev_first_unit);
   }
 };
 
@@ -114,7 +74,6 @@ __host__ __device__ __forceinline__ void idle_row(int32_t* r) {
   if (r[0] > r[2]) r[1] = r[3] = r[4] = 0;
 }
 
-template <bool kTail>
 __global__ void __launch_bounds__(kSchedulerThreads) scheduler_kernel(SchedulerParams p) {
   __shared__ int staged[kStageInts];
   __shared__ int partial_cost[kSchedulerThreads];
@@ -129,7 +88,7 @@ __global__ void __launch_bounds__(kSchedulerThreads) scheduler_kernel(SchedulerP
     if (threadIdx.x < stride) partial_cost[threadIdx.x] += partial_cost[threadIdx.x + stride];
     __syncthreads();
   }
-  SequenceWalk<kTail> walk(make_walker<kTail>(p, partial_cost[0]), p);
+  SequenceWalk walk(p, partial_cost[0]);
 
   for (int i = threadIdx.x; i < p.num_parts * kMetadataRowInts; i += blockDim.x) p.tile_metadata[i] = 0;
   __syncthreads();
@@ -152,12 +111,11 @@ __global__ void __launch_bounds__(kSchedulerThreads) scheduler_kernel(SchedulerP
 
 // The kernel's schedule computed by one host thread, for tests/host/scheduler_walk.cu (which includes this file):
 // the same walk, so the same integers. Not instantiated in the library.
-template <bool kTail>
-void schedule_on_host(const SchedulerParams& p) {
+[[maybe_unused]] void schedule_on_host(const SchedulerParams& p) {
   const int max_blocks = max_scheduled_blocks(p.batch);
   int total = 0;
   for (int i = 0; i < p.batch; ++i) total += blocks_of(p.cache_seqlens[i], max_blocks) + p.split_overhead;
-  SequenceWalk<kTail> walk(make_walker<kTail>(p, total), p);
+  SequenceWalk walk(p, total);
   for (int i = 0; i < p.num_parts * kMetadataRowInts; ++i) p.tile_metadata[i] = 0;
   p.num_splits[0] = 0;
   for (int seq = 0; seq < p.batch; ++seq) walk.add(seq, p.cache_seqlens[seq]);
@@ -165,22 +123,18 @@ void schedule_on_host(const SchedulerParams& p) {
   for (int part = 0; part < p.num_parts; ++part) idle_row(p.tile_metadata + part * kMetadataRowInts);
 }
 
-// What launch_scheduler (and the host test) refuses: with a second wave the rows are the parts, then their tails.
+// What launch_scheduler (and the host test) refuses.
 bool scheduler_params_valid(const SchedulerParams& params) {
   return params.batch >= 1 && params.batch <= kMaxScheduledBatch && params.num_parts >= 1 &&
          params.num_parts <= kMaxScheduleParts && params.split_overhead >= 1 &&
-         params.split_overhead <= kSplitOverheadBlocks && params.tail_units >= 0 &&
-         params.tail_units <= kMaxTailUnits && (params.tail_units == 0 || params.num_parts % 2 == 0);
+         params.split_overhead <= kSplitOverheadBlocks;
 }
 
 }  // namespace
 
 cudaError_t launch_scheduler(const SchedulerParams& params, cudaStream_t stream) {
   if (!scheduler_params_valid(params)) return cudaErrorInvalidValue;
-  if (params.tail_units > 0)
-    scheduler_kernel<true><<<1, kSchedulerThreads, 0, stream>>>(params);
-  else
-    scheduler_kernel<false><<<1, kSchedulerThreads, 0, stream>>>(params);
+  scheduler_kernel<<<1, kSchedulerThreads, 0, stream>>>(params);
   return cudaGetLastError();
 }
 
