@@ -13,16 +13,18 @@ OUT_DIR=${1:?usage: scripts/device_grid.sh OUT_DIR [TIMEOUT [DEADLINE]]}
 TIMEOUT=${2:-150}
 DEADLINE=${3:-}
 WORK=$(mktemp -d /tmp/grid.XXXXXX)
+ran=()  # the s_k run so far, in the grid's order, which the tables and the JSON keep
 for S in 4096 8192 16384 32768; do
   [ -n "$DEADLINE" ] && ((SECONDS > DEADLINE)) && { echo "deadline: s_k $S not run"; break; }
   timeout "$TIMEOUT" python3 -m jax_flashmla.bench --seqlen $S --repeats 3 --warmup 1 --baseline-iters 2 \
     --out "$WORK/b$S" > "$WORK/grid_b$S.txt" 2>&1
   echo "s_k $S rc=$? t=$SECONDS"; grep -E "^ *[0-9]+ +[0-9]+ " "$WORK/grid_b$S.txt"
-  for T in 4096 8192 16384 32768; do cat "$WORK/grid_b$T.txt" 2>/dev/null; done > "$OUT_DIR/grid_tables.txt"
+  ran+=("$S")
+  for T in "${ran[@]}"; do cat "$WORK/grid_b$T.txt"; done > "$OUT_DIR/grid_tables.txt"
   python3 -c "
-import glob, json, re, sys
-files = sorted(glob.glob(sys.argv[1] + '/b*/results.json'), key=lambda f: int(re.search(r'/b([0-9]+)/', f).group(1)))
-records = [r for f in files for r in json.load(open(f))]
+import json, os, sys
+files = [f'{sys.argv[1]}/b{s}/results.json' for s in sys.argv[3:]]
+records = [r for f in files if os.path.exists(f) for r in json.load(open(f))]
 json.dump(records, open(sys.argv[2], 'w'), indent=1)
-print(len(records), 'records')" "$WORK" "$OUT_DIR/h100_grid.json"
+print(len(records), 'records')" "$WORK" "$OUT_DIR/h100_grid.json" "${ran[@]}"
 done

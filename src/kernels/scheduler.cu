@@ -109,9 +109,10 @@ __global__ void __launch_bounds__(kSchedulerThreads) scheduler_kernel(SchedulerP
     idle_row(p.tile_metadata + part * kMetadataRowInts);
 }
 
-// The kernel's schedule computed by one host thread, for tests/host/scheduler_walk.cu (which includes this file):
-// the same walk, so the same integers. Not instantiated in the library.
-[[maybe_unused]] void schedule_on_host(const SchedulerParams& p) {
+#ifdef JFM_SCHEDULER_ON_HOST
+// The kernel's schedule computed by one host thread, for tests/host/scheduler_walk.cu (which defines the macro and
+// includes this file): the same walk, so the same integers. Not compiled into the library.
+void schedule_on_host(const SchedulerParams& p) {
   const int max_blocks = max_scheduled_blocks(p.batch);
   int total = 0;
   for (int i = 0; i < p.batch; ++i) total += blocks_of(p.cache_seqlens[i], max_blocks) + p.split_overhead;
@@ -122,6 +123,7 @@ __global__ void __launch_bounds__(kSchedulerThreads) scheduler_kernel(SchedulerP
   walk.finish();
   for (int part = 0; part < p.num_parts; ++part) idle_row(p.tile_metadata + part * kMetadataRowInts);
 }
+#endif
 
 // What launch_scheduler (and the host test) refuses.
 bool scheduler_params_valid(const SchedulerParams& params) {

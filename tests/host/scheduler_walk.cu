@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <vector>
 
+#define JFM_SCHEDULER_ON_HOST  // scheduler.cu's schedule_on_host
 #include "kernels/scheduler.cu"
 
 int main() {
